@@ -1,0 +1,148 @@
+"""ModernBERT encoder in Flax NNX, computing what `transformers.ModernBertModel` computes (eval).
+
+Each layer is pre-norm attention + pre-norm GeGLU MLP; every `global_attn_every_n_layers`-th
+layer attends globally with RoPE theta 160k, the others within `|i-j| <= local_attention//2`
+with theta 10k. The layer is split into `project_qkv` / `attend` / `mlp_block` so the second
+stage can reuse the pieces with a shared prefix (see `model.py`) without a second copy.
+
+Dimension key: b batch, s sequence, d hidden, h heads, k head_dim, f intermediate.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import ops
+from .config import GLOBAL, ModernBertConfig
+
+
+def layer_norm(cfg: ModernBertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Two-pass variance, as torch computes it: the fast E[x^2]-E[x]^2 form loses parity.
+    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.norm_eps, use_bias=cfg.norm_bias,
+                         use_fast_variance=False, dtype=cfg.jnp_dtype,
+                         param_dtype=cfg.jnp_param_dtype, rngs=rngs)
+
+
+def dense(cfg: ModernBertConfig, in_features, out_features, *, use_bias: bool, rngs: nnx.Rngs,
+          axis=-1) -> nnx.LinearGeneral:
+    return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias,
+                             dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                             kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, cfg: ModernBertConfig, *, rngs: nnx.Rngs):
+        self.tok_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype,
+                                        param_dtype=cfg.jnp_param_dtype,
+                                        embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.norm = layer_norm(cfg, rngs)
+
+    def __call__(self, input_ids_bs: jax.Array) -> jax.Array:
+        return self.norm(self.tok_embeddings(input_ids_bs))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModernBertConfig, *, rngs: nnx.Rngs):
+        h, k = cfg.num_attention_heads, cfg.head_dim
+        self.wqkv = dense(cfg, cfg.hidden_size, (3, h, k), use_bias=cfg.attention_bias, rngs=rngs)
+        self.wo = dense(cfg, (h, k), cfg.hidden_size, axis=(-2, -1),
+                        use_bias=cfg.attention_bias, rngs=rngs)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ModernBertConfig, *, rngs: nnx.Rngs):
+        self.wi = dense(cfg, cfg.hidden_size, (2, cfg.intermediate_size),
+                        use_bias=cfg.mlp_bias, rngs=rngs)
+        self.wo = dense(cfg, cfg.intermediate_size, cfg.hidden_size, use_bias=cfg.mlp_bias,
+                        rngs=rngs)
+
+    def __call__(self, x_bsd: jax.Array) -> jax.Array:
+        wi_bs2f = self.wi(x_bsd)
+        act_bsf = jax.nn.gelu(wi_bs2f[..., 0, :], approximate=False) * wi_bs2f[..., 1, :]
+        return self.wo(act_bsf)
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, cfg: ModernBertConfig, index: int, *, rngs: nnx.Rngs):
+        self.layer_type = cfg.layer_types[index]
+        self.window_radius = None if self.layer_type == GLOBAL else cfg.window_radius
+        self.rope_theta = cfg.rope_theta(self.layer_type)
+        self.head_dim = cfg.head_dim
+        self.attention_impl = cfg.attention_impl
+        self.attn_norm = None if index == 0 else layer_norm(cfg, rngs)  # layer 0: identity
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = layer_norm(cfg, rngs)
+        self.mlp = Mlp(cfg, rngs=rngs)
+
+    def project_qkv(self, h_bsd: jax.Array, pos_s: jax.Array):
+        """Normalized input -> q, k, v (b, s, h, k) with RoPE at positions `pos_s`."""
+        x_bsd = h_bsd if self.attn_norm is None else self.attn_norm(h_bsd)
+        qkv_bs3hk = self.attn.wqkv(x_bsd)
+        q, k, v = (qkv_bs3hk[:, :, i] for i in range(3))
+        cos_sk, sin_sk = ops.rope_cos_sin(pos_s, self.head_dim, self.rope_theta)
+        return ops.apply_rope(q, cos_sk, sin_sk), ops.apply_rope(k, cos_sk, sin_sk), v
+
+    def attend(self, q_bthk, k_bshk, v_bshk, key_mask_bs, q_pos_t, k_pos_s) -> jax.Array:
+        """Attention output projected back to (b, t, d)."""
+        mask_b1ts = ops.attention_mask(key_mask_bs, q_pos_t, k_pos_s, self.window_radius)
+        o_bthk = jax.nn.dot_product_attention(q_bthk, k_bshk, v_bshk, mask=mask_b1ts,
+                                              implementation=self.attention_impl)
+        return self.attn.wo(o_bthk)
+
+    def mlp_block(self, h_bsd: jax.Array) -> jax.Array:
+        return h_bsd + self.mlp(self.mlp_norm(h_bsd))
+
+
+class ModernBert(nnx.Module):
+    """`ModernBertModel` (eval mode): `__call__` returns `last_hidden_state`."""
+
+    def __init__(self, cfg: ModernBertConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embeddings = Embeddings(cfg, rngs=rngs)
+        self.layers = nnx.List([EncoderLayer(cfg, i, rngs=rngs)
+                                for i in range(cfg.num_hidden_layers)])
+        self.final_norm = layer_norm(cfg, rngs)
+
+    def __call__(self, input_ids_bs: jax.Array | None = None,
+                 attention_mask_bs: jax.Array | None = None, *,
+                 inputs_embeds_bsd: jax.Array | None = None) -> jax.Array:
+        """Like HF: `LN_emb(E[ids])`, or `LN_emb(inputs_embeds)` when embeddings are given."""
+        if (input_ids_bs is None) == (inputs_embeds_bsd is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids_bs is not None:
+            h_bsd = self.embeddings(input_ids_bs)
+        else:
+            h_bsd = self.embeddings.norm(inputs_embeds_bsd.astype(self.config.jnp_dtype))
+        if attention_mask_bs is None:
+            attention_mask_bs = jnp.ones(h_bsd.shape[:2], dtype=bool)
+        return self.final_norm(self.run_layers(h_bsd, attention_mask_bs))
+
+    def run_layers(self, h_bsd: jax.Array, key_mask_bs: jax.Array, *,
+                   layer0_prefix_qkv=None, keep_from: int = 0) -> jax.Array:
+        """The layer stack on embedded inputs (positions 0..s-1), before the final norm.
+
+        layer0_prefix_qkv: layer 0's (q, k, v) for the first P positions when they are the same
+          for every row (the second stage's context prefix): computed once, broadcast here.
+        keep_from: the last layer computes outputs only for positions >= keep_from (the
+          others are never read); the result is (b, s - keep_from, d).
+        """
+        s = h_bsd.shape[1]
+        pos_s = jnp.arange(s)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if i == 0 and layer0_prefix_qkv is not None:
+                p = layer0_prefix_qkv[0].shape[1]
+                text_qkv = layer.project_qkv(h_bsd[:, p:], pos_s[p:])
+                q, k, v = (jnp.concatenate(
+                    [jnp.broadcast_to(pre, (h_bsd.shape[0],) + pre.shape[1:]), txt], axis=1)
+                    for pre, txt in zip(layer0_prefix_qkv, text_qkv))
+            else:
+                q, k, v = layer.project_qkv(h_bsd, pos_s)
+            q_pos_t = pos_s
+            if i == last and keep_from:
+                q, h_bsd, q_pos_t = q[:, keep_from:], h_bsd[:, keep_from:], pos_s[keep_from:]
+            h_bsd = h_bsd + layer.attend(q, k, v, key_mask_bs, q_pos_t, pos_s)
+            h_bsd = layer.mlp_block(h_bsd)
+        return h_bsd

@@ -1,0 +1,182 @@
+"""Checkpoints in memory and on disk: released layout <-> converted cde_jax dir.
+
+A converted dir holds:
+  config.json             the upstream contextual config, verbatim
+  modernbert_config.json  the backbone settings (HF vocabulary)
+  cde_jax.json            format version, weights fingerprint, parameter dtype, source
+  params/                 the parameters (orbax-checkpoint)
+  tokenizer.json, ...     the tokenizer files, when the source had them
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from cde_jax.config import CdeConfig, ModernBertConfig
+from cde_jax.io_utils import atomic_dir
+from cde_jax.params import abstract_model, flat_shapes
+from cde_jax.tokenization import instruction_end_id, load_tokenizer
+
+from . import keymap, released, source
+
+META_FILE = "cde_jax.json"
+FORMAT_VERSION = 1
+NULL_EMBEDDING_KEY = "second_stage_model.sequence_dropout_null_embedding"
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """Parameters as a flat `{jax path: numpy array}` dict, plus everything that describes them."""
+
+    flat: dict[str, np.ndarray]
+    backbone: ModernBertConfig
+    cde: CdeConfig
+    config_json: dict
+    fingerprint: str
+    tokenizer_dir: Path | None = None
+
+    @property
+    def has_null_embedding(self) -> bool:
+        return "second_stage_model/sequence_dropout_null_embedding" in self.flat
+
+
+def is_converted(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).exists()
+
+
+def _with_tokenizer(ckpt_dir: Path, cde: CdeConfig) -> tuple[CdeConfig, Path | None]:
+    if not (ckpt_dir / "tokenizer.json").exists():
+        return cde, None
+    return cde.replace(instruction_end_token_id=instruction_end_id(load_tokenizer(ckpt_dir))), ckpt_dir
+
+
+def read_released(ckpt_dir: str | Path, *, backbone_config: str | Path | None = None,
+                  param_dtype: str = "float32") -> Checkpoint:
+    """Reads and strictly validates a released-layout checkpoint directory."""
+    ckpt_dir = Path(ckpt_dir)
+    config_json = source.read_json(ckpt_dir / "config.json")
+    try:
+        cde = CdeConfig.from_dict(config_json)
+    except (TypeError, ValueError) as e:
+        raise released.CheckpointError(f"{ckpt_dir / 'config.json'}: {e}") from e
+    backbone = source.backbone_config(ckpt_dir, config_json, backbone_config)
+    cde, tok_dir = _with_tokenizer(ckpt_dir, cde)
+    files = released.weight_files(ckpt_dir)
+    specs = released.tensor_specs(files)
+    expected = flat_shapes(abstract_model(backbone, cde,
+                                          has_null_embedding=NULL_EMBEDDING_KEY in specs))
+    plan = released.validate(specs, expected)
+    h, flat = hashlib.sha256(), {}
+    for name, tensor in released.read_tensors(files, sorted(plan)):
+        released.fingerprint_update(h, name, tensor)
+        path, transform = plan[name]
+        flat[path] = transform.to_jax(tensor, expected[path]).astype(param_dtype)
+    return Checkpoint(flat, backbone.replace(param_dtype=param_dtype), cde, config_json,
+                      h.hexdigest()[:16], tok_dir)
+
+
+def released_tensors(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of `read_released`'s mapping: `{released name: torch-layout array}`."""
+    out = {}
+    for path, array in flat.items():
+        name, transform = keymap.to_hf_key(path)
+        array = np.asarray(array)
+        out[name] = transform.to_torch(array, transform.torch_shape(array.shape))
+    return out
+
+
+def write_released(ckpt: Checkpoint, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Writes `model.safetensors` + `config.json` (+ backbone config, tokenizer) atomically."""
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        released.write_weights(tmp / released.WEIGHTS, released_tensors(ckpt.flat))
+        _write_configs(tmp, ckpt)
+    return Path(out)
+
+
+def _write_configs(out: Path, ckpt: Checkpoint) -> None:
+    (out / "config.json").write_text(json.dumps(ckpt.config_json, indent=2) + "\n")
+    (out / source.BACKBONE_FILE).write_text(json.dumps(ckpt.backbone.to_hf_dict(), indent=2) + "\n")
+    if ckpt.tokenizer_dir is not None:
+        for name in source.TOKENIZER_FILES:
+            if (ckpt.tokenizer_dir / name).exists():
+                shutil.copyfile(ckpt.tokenizer_dir / name, out / name)
+
+
+def _nested(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        flat.update(_flatten(value, path + "/") if isinstance(value, dict) else {path: value})
+    return flat
+
+
+def write_converted(ckpt: Checkpoint, out: str | Path, *, source_name: str = "",
+                    overwrite: bool = False) -> Path:
+    import orbax.checkpoint as ocp
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "params", _nested(ckpt.flat))
+        checkpointer.wait_until_finished()
+        _write_configs(tmp, ckpt)
+        meta = {"format_version": FORMAT_VERSION, "fingerprint": ckpt.fingerprint,
+                "param_dtype": ckpt.backbone.param_dtype, "source": str(source_name),
+                "has_null_embedding": ckpt.has_null_embedding,
+                "instruction_end_token_id": ckpt.cde.instruction_end_token_id}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out)
+
+
+def read_converted(path: str | Path, *, shardings: dict | None = None) -> Checkpoint:
+    """Loads a converted dir. `shardings` ({jax path: Sharding}) restores straight onto the
+    mesh instead of host memory."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    meta = source.read_json(path / META_FILE)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise released.CheckpointError(f"{path / META_FILE}: format_version "
+                                        f"{meta.get('format_version')}, expected {FORMAT_VERSION}")
+    config_json = source.read_json(path / "config.json")
+    backbone = source.backbone_config(path, config_json, param_dtype=meta["param_dtype"])
+    cde = CdeConfig.from_dict(config_json,
+                              instruction_end_token_id=meta["instruction_end_token_id"])
+    shapes = flat_shapes(abstract_model(backbone, cde,
+                                        has_null_embedding=meta["has_null_embedding"]))
+    shardings = shardings or {}
+    target = _nested({p: jax.ShapeDtypeStruct(s, np.dtype(meta["param_dtype"]),
+                                              sharding=shardings.get(p))
+                      for p, s in shapes.items()})
+    flat = _flatten(ocp.StandardCheckpointer().restore(path / "params", target))
+    tok_dir = path if (path / "tokenizer.json").exists() else None
+    return Checkpoint(flat, backbone, cde, config_json, meta["fingerprint"], tok_dir)
+
+
+def convert(source_name: str | Path, out: str | Path, *, param_dtype: str = "float32",
+            backbone_config: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Released checkpoint (dir or hub id) -> converted dir, written atomically."""
+    ckpt_dir = source.local_checkpoint(source_name)
+    ckpt = read_released(ckpt_dir, backbone_config=backbone_config, param_dtype=param_dtype)
+    if ckpt.tokenizer_dir is None:  # released cde checkpoints may lack the tokenizer files
+        ckpt.tokenizer_dir = source.embedder_tokenizer(ckpt.cde.embedder)
+        if ckpt.tokenizer_dir is not None:
+            ckpt.cde, _ = _with_tokenizer(ckpt.tokenizer_dir, ckpt.cde)
+    return write_converted(ckpt, out, source_name=str(source_name), overwrite=overwrite)
