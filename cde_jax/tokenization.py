@@ -1,11 +1,18 @@
-"""Tokenization with the checkpoint's `tokenizer.json` (the `tokenizers` library)."""
+"""Tokenization with the checkpoint's `tokenizer.json` (the `tokenizers` library): batched,
+truncated at 512 tokens with a counted warning, padded on the right with the pad id."""
 
 from __future__ import annotations
 
 import importlib.resources
+import logging
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_LENGTH = 512
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -24,3 +31,42 @@ def instruction_end_id(tokenizer: Tokenizer) -> int:
 def packaged_data(name: str) -> Path:
     """A file or folder shipped in `cde_jax/data` (the ModernBERT tokenizer, random_docs.txt)."""
     return Path(str(importlib.resources.files("cde_jax") / "data" / name))
+
+
+class TextTokenizer:
+    """Texts -> token id lists ([CLS] ... [SEP]) -> right-padded (ids, mask) arrays."""
+
+    def __init__(self, tokenizer: Tokenizer, *, pad_id: int, max_length: int = MAX_LENGTH):
+        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())  # own copy: settings below
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length)
+        self.pad_id, self.max_length = pad_id, max_length
+        self.truncated = 0  # texts cut at max_length so far
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text at index {i} is {type(text).__name__}, not str")
+        encodings = self.tokenizer.encode_batch(list(texts))
+        cut = sum(1 for e in encodings if e.overflowing)
+        if cut:
+            self.truncated += cut
+            log.warning("%d text(s) truncated to %d tokens (%d so far)", cut, self.max_length,
+                        self.truncated)
+        return [e.ids for e in encodings]
+
+    def pad(self, ids: list[list[int]], length: int | None = None):
+        """(ids, mask) int32 arrays of shape (len(ids), length or the longest)."""
+        longest = max(map(len, ids), default=0)
+        length = length or longest
+        if longest > length:
+            raise ValueError(f"a sequence of {longest} tokens does not fit length {length}")
+        out = np.full((len(ids), length), self.pad_id, np.int32)
+        mask = np.zeros((len(ids), length), np.int32)
+        for row, seq in enumerate(ids):
+            out[row, :len(seq)] = seq
+            mask[row, :len(seq)] = 1
+        return out, mask
+
+    def __call__(self, texts: list[str], length: int | None = None):
+        return self.pad(self.encode(texts), length)

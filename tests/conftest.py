@@ -1,0 +1,74 @@
+"""Shared fixtures: the real tokenizer and random_docs from ../shared, and synthetic
+released-layout checkpoints (random weights) built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SHARED = Path(os.environ.get("CDE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+TOKENIZER_DIR = SHARED / "modernbert-tokenizer"
+RANDOM_DOCS = SHARED / "random_docs.txt"
+
+
+def pytest_sessionstart(session):
+    # A missing ../shared must fail loudly: skipping would hide every parity test.
+    for path in (TOKENIZER_DIR / "tokenizer.json", RANDOM_DOCS):
+        if not path.exists():
+            raise pytest.UsageError(f"{path} not found: tests need ../shared beside the repo "
+                                    "(or CDE_SHARED_DIR)")
+
+
+PARITY: dict[str, float] = {}
+
+
+def max_rel_err(actual, expected) -> float:
+    """max |actual - expected| / max |expected|: the parity measure used throughout. The
+    worst value per test is printed in the session summary."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert np.isfinite(actual).all()
+    err = float(np.abs(actual - expected).max() / np.abs(expected).max())
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    PARITY[test] = max(err, PARITY.get(test, 0.0))
+    return err
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY:
+        terminalreporter.section("worst parity error per test (max|a-b| / max|b|)")
+        for test, err in sorted(PARITY.items()):
+            terminalreporter.write_line(f"{err:10.3e}  {test}")
+
+
+@pytest.fixture(scope="session")
+def random_docs() -> list[str]:
+    return [line.rstrip("\n") for line in RANDOM_DOCS.open(encoding="utf-8") if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """synthetic(**options) -> (released dir, converted dir), built once per option set."""
+    from cde_jax.convert import convert
+    from cde_jax.convert.synthetic import make_synthetic_checkpoint
+
+    cache = {}
+
+    def build(preset="tiny", ignore_instruction_tokens=True, null_embedding=False, seed=0):
+        key = (preset, ignore_instruction_tokens, null_embedding, seed)
+        if key not in cache:
+            root = tmp_path_factory.mktemp("ckpt-" + "-".join(map(str, key)))
+            released = make_synthetic_checkpoint(
+                root / "released", preset=preset, seed=seed, tokenizer_dir=TOKENIZER_DIR,
+                ignore_instruction_tokens=ignore_instruction_tokens,
+                null_embedding=null_embedding)
+            cache[key] = (released, convert(released, root / "converted"))
+        return cache[key]
+
+    return build
