@@ -25,6 +25,13 @@ def _key(path) -> str:
     return "/".join(str(p) for p in path)
 
 
+def map_params(state: nnx.State, fn) -> nnx.State:
+    """`fn("a/b/0/kernel", array) -> array` over every parameter of a split state."""
+    def key(tree_path):
+        return "/".join(str(k.key) for k in tree_path if isinstance(k, jax.tree_util.DictKey))
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(key(p), x), state)
+
+
 def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
     return {_key(path): var.get_value()
             for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}

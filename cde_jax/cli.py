@@ -1,0 +1,40 @@
+"""`cde-jax` console script: one subcommand per module in `cde_jax.commands`.
+
+Each command module defines `register(subparsers)`, which adds its parser and sets
+`func(args) -> int`. Errors the user can fix exit with status 2 and one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("context", "embed", "train", "eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cde-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"cde_jax.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"cde_jax.commands.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        print(f"cde-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

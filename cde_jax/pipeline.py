@@ -1,0 +1,115 @@
+"""Token id lists -> embeddings in input order, in length buckets, sharded over the mesh.
+
+Texts are sorted by length and padded to the smallest of a few fixed bucket lengths; each
+bucket has one fixed batch size, so a run compiles at most (#buckets x #stages) programs
+whatever the corpus. Every batch is dispatched before any result is read back (no host round
+trip inside the loop). With several processes, each feeds its own rows
+(`make_array_from_process_local_data`) and the processes agree on the number of batches per
+bucket first, so that they run the same programs in lockstep.
+
+Dimension key: b batch, s bucket length, d hidden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from . import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPlan:
+    """Bucket lengths and the batch size (global rows) for each."""
+
+    lengths: tuple[int, ...] = (32, 64, 128, 256, 512)
+    tokens_per_batch: int = 8192
+    max_batch: int = 128
+    min_batch: int = 1
+
+    def bucket_of(self, n_tokens: int) -> int:
+        for length in self.lengths:
+            if n_tokens <= length:
+                return length
+        raise ValueError(f"{n_tokens} tokens exceed the largest bucket {self.lengths[-1]}")
+
+    def batch_size(self, length: int, multiple: int) -> int:
+        """About `tokens_per_batch` tokens per batch, a multiple of the data shards."""
+        rows = max(self.min_batch, min(self.max_batch, self.tokens_per_batch // length))
+        return max(multiple, rows // multiple * multiple)
+
+    def with_batch_size(self, batch_size: int | None) -> "BucketPlan":
+        """A plan with one fixed batch size for every bucket (None: keep this plan)."""
+        if batch_size is None:
+            return self
+        return dataclasses.replace(self, tokens_per_batch=batch_size * self.lengths[-1],
+                                   max_batch=batch_size, min_batch=batch_size)
+
+
+def _batches(lengths: Sequence[int], plan: BucketPlan, size_of: Callable[[int], int]):
+    """{bucket length: [row index arrays of one batch size, padded with -1]}."""
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    by_bucket: dict[int, list[int]] = {}
+    for i in order:
+        by_bucket.setdefault(plan.bucket_of(lengths[i]), []).append(int(i))
+    out = {}
+    for length, rows in by_bucket.items():
+        size = size_of(length)
+        padded = np.full(-(-len(rows) // size) * size, -1, np.int64)
+        padded[:len(rows)] = rows
+        out[length] = list(padded.reshape(-1, size))
+    return out
+
+
+def _agree_on_batch_counts(batches: dict, plan: BucketPlan, local_size: Callable[[int], int]):
+    """Pads every process's batch lists to the same count per bucket (all-gather of counts)."""
+    counts = np.array([len(batches.get(length, [])) for length in plan.lengths], np.int64)
+    if jax.process_count() > 1:
+        counts = multihost_utils.process_allgather(counts).max(axis=0)
+    return {length: batches.get(length, []) + [np.full(local_size(length), -1, np.int64)] * (
+        int(n) - len(batches.get(length, []))) for length, n in zip(plan.lengths, counts) if n}
+
+
+def run_bucketed(token_ids: Sequence[Sequence[int]], stage: Callable, *, mesh, pad_id: int,
+                 plan: BucketPlan, width: int, progress: Callable[[int], None] | None = None
+                 ) -> np.ndarray:
+    """`stage(ids_bs, mask_bs) -> (b, d)` over all texts; returns (n, width) float32 in input
+    order. `token_ids` are this process's rows."""
+    n_data = sharding.data_shards(mesh)
+    local_size = lambda length: plan.batch_size(length, n_data) // jax.process_count()
+    batches = _batches([len(t) for t in token_ids], plan, local_size)
+    batches = _agree_on_batch_counts(batches, plan, local_size)
+    in_sharding = sharding.batch_sharding(mesh)
+    pending = []
+    for length in sorted(batches):
+        for rows in batches[length]:
+            ids = np.full((len(rows), length), pad_id, np.int32)
+            mask = np.zeros((len(rows), length), np.int32)
+            for r, i in enumerate(rows):
+                if i >= 0:
+                    ids[r, :len(token_ids[i])] = token_ids[i]
+                    mask[r, :len(token_ids[i])] = 1
+            global_ids = jax.make_array_from_process_local_data(in_sharding, ids)
+            global_mask = jax.make_array_from_process_local_data(in_sharding, mask)
+            pending.append((rows, stage(global_ids, global_mask)))
+    out = np.zeros((len(token_ids), width), np.float32)
+    for rows, result in pending:
+        values = local_rows(result, mesh)
+        keep = rows >= 0
+        out[rows[keep]] = values[keep]
+        if progress is not None:
+            progress(int(keep.sum()))
+    return out
+
+
+def local_rows(array: jax.Array, mesh) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in the order it fed them."""
+    if array.is_fully_addressable:
+        return np.asarray(array, dtype=np.float32)
+    local = multihost_utils.global_array_to_host_local_array(
+        array, mesh, sharding.batch_sharding(mesh, array.ndim).spec)
+    return np.asarray(local, dtype=np.float32)

@@ -1,0 +1,82 @@
+"""The one place that maps the model onto devices.
+
+Parameters get logical axis names from `PARAM_AXES` (path regex -> names, first match wins);
+`LOGICAL_RULES` maps logical names onto the mesh axes ("data", "model"). Model code never
+names a device: batches split on "data", attention heads and the MLP's hidden units split on
+"model" (tensor parallelism) when that axis is larger than 1.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+LOGICAL_RULES: dict[str, str | None] = {
+    "batch": DATA,
+    "heads": MODEL,
+    "mlp": MODEL,
+    "vocab": None,
+    "embed": None,
+    "head_dim": None,
+}
+
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"attn/wqkv/kernel$", ("embed", None, "heads", "head_dim")),
+    (r"attn/wqkv/bias$", (None, "heads", "head_dim")),
+    (r"attn/wo/kernel$", ("heads", "head_dim", "embed")),
+    (r"mlp/wi/kernel$", ("embed", None, "mlp")),
+    (r"mlp/wi/bias$", (None, "mlp")),
+    (r"mlp/wo/kernel$", ("mlp", "embed")),
+    (r"tok_embeddings/embedding$", ("vocab", "embed")),
+    (r".*", ()),  # norms, heads, output biases, the null embedding: replicated
+)
+
+
+def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
+    """All devices (every host's) as a (data, model) mesh."""
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) % model_parallel:
+        raise ValueError(f"{len(devices)} devices do not split into model_parallel="
+                         f"{model_parallel}")
+    grid = np.array(devices).reshape(len(devices) // model_parallel, model_parallel)
+    return Mesh(grid, (DATA, MODEL))
+
+
+def logical_axes(path: str) -> tuple[str | None, ...]:
+    for pattern, axes in PARAM_AXES:
+        if re.search(pattern, path):
+            return axes
+    raise AssertionError("PARAM_AXES ends with a catch-all")
+
+
+def spec(axes: tuple[str | None, ...], mesh: Mesh, shape: tuple[int, ...] | None = None) -> P:
+    """Logical axes -> PartitionSpec; a dimension that does not divide stays replicated."""
+    out = []
+    for i, name in enumerate(axes):
+        mesh_axis = LOGICAL_RULES.get(name) if name else None
+        if mesh_axis and shape is not None and shape[i] % mesh.shape[mesh_axis]:
+            mesh_axis = None
+        out.append(mesh_axis)
+    return P(*out)
+
+
+def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, spec(logical_axes(path), mesh, shape))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows split over "data", everything else whole."""
+    return NamedSharding(mesh, P(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_shards(mesh: Mesh) -> int:
+    return mesh.shape[DATA]
