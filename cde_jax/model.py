@@ -55,10 +55,15 @@ class FirstStage(nnx.Module):
 
 
 class Context(NamedTuple):
-    """The second stage's shared prefix, ready for the backbone (a pytree)."""
+    """The second stage's prefix, ready for the backbone (a pytree).
 
-    embeds_pd: jax.Array  # LN_emb(concat(dataset embeddings, soft prompt))
-    layer0_qkv: tuple[jax.Array, jax.Array, jax.Array]  # each (1, p, h, k)
+    At inference one prefix serves every row: `embeds` is (p, d) and `layer0_qkv` holds its
+    layer-0 q/k/v, each (1, p, h, k). In training each row has its own order and dropout:
+    `embeds` is (b, p, d) and `layer0_qkv` is None.
+    """
+
+    embeds: jax.Array  # LN_emb(concat(dataset embeddings, soft prompt))
+    layer0_qkv: tuple[jax.Array, jax.Array, jax.Array] | None
 
 
 class SecondStage(nnx.Module):
@@ -79,40 +84,66 @@ class SecondStage(nnx.Module):
         ones_1d = jnp.ones((1, d), jnp.float32)
         return self.prompt_projection(ones_1d).reshape(self.cde.num_soft_prompt_tokens, d)
 
-    def prefix(self, dataset_embeddings_nd: jax.Array | None) -> jax.Array:
-        """`concat(D, P)` (p, d); None selects null-dataset mode (SPEC 4.3)."""
+    def null_embedding(self) -> jax.Array:
+        if self.sequence_dropout_null_embedding is None:
+            raise ValueError("null-dataset mode and sequence dropout need "
+                             "`sequence_dropout_null_embedding`, which this checkpoint lacks")
+        return self.sequence_dropout_null_embedding[...].astype(jnp.float32)
+
+    def dataset_rows(self, dataset_embeddings_nd: jax.Array | None) -> jax.Array:
+        """D as (n, d) float32, at most the first `corpus size` rows (SPEC 4.1); None selects
+        null-dataset mode (SPEC 4.3)."""
         n_max = self.cde.num_context_tokens
         if dataset_embeddings_nd is None:
-            if self.sequence_dropout_null_embedding is None:
-                raise ValueError("null-dataset mode needs `sequence_dropout_null_embedding`, "
-                                 "which this checkpoint does not have")
-            null_d = self.sequence_dropout_null_embedding[...].astype(jnp.float32)
-            dataset_embeddings_nd = jnp.broadcast_to(null_d, (n_max, null_d.shape[0]))
+            null_d = self.null_embedding()
+            return jnp.broadcast_to(null_d, (n_max, null_d.shape[0]))
         if dataset_embeddings_nd.ndim == 3 and dataset_embeddings_nd.shape[0] == 1:
             dataset_embeddings_nd = dataset_embeddings_nd[0]
         if dataset_embeddings_nd.ndim != 2:
             raise ValueError("dataset embeddings must be (n, d) or (1, n, d), got shape "
                              f"{dataset_embeddings_nd.shape}")
-        dataset_embeddings_nd = dataset_embeddings_nd[:n_max]  # SPEC 4.1: keep the first n_max
-        return jnp.concatenate([dataset_embeddings_nd.astype(jnp.float32), self.soft_prompt()])
+        return dataset_embeddings_nd[:n_max].astype(jnp.float32)
+
+    def _normed(self, prefix: jax.Array) -> jax.Array:
+        backbone = self.backbone
+        return backbone.embeddings.norm(prefix.astype(backbone.config.jnp_dtype))
 
     def context(self, dataset_embeddings_nd: jax.Array | None) -> Context:
-        backbone = self.backbone
-        prefix_pd = backbone.embeddings.norm(
-            self.prefix(dataset_embeddings_nd).astype(backbone.config.jnp_dtype))
-        layer0 = backbone.layers[0]
-        qkv = layer0.project_qkv(prefix_pd[None], jnp.arange(prefix_pd.shape[0]))
+        """The inference prefix `concat(D, P)`, shared by every row."""
+        prefix_pd = self._normed(jnp.concatenate([self.dataset_rows(dataset_embeddings_nd),
+                                                  self.soft_prompt()]))
+        qkv = self.backbone.layers[0].project_qkv(prefix_pd[None], jnp.arange(prefix_pd.shape[0]))
         return Context(prefix_pd, tuple(qkv))
+
+    def training_context(self, dataset_embeddings_nd: jax.Array, batch: int, rng: jax.Array, *,
+                         permute: bool = True, dropout_prob: float = 0.0) -> Context:
+        """Per-row prefixes as upstream trains: each row sees D in its own random order, and
+        each of its rows of D is replaced by the null embedding with probability
+        `dropout_prob`; the soft tokens stay last."""
+        d_nd = self.dataset_rows(dataset_embeddings_nd)
+        n, d = d_nd.shape
+        d_bnd = jnp.broadcast_to(d_nd, (batch, n, d))
+        drop_key, perm_key = jax.random.split(rng)
+        if dropout_prob > 0.0:
+            dropped_bn = jax.random.bernoulli(drop_key, dropout_prob, (batch, n))
+            d_bnd = jnp.where(dropped_bn[..., None], self.null_embedding(), d_bnd)
+        if permute:
+            order_bn = jax.vmap(lambda k: jax.random.permutation(k, n))(
+                jax.random.split(perm_key, batch))
+            d_bnd = jnp.take_along_axis(d_bnd, order_bn[..., None], axis=1)
+        soft_pd = self.soft_prompt()
+        soft_bpd = jnp.broadcast_to(soft_pd, (batch,) + soft_pd.shape)
+        return Context(self._normed(jnp.concatenate([d_bnd, soft_bpd], axis=1)), None)
 
     def __call__(self, input_ids_bs: jax.Array, attention_mask_bs: jax.Array,
                  context: Context) -> jax.Array:
         """(b, d) float32, unnormalized: `out_proj(pooled) + pooled`."""
         backbone, cde = self.backbone, self.cde
         b = input_ids_bs.shape[0]
-        p, d = context.embeds_pd.shape
+        p, d = context.embeds.shape[-2:]
         # Quirk (SPEC 4.5): the text passes the embedding LayerNorm twice, the prefix once.
         text_bsd = backbone.embeddings.norm(backbone.embeddings(input_ids_bs))
-        h_bsd = jnp.concatenate([jnp.broadcast_to(context.embeds_pd, (b, p, d)), text_bsd], 1)
+        h_bsd = jnp.concatenate([jnp.broadcast_to(context.embeds, (b, p, d)), text_bsd], 1)
         key_mask_bs = jnp.concatenate([jnp.ones((b, p), bool), attention_mask_bs.astype(bool)], 1)
         keep_from = p if cde.pool_ignore_contextual_tokens else 0
         hidden_bsd = backbone.final_norm(backbone.run_layers(
