@@ -55,11 +55,13 @@ def logical_axes(path: str) -> tuple[str | None, ...]:
 
 
 def spec(axes: tuple[str | None, ...], mesh: Mesh, shape: tuple[int, ...] | None = None) -> P:
-    """Logical axes -> PartitionSpec; a dimension that does not divide stays replicated."""
+    """Logical axes -> PartitionSpec. A dimension stays whole when its mesh axis has size 1
+    or does not divide it (e.g. 3 heads on 2 devices)."""
     out = []
     for i, name in enumerate(axes):
         mesh_axis = LOGICAL_RULES.get(name) if name else None
-        if mesh_axis and shape is not None and shape[i] % mesh.shape[mesh_axis]:
+        size = mesh.shape[mesh_axis] if mesh_axis else 1
+        if size == 1 or (shape is not None and shape[i] % size):
             mesh_axis = None
         out.append(mesh_axis)
     return P(*out)

@@ -1,0 +1,59 @@
+"""Runs the text pipeline under a device layout chosen by the parent test (a subprocess,
+because XLA_FLAGS and jax.distributed must be set before jax starts).
+
+    python sharded_worker.py CKPT OUT.npz --devices 8 --model-parallel 2
+    python sharded_worker.py CKPT OUT.npz --process-id 0 --num-processes 2 --port 12345
+"""
+
+import argparse
+import os
+import sys
+
+
+def corpus() -> list[str]:
+    """Mixed lengths so several buckets are used; empty text included."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import RANDOM_DOCS
+    docs = [line.rstrip("\n") for line in RANDOM_DOCS.open(encoding="utf-8")]
+    return [d[: (i * 37) % 900] for i, d in enumerate(docs[:90])] + ["", "a: b"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ckpt")
+    ap.add_argument("out")
+    ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--model-parallel", type=int, default=1)
+    ap.add_argument("--process-id", type=int)
+    ap.add_argument("--num-processes", type=int, default=1)
+    ap.add_argument("--port", type=int)
+    args = ap.parse_args()
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    import jax
+    import numpy as np
+
+    if args.num_processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    import cde_jax
+    from cde_jax.sharding import make_mesh
+
+    mesh = make_mesh(args.model_parallel)
+    model = cde_jax.load(args.ckpt, mesh=mesh)
+    ctx = model.embed_context(None, seed=3)
+    texts = corpus()
+    # Each process embeds its own contiguous share of the corpus.
+    per = -(-len(texts) // jax.process_count())
+    start = jax.process_index() * per
+    mine = texts[start:start + per]
+    emb = model.encode(mine, prompt_name="document", dataset_embeddings=ctx)
+    raw = model.second_stage(*model.tokenizer(["search_query: " + t for t in mine[:6]]), ctx)
+    from cde_jax.params import flat_params
+    wqkv = flat_params(model.model)["second_stage_model/backbone/layers/0/attn/wqkv/kernel"]
+    np.savez(args.out, context=ctx, embeddings=emb, raw=raw, start=start,
+             devices=len(jax.devices()), wqkv_spec=str(tuple(wqkv.sharding.spec)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Text API: minicorpus sampling, encode in length buckets (order, compile bound, equality
+with one-at-a-time), dataset-embeddings files."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import cde_jax
+from cde_jax.context import DatasetEmbeddings, fallback_minicorpus, sample_minicorpus
+from cde_jax.pipeline import BucketPlan
+from cde_jax.profiling import count_compiles
+
+
+@pytest.fixture(scope="module")
+def model(synthetic):
+    return cde_jax.load(synthetic()[1])
+
+
+@pytest.fixture(scope="module")
+def ctx(model):
+    return model.embed_context(None, seed=0)
+
+
+def test_fallback_minicorpus_is_random_docs(model, random_docs):
+    assert fallback_minicorpus() == random_docs
+    emb = model.embed_context(None, seed=5)
+    assert emb.shape == (512, 64) and emb.dtype == np.float32
+    docs = sample_minicorpus(None, 512, seed=5)
+    ids, mask = model.tokenizer(["search_document: " + d for d in docs])
+    np.testing.assert_allclose(emb, model.first_stage(ids, mask), rtol=0, atol=1e-6)
+
+
+def test_oversampling_is_deterministic_and_warned(model, random_docs):
+    few = random_docs[:10]
+    with pytest.warns(UserWarning, match="only 10 texts .* oversampling"):
+        a = model.embed_context(few, seed=1)
+    with pytest.warns(UserWarning):
+        b = model.embed_context(few, seed=1)
+        c = model.embed_context(few, seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (512, 64) and not np.array_equal(a, c)
+    chosen = sample_minicorpus(few, 512, seed=1)
+    assert set(chosen) <= set(few) and len(chosen) == 512
+
+
+def test_more_texts_are_sampled_to_exactly_corpus_size(random_docs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chosen = sample_minicorpus(random_docs[:600], 512, seed=0)
+    assert len(chosen) == 512 and len(set(chosen)) == len(set(random_docs[:600]) & set(chosen))
+    # SPEC 5's rule, verbatim.
+    expected = np.random.default_rng(0).choice(random_docs[:600], 512, replace=False)
+    assert chosen == list(expected)
+
+
+def test_empty_and_bad_minicorpus(model):
+    with pytest.raises(ValueError, match="empty list"):
+        model.embed_context([])
+    with pytest.raises(TypeError, match="index 2 is int"):
+        model.embed_context(["a", "b", 3])
+
+
+def test_encode_order_buckets_and_compiles(model, ctx, random_docs):
+    # Lengths spread over all buckets, shuffled; an empty string and a colon-prefixed text.
+    texts = [d[: (i * 53) % 1500] for i, d in enumerate(random_docs[:40])] + ["", "x: y"]
+    plan = model.plan
+    with count_compiles() as compiles:
+        out = model.encode(texts, prompt_name="query", dataset_embeddings=ctx)
+    assert out.shape == (len(texts), 64)
+    assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    # At most one program per bucket for the second stage, plus the context preparation.
+    assert compiles.count <= len(plan.lengths) + 1, compiles.count
+    with count_compiles() as again:
+        model.encode(texts[::-1], prompt_name="query", dataset_embeddings=ctx)
+    assert again.count == 0
+    # Equal to one text at a time, unpadded (a compile per length: a sample across buckets).
+    picked = [i for i in np.argsort([len(t) for t in texts])[::4]]
+    one = np.stack([model.second_stage(*model.tokenizer(["search_query: " + texts[i]]), ctx)[0]
+                    for i in picked])
+    one /= np.linalg.norm(one, axis=1, keepdims=True)
+    diff = np.abs(out[picked] - one).max()
+    print(f"bucketed vs one-at-a-time: max abs diff {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_encode_options(model, ctx):
+    texts = ["hello world", "search me"]
+    raw = model.encode(texts, prompt="clustering: ", dataset_embeddings=ctx,
+                       normalize_embeddings=False)
+    direct = model.second_stage(*model.tokenizer(["clustering: " + t for t in texts]), ctx)
+    np.testing.assert_allclose(raw, direct, rtol=0, atol=1e-6)
+    q = model.embed_queries(texts, ctx)
+    np.testing.assert_allclose(q, model.encode(texts, prompt_name="query",
+                                               dataset_embeddings=ctx), atol=0)
+    with pytest.raises(ValueError, match="prompt_name must be one of"):
+        model.encode(texts, prompt_name="search", dataset_embeddings=ctx)
+    with pytest.raises(TypeError, match="index 1 is NoneType"):
+        model.encode(["ok", None], dataset_embeddings=ctx)
+    bad = ctx.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(ValueError, match=r"row\(s\) \[7\]"):
+        model.encode(texts, dataset_embeddings=bad)
+    with pytest.raises(ValueError, match=r"must be \(n, 64\)"):
+        model.encode(texts, dataset_embeddings=ctx[:, :32])
+
+
+def test_fixed_batch_size_plan(model, ctx, random_docs):
+    texts = random_docs[:11]
+    a = model.encode(texts, prompt_name="document", dataset_embeddings=ctx, batch_size=4)
+    b = model.encode(texts, prompt_name="document", dataset_embeddings=ctx)
+    assert np.abs(a - b).max() <= 1e-5
+    assert BucketPlan().with_batch_size(4).batch_size(128, 1) == 4
+
+
+def test_dataset_embeddings_file(model, ctx, tmp_path, synthetic):
+    record = model.context_record(None, seed=0)
+    np.testing.assert_array_equal(record.embeddings, ctx)
+    path = record.save(tmp_path / "ctx.npz")
+    loaded = model.load_context(path)
+    assert (loaded.prefix, loaded.seed, loaded.fingerprint) == ("search_document: ", 0,
+                                                                 model.fingerprint)
+    np.testing.assert_array_equal(loaded.embeddings, ctx)
+    other = DatasetEmbeddings(ctx, "0123456789abcdef", "search_document: ", 0).save(
+        tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="made by model 0123456789abcdef"):
+        model.load_context(other)
+    narrow = DatasetEmbeddings(ctx[:, :32], model.fingerprint, "search_document: ", 0).save(
+        tmp_path / "narrow.npz")
+    with pytest.raises(ValueError, match=r"shape \(512, 32\)"):
+        model.load_context(narrow)
+    nan = ctx.copy()
+    nan[4] = np.nan
+    with pytest.raises(ValueError, match=r"row\(s\) \[4\]"):
+        model.load_context(DatasetEmbeddings(nan, model.fingerprint, "p", 0).save(
+            tmp_path / "nan.npz"))
