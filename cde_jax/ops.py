@@ -45,6 +45,38 @@ def attention_mask(key_mask_bs: jax.Array, q_pos_t: jax.Array, k_pos_s: jax.Arra
     return mask_b1ts
 
 
+def local_self_attention(q_bshk, k_bshk, v_bshk, key_mask_bs, window_radius: int,
+                         implementation=None) -> jax.Array:
+    """Self-attention where query i sees the unmasked keys with `|i - j| <= window_radius`,
+    computing only what the window can reach: queries go in blocks of `window_radius`, each
+    attending to its own and the two neighbouring key blocks (3 * radius keys, not s).
+    Same result as the dense masked path, up to summation order: a query that sees no key
+    (padding far from text) averages every value of the row, as a uniform softmax over
+    finite negatives does there."""
+    b, s, h, k = q_bshk.shape
+    block = window_radius
+    n = -(-s // block)
+    tail = n * block - s
+
+    def windows(x_bs, fill):  # (b, s, ...) -> (b * n, 3 * block, ...)
+        widths = [(0, 0)] * x_bs.ndim
+        widths[1] = (block, block + tail)
+        x = jnp.pad(x_bs, widths, constant_values=fill).reshape(b, n + 2, block, *x_bs.shape[2:])
+        x = jnp.concatenate([x[:, :n], x[:, 1:n + 1], x[:, 2:]], axis=2)
+        return x.reshape(b * n, 3 * block, *x_bs.shape[2:])
+
+    q_blocks = jnp.pad(q_bshk, ((0, 0), (0, tail), (0, 0), (0, 0))).reshape(b * n, block, h, k)
+    q_pos_t = jnp.arange(block)[:, None] + block  # query offset within its 3-block window
+    near_ts = jnp.abs(q_pos_t - jnp.arange(3 * block)[None, :]) <= window_radius
+    mask = windows(key_mask_bs.astype(bool), False)[:, None, None, :] & near_ts[None, None]
+    out = jax.nn.dot_product_attention(q_blocks, windows(k_bshk, 0), windows(v_bshk, 0),
+                                       mask=mask, implementation=implementation)
+    out_bshk = out.reshape(b, n * block, h, k)[:, :s]
+    sees_any_bs = mask.any(axis=-1).reshape(b, n * block)[:, :s]
+    v_mean_bhk = v_bshk.astype(jnp.float32).mean(axis=1).astype(out_bshk.dtype)
+    return jnp.where(sees_any_bs[:, :, None, None], out_bshk, v_mean_bhk[:, None])
+
+
 def mean_pool(hidden_bsd: jax.Array, mask_bs: jax.Array) -> jax.Array:
     """Masked mean in float32 with upstream's `+ 1e-20` denominator. `where`, not a product,
     so a non-finite value at a masked position cannot leak into the mean."""
