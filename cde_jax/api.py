@@ -178,7 +178,7 @@ class CdeModel:
         return self.tokenizer
 
     def _encode_texts(self, texts, stage, prefix: str, *, batch_size, show_progress_bar,
-                      desc: str) -> np.ndarray:
+                      desc: str, extra_len: int = 0) -> np.ndarray:
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
@@ -189,7 +189,7 @@ class CdeModel:
             return pipeline.run_bucketed(
                 token_ids, stage, mesh=self.mesh, pad_id=self.backbone_config.pad_token_id,
                 plan=self.plan.with_batch_size(batch_size), width=self.hidden_size,
-                progress=bar.update)
+                extra_len=extra_len, progress=bar.update)
 
     def embed_context(self, texts=None, *, seed: int = 0, batch_size: int | None = None,
                       show_progress_bar: bool | None = None) -> np.ndarray:
@@ -233,7 +233,8 @@ class CdeModel:
         ctx = self.context(dataset_embeddings)
         stage = lambda ids, mask: self._second(self.params, ids, mask, ctx)
         out = self._encode_texts(texts, stage, prompt, batch_size=batch_size,
-                                 show_progress_bar=show_progress_bar, desc="encode")
+                                 show_progress_bar=show_progress_bar, desc="encode",
+                                 extra_len=ctx.embeds.shape[-2])
         if normalize_embeddings:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out

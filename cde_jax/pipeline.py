@@ -37,9 +37,10 @@ class BucketPlan:
                 return length
         raise ValueError(f"{n_tokens} tokens exceed the largest bucket {self.lengths[-1]}")
 
-    def batch_size(self, length: int, multiple: int) -> int:
-        """About `tokens_per_batch` tokens per batch, a multiple of the data shards."""
-        rows = max(self.min_batch, min(self.max_batch, self.tokens_per_batch // length))
+    def batch_size(self, length: int, multiple: int, extra: int = 0) -> int:
+        """About `tokens_per_batch` tokens per batch (counting `extra` tokens each row gets
+        from the stage, the second stage's prefix), a multiple of the data shards."""
+        rows = max(self.min_batch, min(self.max_batch, self.tokens_per_batch // (length + extra)))
         return max(multiple, rows // multiple * multiple)
 
     def with_batch_size(self, batch_size: int | None) -> "BucketPlan":
@@ -75,12 +76,12 @@ def _agree_on_batch_counts(batches: dict, plan: BucketPlan, local_size: Callable
 
 
 def run_bucketed(token_ids: Sequence[Sequence[int]], stage: Callable, *, mesh, pad_id: int,
-                 plan: BucketPlan, width: int, progress: Callable[[int], None] | None = None
-                 ) -> np.ndarray:
+                 plan: BucketPlan, width: int, extra_len: int = 0,
+                 progress: Callable[[int], None] | None = None) -> np.ndarray:
     """`stage(ids_bs, mask_bs) -> (b, d)` over all texts; returns (n, width) float32 in input
-    order. `token_ids` are this process's rows."""
+    order. `token_ids` are this process's rows; `extra_len` tokens the stage adds per row."""
     n_data = sharding.data_shards(mesh)
-    local_size = lambda length: plan.batch_size(length, n_data) // jax.process_count()
+    local_size = lambda length: plan.batch_size(length, n_data, extra_len) // jax.process_count()
     batches = _batches([len(t) for t in token_ids], plan, local_size)
     batches = _agree_on_batch_counts(batches, plan, local_size)
     in_sharding = sharding.batch_sharding(mesh)
