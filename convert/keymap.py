@@ -96,24 +96,24 @@ _TO_HF = [(_compile(jx, STAGES.values()), hf, tf) for hf, jx, tf in KEY_MAP]
 _STAGE_TO_HF = {v: k for k, v in STAGES.items()}
 
 
-def to_jax_path(hf_key: str) -> tuple[str, Transform] | None:
-    """Released name -> ('a/b/0/kernel', transform), or None for a name not in the table."""
-    for pattern, template, transform in _TO_JAX:
-        m = pattern.match(hf_key)
+def _lookup(table, name: str, stages: dict[str, str]) -> tuple[str, Transform] | None:
+    for pattern, template, transform in table:
+        m = pattern.match(name)
         if m:
             groups = m.groupdict()
             if "stage" in groups:
-                groups["stage"] = STAGES[groups["stage"]]
+                groups["stage"] = stages[groups["stage"]]
             return template.format(**groups), transform
     return None
 
 
+def to_jax_path(hf_key: str) -> tuple[str, Transform] | None:
+    """Released name -> ('a/b/0/kernel', transform), or None for a name not in the table."""
+    return _lookup(_TO_JAX, hf_key, STAGES)
+
+
 def to_hf_key(jax_path: str) -> tuple[str, Transform]:
-    for pattern, template, transform in _TO_HF:
-        m = pattern.match(jax_path)
-        if m:
-            groups = m.groupdict()
-            if "stage" in groups:
-                groups["stage"] = _STAGE_TO_HF[groups["stage"]]
-            return template.format(**groups), transform
-    raise KeyError(f"no released name for parameter {jax_path!r}: add a row to KEY_MAP")
+    found = _lookup(_TO_HF, jax_path, _STAGE_TO_HF)
+    if found is None:
+        raise KeyError(f"no released name for parameter {jax_path!r}: add a row to KEY_MAP")
+    return found
