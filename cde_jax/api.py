@@ -196,6 +196,12 @@ class CdeModel:
         """Dataset embeddings (corpus_size, d) from a minicorpus sampled from `texts` (None:
         the generic fallback). Every process passes the same texts and gets the same result."""
         docs = sample_minicorpus(texts, self.config.transductive_corpus_size, seed)
+        return self.embed_minicorpus(docs, batch_size=batch_size,
+                                     show_progress_bar=show_progress_bar)
+
+    def embed_minicorpus(self, docs: list[str], *, batch_size: int | None = None,
+                         show_progress_bar: bool | None = None) -> np.ndarray:
+        """Dataset embeddings of exactly these (already sampled) documents, in order."""
         procs, me = jax.process_count(), jax.process_index()
         per = -(-len(docs) // procs)
         stage = lambda ids, mask: self._first(self.params, ids, mask)
@@ -208,10 +214,13 @@ class CdeModel:
         padded[:len(mine)] = mine
         return multihost_utils.process_allgather(padded).reshape(-1, self.hidden_size)[:len(docs)]
 
-    def context_record(self, texts=None, *, seed: int = 0, **kw) -> DatasetEmbeddings:
-        """`embed_context` with its provenance, ready to `.save(path)`."""
-        return DatasetEmbeddings(self.embed_context(texts, seed=seed, **kw), self.fingerprint,
-                                 DOCUMENT_PREFIX, seed)
+    def context_record(self, texts=None, *, seed: int = 0, sampled: list[str] | None = None,
+                       **kw) -> DatasetEmbeddings:
+        """`embed_context` with its provenance, ready to `.save(path)`. `sampled`: the
+        minicorpus already drawn from the texts with `seed` (the streaming CLI's path)."""
+        emb = (self.embed_context(texts, seed=seed, **kw) if sampled is None
+               else self.embed_minicorpus(sampled, **kw))
+        return DatasetEmbeddings(emb, self.fingerprint, DOCUMENT_PREFIX, seed)
 
     def load_context(self, path: str | Path) -> DatasetEmbeddings:
         return DatasetEmbeddings.load(path, fingerprint=self.fingerprint, width=self.hidden_size)

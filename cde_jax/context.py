@@ -39,8 +39,13 @@ def sample_minicorpus(texts, size: int, seed: int) -> list[str]:
     if len(texts) < size:
         warnings.warn(f"only {len(texts)} texts for a minicorpus of {size}: oversampling "
                       f"with replacement (seed {seed})", stacklevel=3)
-    idx = np.random.default_rng(seed).choice(len(texts), size, replace=len(texts) < size)
-    return [texts[i] for i in idx]
+    return [texts[i] for i in sample_indices(len(texts), size, seed)]
+
+
+def sample_indices(n: int, size: int, seed: int) -> np.ndarray:
+    """Which of `n` texts make the minicorpus, in order: one rule for the in-memory and the
+    streaming (CLI) paths, so that both sample the same texts."""
+    return np.random.default_rng(seed).choice(n, size, replace=n < size)
 
 
 @dataclasses.dataclass(frozen=True)

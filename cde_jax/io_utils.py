@@ -17,6 +17,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False):
         raise FileExistsError(f"{out} already exists (refusing to overwrite it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give what mkdir would
     try:
         yield tmp
     except BaseException:
@@ -31,12 +32,19 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False):
         os.replace(tmp, out)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(out: str | Path, mode: str = "wb"):
     """Yields a file object on a temp name beside `out`; fsynced and renamed on success."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -132,7 +132,7 @@ def write_converted(ckpt: Checkpoint, out: str | Path, *, source_name: str = "",
                     overwrite: bool = False) -> Path:
     import orbax.checkpoint as ocp
 
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(Path(out).absolute(), overwrite=overwrite) as tmp:  # orbax: absolute only
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", _nested(ckpt.flat))
         checkpointer.wait_until_finished()
@@ -150,7 +150,7 @@ def read_converted(path: str | Path, *, shardings: dict | None = None) -> Checkp
     mesh instead of host memory."""
     import orbax.checkpoint as ocp
 
-    path = Path(path)
+    path = Path(path).absolute()  # orbax refuses relative paths
     meta = source.read_json(path / META_FILE)
     if meta.get("format_version") != FORMAT_VERSION:
         raise released.CheckpointError(f"{path / META_FILE}: format_version "

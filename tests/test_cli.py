@@ -1,0 +1,280 @@
+"""`cde-jax context` and `cde-jax embed`, run as subprocesses on the tiny synthetic checkpoint:
+outputs against the Python API, input formats and errors, kill -9 and resume, the XLA cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+from conftest import max_rel_err
+
+import cde_jax
+from cde_jax.commands.context import minicorpus
+from cde_jax.context import DOCUMENT_PREFIX, DatasetEmbeddings, sample_minicorpus
+from cde_jax.stream import ResumableArray
+
+CHUNK = ("--chunk-size", "16", "--batch-size", "8")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla-cache")
+
+
+@pytest.fixture(scope="module")
+def cli(cache_dir):
+    """cli(*args) -> CompletedProcess of `python -m cde_jax.cli args` (text output)."""
+    env = {**os.environ, "CDE_JAX_CACHE_DIR": str(cache_dir)}
+
+    def run(*args, cmd=("-m", "cde_jax.cli"), popen=False, **kw):
+        argv = [sys.executable, *cmd, *map(str, args)]
+        if popen:
+            return subprocess.Popen(argv, env=env, **kw)
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def model_dir(synthetic):
+    return synthetic()[1]
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return cde_jax.load(model_dir)
+
+
+def mixed_texts(random_docs, n: int, seed: int = 0) -> list[str]:
+    """Empty lines and 1 to 40 words: mixed lengths in a few buckets (<= 128 tokens, for speed)."""
+    rng = random.Random(seed)
+    return ["" if rng.random() < 0.1 else " ".join(doc.split()[:rng.randint(1, 40)])
+            for doc in random_docs[:n]]
+
+
+def write_txt(path, texts):
+    path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path, texts, field="text"):
+    path.write_text("".join(json.dumps({"id": i, field: t}) + "\n" for i, t in enumerate(texts)),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def texts(random_docs):
+    return mixed_texts(random_docs, 64)
+
+
+@pytest.fixture(scope="module")
+def ctx_npz(model, tmp_path_factory):
+    """Dataset embeddings for this model (random values: `embed` only needs them valid)."""
+    emb = np.random.default_rng(0).standard_normal((512, 64)).astype(np.float32)
+    return DatasetEmbeddings(emb, model.fingerprint, DOCUMENT_PREFIX, 0).save(
+        tmp_path_factory.mktemp("ctx") / "ctx.npz")
+
+
+@pytest.fixture(scope="module")
+def documents_ref(model, texts, ctx_npz):
+    return model.encode(texts, prompt_name="document",
+                        dataset_embeddings=model.load_context(ctx_npz), batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def embedded_txt(cli, model_dir, texts, ctx_npz, tmp_path_factory):
+    """An uninterrupted `embed` of `texts` as .txt: (input, output, completed process)."""
+    tmp = tmp_path_factory.mktemp("embed-txt")
+    src, out = write_txt(tmp / "in.txt", texts), tmp / "emb.npy"
+    done = cli("embed", "--model", model_dir, "--input", src, "--role", "document",
+               "--context", ctx_npz, "--out", out, *CHUNK)
+    return src, out, done
+
+
+# --- context -------------------------------------------------------------------------------
+@pytest.mark.parametrize("count", [40, 600])  # oversampled / sampled down to 512
+def test_context_equals_python_api(cli, model, model_dir, random_docs, tmp_path, count):
+    texts = mixed_texts(random_docs, count, seed=count)
+    assert texts.count("") > 0
+    src = write_jsonl(tmp_path / "in.jsonl", texts, field="body")
+    done = cli("context", "--model", model_dir, "--input", src, "--field", "body",
+               "--seed", 7, "--out", tmp_path / "ctx.npz")
+    assert done.returncode == 0, done.stderr
+    got = model.load_context(tmp_path / "ctx.npz")
+    want = model.context_record(texts, seed=7)
+    np.testing.assert_array_equal(got.embeddings, want.embeddings)
+    assert (got.fingerprint, got.prefix, got.seed) == (model.fingerprint, DOCUMENT_PREFIX, 7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ctx.npz", "in.jsonl"]
+
+
+@pytest.mark.parametrize("count,size,seed", [(1000, 512, 0), (512, 512, 3), (700, 64, 42),
+                                             (5, 16, 1)])
+def test_streaming_minicorpus_samples_like_the_api(count, size, seed):
+    texts = [f"t{i}" for i in range(count)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # oversampling 5 texts
+        assert minicorpus(iter(texts), count, size, seed) == \
+            sample_minicorpus(texts, size, seed)
+
+
+# --- embed ---------------------------------------------------------------------------------
+def test_embed_txt_equals_encode_in_order(embedded_txt, documents_ref, texts):
+    src, out, done = embedded_txt
+    assert done.returncode == 0, done.stderr
+    assert "text/s" in done.stderr  # the progress bar
+    got = np.load(out)
+    assert got.dtype == np.float32 and got.shape == (len(texts), 64)
+    assert max_rel_err(got, documents_ref) <= 1e-6  # max|ref| <= 1: at least as strict as abs
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    empty = [i for i, t in enumerate(texts) if t == ""]
+    assert len(empty) >= 3 and len(set(map(len, texts))) > 20  # empty lines kept, mixed
+    # A plain .npy: the bytes np.save writes; nothing else left beside it.
+    np.save(src.parent / "resaved.npy", got)
+    assert out.read_bytes() == (src.parent / "resaved.npy").read_bytes()
+    (src.parent / "resaved.npy").unlink()
+    assert sorted(p.name for p in src.parent.iterdir()) == ["emb.npy", "in.txt"]
+
+
+def test_embed_jsonl_field_random_context(cli, model, model_dir, texts, tmp_path):
+    texts = texts[:40]
+    src = write_jsonl(tmp_path / "in.jsonl", texts, field="body")
+    done = cli("embed", "--model", model_dir, "--input", src, "--field", "body", "--role",
+               "query", "--context", "random", "--out", tmp_path / "q.npy", *CHUNK)
+    assert done.returncode == 0, done.stderr
+    want = model.encode(texts, prompt_name="query", dataset_embeddings=model.embed_context(None),
+                        batch_size=8)
+    assert max_rel_err(np.load(tmp_path / "q.npy"), want) <= 1e-6
+
+
+def test_embed_parquet(cli, model_dir, texts, ctx_npz, documents_ref, tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"id": list(range(len(texts))), "body": texts}),
+                   tmp_path / "in.parquet", row_group_size=30)
+    done = cli("embed", "--model", model_dir, "--input", tmp_path / "in.parquet", "--field",
+               "body", "--role", "document", "--context", ctx_npz, "--out",
+               tmp_path / "d.npy", *CHUNK)
+    assert done.returncode == 0, done.stderr
+    assert max_rel_err(np.load(tmp_path / "d.npy"), documents_ref) <= 1e-6
+
+
+def test_kill_9_then_resume_is_byte_identical(cli, model_dir, ctx_npz, embedded_txt, tmp_path):
+    src, uninterrupted, _ = embedded_txt
+    out = tmp_path / "emb.npy"
+    journal, partial = tmp_path / "emb.npy.journal", tmp_path / "emb.npy.partial"
+    args = ("embed", "--model", model_dir, "--input", src, "--role", "document", "--context",
+            ctx_npz, "--out", out, *CHUNK)
+    with open(tmp_path / "log", "w") as log:
+        proc = cli(*args, popen=True, stdout=log, stderr=log)
+        deadline = time.monotonic() + 300
+        while not (journal.exists() and journal.read_text().count("\n") >= 2):
+            assert proc.poll() is None, (tmp_path / "log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finished = journal.read_text().count("\n") - 1
+    n_chunks = 64 // 16
+    assert 1 <= finished < n_chunks and not out.exists() and partial.exists()
+
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming {out}: {finished}/{n_chunks} chunks already done" in done.stderr
+    assert out.read_bytes() == uninterrupted.read_bytes()
+    assert not journal.exists() and not partial.exists()
+
+
+def test_embed_cache_hits_on_a_repeated_run(cli, model_dir, ctx_npz, texts, tmp_path):
+    src = write_txt(tmp_path / "in.txt", texts[:12])
+    argv = ("embed", "--model", model_dir, "--input", src, "--role", "query", "--context",
+            ctx_npz, "--out", tmp_path / "q.npy", *CHUNK)
+    assert cli(*argv).returncode == 0
+    counting = ("import collections, json, sys, jax; from cde_jax import cli"
+                "; c = collections.Counter()"
+                "; jax.monitoring.register_event_listener(lambda e, **k: c.update([e]))"
+                "; rc = cli.main(sys.argv[1:]); print(json.dumps(c)); sys.exit(rc)")
+    done = cli(*argv, cmd=("-c", counting))
+    assert done.returncode == 0, done.stderr
+    events = json.loads(done.stdout.strip().splitlines()[-1])
+    assert events.get("/jax/compilation_cache/cache_hits", 0) >= 2, events
+    assert events.get("/jax/compilation_cache/cache_misses", 0) == 0, events
+
+
+# --- errors --------------------------------------------------------------------------------
+BAD_INPUTS = {
+    "not-json": ("in.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": \n{"text": "d"}\n',
+                 "line 3: not valid JSON"),
+    "missing-field": ("in.jsonl", b'{"text": "a"}\n{"body": "b"}\n', "line 2: no field 'text'"),
+    "not-a-string": ("in.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n{"text": 5}\n',
+                     "line 4: field 'text' is a number, not a string"),
+    "not-utf8": ("in.txt", b"fine\n\xff\xfe broken\n", "line 2: not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_and_writes_nothing(cli, model_dir, ctx_npz, tmp_path, case):
+    name, data, message = BAD_INPUTS[case]
+    (tmp_path / name).write_bytes(data)
+    done = cli("embed", "--model", model_dir, "--input", tmp_path / name, "--role", "query",
+               "--context", ctx_npz, "--out", tmp_path / "q.npy")
+    assert done.returncode == 2
+    assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(cli, model_dir, tmp_path):
+    (tmp_path / "in.parquet").write_bytes(b"PAR1")
+    blocked = ("import sys; sys.modules['pyarrow'] = None; from cde_jax import cli; "
+               "sys.exit(cli.main(sys.argv[1:]))")
+    done = cli("context", "--model", model_dir, "--input", tmp_path / "in.parquet", "--out",
+               tmp_path / "c.npz", cmd=("-c", blocked))
+    assert done.returncode == 2 and "needs pyarrow" in done.stderr, done.stderr
+
+
+def test_context_from_another_model_is_refused(cli, model_dir, texts, tmp_path):
+    other = DatasetEmbeddings(np.ones((512, 64), np.float32), "another-model", DOCUMENT_PREFIX, 0)
+    other.save(tmp_path / "ctx.npz")
+    src = write_txt(tmp_path / "in.txt", texts[:4])
+    done = cli("embed", "--model", model_dir, "--input", src, "--role", "query", "--context",
+               tmp_path / "ctx.npz", "--out", tmp_path / "q.npy")
+    assert done.returncode == 2 and "made by model another-model" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ctx.npz", "in.txt"]
+
+
+# --- the resumable writer ------------------------------------------------------------------
+def test_resumable_array_journal(tmp_path):
+    out = tmp_path / "a.npy"
+    rows_nd = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    open_ = lambda key="k": ResumableArray(out, rows=7, width=3, chunk_rows=3, key=key)
+    with open_() as a:
+        assert a.state == "new" and a.n_chunks == 3
+        a.write(2, rows_nd[6:])
+        assert a.rows_done == 1  # the short last chunk
+    with open(tmp_path / "a.npy.journal", "a") as f:
+        f.write("1")  # a line torn by a kill: not a finished chunk
+    with open_() as a:
+        assert a.state == "resumed" and a.done == {2}
+        with pytest.raises(ValueError, match=r"chunk 0 needs shape \(3, 3\)"):
+            a.write(0, rows_nd[:2])
+        with pytest.raises(RuntimeError, match=r"chunks \[0, 1\] not written"):
+            a.finish()
+    with open_(key="other arguments") as a:
+        assert a.state == "restarted" and a.done == set()
+        for chunk in range(3):
+            a.write(chunk, rows_nd[a.chunk_slice(chunk)])
+        a.finish()
+    np.testing.assert_array_equal(np.load(out), rows_nd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
+    (tmp_path / "a.npy.partial").write_bytes(b"x")  # a data file of the wrong size
+    (tmp_path / "a.npy.journal").write_text(
+        json.dumps({"version": 1, "key": "k", "rows": 7, "width": 3, "chunk_rows": 3}) + "\n0\n")
+    with open_() as a:
+        assert a.state == "restarted" and a.done == set()
