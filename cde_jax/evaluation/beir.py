@@ -1,0 +1,144 @@
+"""A local retrieval dataset in the BEIR layout, read and checked line by line.
+
+    DIR/corpus.jsonl        {"_id", "title" (optional), "text"} per line
+    DIR/queries.jsonl       {"_id", "text"} per line
+    DIR/qrels/<split>.tsv   header "query-id<TAB>corpus-id<TAB>score", then one judgement a line
+
+Documents are embedded as MTEB does (`mteb._create_dataloaders._corpus_to_dict`):
+`(title + " " + text).strip()` when the title is non-empty, else `text.strip()`. Only queries
+that have judgements in the split are kept (as BEIR does). Every malformed line is an error
+naming the file and line; judgements for documents missing from the corpus are kept (they
+count as relevant-but-unretrieved, as in BEIR and MTEB) with one warning giving their count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+QRELS_HEADER = ("query-id", "corpus-id", "score")
+
+
+@dataclasses.dataclass(frozen=True)
+class BeirDataset:
+    """One split of a BEIR dataset; documents already joined as `document_text` does."""
+
+    path: Path
+    split: str
+    doc_ids: list[str]
+    doc_texts: list[str]
+    query_ids: list[str]        # queries with judgements, in queries.jsonl order
+    query_texts: list[str]
+    qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
+
+
+def document_text(title: str, text: str) -> str:
+    return (title + " " + text).strip() if title else text.strip()
+
+
+def _lines(path: Path, desc: str):
+    """(line number, text) of the non-blank lines, with a byte progress bar."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    with path.open("rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                    desc=desc, disable=None) as bar:
+        for number, raw in enumerate(f, start=1):
+            bar.update(len(raw))
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{number}: not UTF-8 ({e})") from None
+            if line.strip():
+                yield number, line
+
+
+def _string(path: Path, number: int, row: dict, key: str, *, optional: bool = False) -> str:
+    value = row.get(key)
+    if value is None and optional:
+        return ""
+    if key == "_id" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # some BEIR exports store numeric ids
+    if not isinstance(value, str):
+        got = "missing" if key not in row else f"{type(value).__name__} {value!r:.40}"
+        raise ValueError(f"{path}:{number}: {key!r} must be a string, got {got}")
+    return value
+
+
+def read_jsonl(path: Path, *, title: bool) -> dict[str, tuple[str, str]]:
+    """{_id: (title, text)} in file order; duplicate ids and bad rows are errors."""
+    out: dict[str, tuple[str, str]] = {}
+    first_line: dict[str, int] = {}
+    for number, line in _lines(path, f"reading {path.name}"):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") \
+                from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got "
+                             f"{type(row).__name__}")
+        key = _string(path, number, row, "_id")
+        if key in first_line:
+            raise ValueError(f"{path}:{number}: duplicate _id {key!r} (first on line "
+                             f"{first_line[key]})")
+        first_line[key] = number
+        out[key] = (_string(path, number, row, "title", optional=True) if title else "",
+                    _string(path, number, row, "text"))
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def read_qrels(path: Path, query_ids) -> dict[str, dict[str, int]]:
+    """{query id: {doc id: score}}; a query id absent from queries.jsonl is an error."""
+    qrels: dict[str, dict[str, int]] = {}
+    lines = _lines(path, f"reading {path.name}")
+    number, header = next(lines, (0, ""))
+    if tuple(header.rstrip("\r\n").split("\t")) != QRELS_HEADER:
+        raise ValueError(f"{path}:{max(number, 1)}: expected the header "
+                         f"{chr(9).join(QRELS_HEADER)!r}, got {header.rstrip()!r:.80}")
+    for number, line in lines:
+        fields = line.rstrip("\r\n").split("\t")
+        if len(fields) != 3:
+            raise ValueError(f"{path}:{number}: expected 3 tab-separated fields, got "
+                             f"{len(fields)}: {line.rstrip()!r:.80}")
+        qid, did, score = fields
+        try:
+            value = int(score)
+        except ValueError:
+            raise ValueError(f"{path}:{number}: score {score!r} is not an integer") from None
+        if qid not in query_ids:
+            raise ValueError(f"{path}:{number}: query-id {qid!r} is not in queries.jsonl")
+        if did in qrels.setdefault(qid, {}):
+            raise ValueError(f"{path}:{number}: duplicate judgement for ({qid!r}, {did!r})")
+        qrels[qid][did] = value
+    if not qrels:
+        raise ValueError(f"{path}: no judgements after the header")
+    return qrels
+
+
+def load_beir(path: str | Path, split: str = "test") -> BeirDataset:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a dataset directory")
+    qrels_path = path / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        found = sorted(p.stem for p in (path / "qrels").glob("*.tsv"))
+        raise FileNotFoundError(f"{qrels_path}: no qrels for split {split!r} (found: "
+                                f"{', '.join(found) or 'none'})")
+    corpus = read_jsonl(path / "corpus.jsonl", title=True)
+    queries = read_jsonl(path / "queries.jsonl", title=False)
+    qrels = read_qrels(qrels_path, queries)
+    unknown = {d for judged in qrels.values() for d in judged if d not in corpus}
+    if unknown:
+        warnings.warn(f"{qrels_path}: {len(unknown)} judged corpus-id(s) are not in "
+                      f"corpus.jsonl (e.g. {sorted(unknown)[0]!r}); they count as relevant "
+                      "documents that are never retrieved", stacklevel=2)
+    kept = [q for q in queries if q in qrels]
+    return BeirDataset(path=path, split=split, doc_ids=list(corpus),
+                       doc_texts=[document_text(*v) for v in corpus.values()],
+                       query_ids=kept, query_texts=[queries[q][1] for q in kept], qrels=qrels)
