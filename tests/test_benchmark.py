@@ -1,0 +1,138 @@
+"""The benchmark's FLOP counts (against brute force and XLA's own count) and a smoke run of
+`scripts/benchmark.py --quick` (every number present, finite, and self-consistent)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cde_jax import flops, ops
+from cde_jax.config import CdeConfig, ModernBertConfig
+from cde_jax.params import abstract_model, flat_shapes
+
+REPO = Path(__file__).resolve().parents[1]
+# Base width, few layers: matmuls dominate as in the real model, lowering stays cheap.
+WIDE = ModernBertConfig(num_hidden_layers=4, local_attention=32)
+
+
+@pytest.mark.parametrize("q_start,seq,radius", [(0, 40, 16), (0, 10, 16), (25, 40, 7),
+                                                (0, 33, None), (39, 40, 0)])
+def test_visible_pairs_match_the_attention_mask(q_start, seq, radius):
+    pos = jnp.arange(seq)
+    mask = ops.attention_mask(jnp.ones((1, seq), bool), pos[q_start:], pos, radius)
+    pairs = jnp.broadcast_to(mask, (1, 1, seq - q_start, seq)).sum()
+    assert flops.visible_pairs(q_start, seq, radius) == int(pairs)
+
+
+def test_linear_flops_are_twice_the_layer_weights():
+    shapes = flat_shapes(abstract_model(WIDE, CdeConfig(), has_null_embedding=False))
+    layer = "first_stage_model/embedder/layers/1/"
+    weights = sum(math.prod(s) for p, s in shapes.items()
+                  if p.startswith(layer) and p.endswith("kernel"))
+    assert flops.linear_flops_per_token(WIDE) == 2 * weights
+
+
+def test_windowed_count_drops_only_local_pairs_outside_the_window():
+    b, s = 3, 100
+    dense = flops.encoder_flops(WIDE, b, s, attention="dense")
+    outside = s * s - flops.visible_pairs(0, s, WIDE.window_radius)
+    n_local = WIDE.layer_types.count("local")
+    assert dense - flops.encoder_flops(WIDE, b, s) == b * n_local * 4 * WIDE.hidden_size * outside
+    with pytest.raises(ValueError, match="attention"):
+        flops.encoder_flops(WIDE, b, s, attention="sparse")
+
+
+def _xla_flops(fn, *args) -> float:
+    analysis = jax.jit(fn).lower(*args).cost_analysis()
+    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+def test_counts_agree_with_xla_on_global_layers():
+    """With every layer global (no kernel choice for local layers), XLA's count of the traced
+    program is ours plus elementwise work (norms, softmax, GELU: a few percent)."""
+    cfg = WIDE.replace(global_attn_every_n_layers=1)
+    graphdef, state = nnx.split(abstract_model(cfg, CdeConfig(), has_null_embedding=False))
+    ids = jax.ShapeDtypeStruct((2, 96), jnp.int32)
+    dataset = jax.ShapeDtypeStruct((512, cfg.hidden_size), jnp.float32)
+
+    def encoder(st, i, m):
+        return nnx.merge(graphdef, st).first_stage_model.embedder(i, m)
+
+    def context(st, d):
+        return nnx.merge(graphdef, st).second_stage_model.context(d)
+
+    def second(st, i, m, d):
+        stage = nnx.merge(graphdef, st).second_stage_model
+        return stage(i, m, stage.context(d))
+
+    ratio = _xla_flops(encoder, state, ids, ids) / flops.encoder_flops(cfg, 2, 96)
+    assert 1.0 <= ratio <= 1.03, ratio
+    per_batch = _xla_flops(second, state, ids, ids, dataset) - _xla_flops(context, state, dataset)
+    ratio = per_batch / flops.second_stage_flops(cfg, 2, 96, 520)
+    assert 1.0 <= ratio <= 1.03, ratio
+
+
+# --- smoke run -----------------------------------------------------------------------------
+SHAPES = ("32x128", "4x552")
+KINDS = ("query", "document")
+POSITIVE = (
+    ["encoder_ratio_torch", "second_stage_ratio_torch", "minicorpus_ratio_recipe",
+     "peak_fraction", "convert_rss_over_file", "peak_flops_matmul_f32",
+     "minicorpus_seconds_ours", "minicorpus_seconds_recipe", "convert_peak_rss_bytes",
+     "checkpoint_file_bytes", "stream_rss_small_bytes", "stream_rss_large_bytes"]
+    + [f"{k}_{s}" for s in SHAPES for k in (
+        "encoder_ratio_torch", "peak_fraction", "peak_fraction_dense", "encoder_seconds_ours",
+        "encoder_seconds_torch", "encoder_tokens_per_s_ours", "encoder_tokens_per_s_torch")]
+    + [f"second_stage_ratio_torch_{k}" for k in KINDS])
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_quick_reports_every_number(quick):
+    r, stdout = quick
+    for key in POSITIVE:
+        assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, key
+    assert math.isfinite(r["stream_rss_growth"]) and r["stream_rss_growth"] > -0.5
+    assert r["sizes"]["mode"] == "quick" and r["sizes"]["preset"] == "tiny"
+    assert "| encoder tokens/s | 32x128 |" in stdout
+
+
+def test_quick_numbers_are_consistent(quick):
+    r, _ = quick
+    for s in SHAPES:
+        b, n = map(int, s.split("x"))
+        assert r[f"encoder_tokens_per_s_ours_{s}"] == pytest.approx(
+            b * n / r[f"encoder_seconds_ours_{s}"])
+        assert r[f"peak_fraction_{s}"] == pytest.approx(
+            r[f"encoder_flops_{s}"] / r[f"encoder_seconds_ours_{s}"] / r["peak_flops_matmul_f32"])
+        assert r[f"peak_fraction_dense_{s}"] >= r[f"peak_fraction_{s}"]
+    assert r["encoder_ratio_torch"] == min(r[f"encoder_ratio_torch_{s}"] for s in SHAPES)
+    assert r["second_stage_ratio_torch"] == min(r[f"second_stage_ratio_torch_{k}"]
+                                                for k in KINDS)
+    assert r["stream_rss_growth"] == pytest.approx(
+        r["stream_rss_large_bytes"] / r["stream_rss_small_bytes"] - 1)
+    # The timed minicorpus run reused the warmed-up bucket programs.
+    assert r["minicorpus_ours_compiles_timed"] == 0
+
+
+def test_quick_contenders_compute_the_same_thing(quick):
+    """A speed-up that computes something else is no speed-up: float32 parity of the last
+    outputs of every pair of contenders."""
+    r, _ = quick
+    errors = {k: v for k, v in r.items() if "max_rel_err" in k}
+    assert len(errors) == len(SHAPES) + len(KINDS) + 1, errors
+    assert all(err <= 1e-4 for err in errors.values()), errors
