@@ -37,14 +37,18 @@ def load(path: str | Path, *, dtype: str | None = None, param_dtype: str | None 
     dtype: compute dtype ("float32" default; "bfloat16" for accelerators). param_dtype:
     defaults to the stored one. mesh: defaults to every device on a (data, model=1) mesh.
     """
+    return CdeModel.from_checkpoint(read_checkpoint(path, backbone_config=backbone_config),
+                                    dtype=dtype, param_dtype=param_dtype, mesh=mesh, plan=plan)
+
+
+def read_checkpoint(path: str | Path, *, backbone_config: str | Path | None = None
+                    ) -> "convert.Checkpoint":
+    """A converted dir, or a released-layout dir or hub id, as an in-memory `Checkpoint`."""
     path = Path(path)
     if convert.is_converted(path):
-        ckpt = convert.read_converted(path)
-    else:
-        ckpt = convert.read_released(convert.source.local_checkpoint(path),
-                                     backbone_config=backbone_config)
-    return CdeModel.from_checkpoint(ckpt, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                    plan=plan)
+        return convert.read_converted(path)
+    return convert.read_released(convert.source.local_checkpoint(path),
+                                 backbone_config=backbone_config)
 
 
 def _tokens(name: str, array, shape=None) -> np.ndarray:

@@ -17,13 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cde-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"cde_jax.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"cde_jax.commands.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"cde_jax.commands.{name}").register(sub)
     return parser
 
 

@@ -1,0 +1,76 @@
+"""Training checkpoints (orbax-checkpoint) and the export of a trained model.
+
+A checkpoint holds everything the next step depends on: parameters, optimizer state, the
+step, the data position and the base RNG key (step keys are `fold_in(key, step)`). Orbax
+writes each one to a temporary name and renames it, so a killed run leaves the previous
+checkpoint intact; restoring onto the live arrays' shardings puts it straight on the mesh.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from .. import convert
+from ..convert import released
+from ..params import flat_params
+
+
+class TrainState(NamedTuple):
+    step: int
+    params: dict
+    opt_state: object
+    data_position: int
+    rng_key: np.ndarray  # uint32 (2,), `jax.random.PRNGKey`
+
+
+class Checkpoints:
+    def __init__(self, directory: str | Path, *, keep: int = 2):
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def save(self, state: TrainState) -> None:
+        meta = {"step": state.step, "data_position": state.data_position,
+                "rng_key": np.asarray(state.rng_key).tolist()}
+        self.manager.save(state.step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.JsonSave(meta)))
+
+    def restore_latest(self, like: TrainState) -> TrainState | None:
+        """The newest checkpoint laid out like `like`'s arrays, or None if there is none."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            (like.params, like.opt_state))
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract[0]),
+            opt_state=ocp.args.StandardRestore(abstract[1]),
+            meta=ocp.args.JsonRestore()))
+        meta = got.meta
+        return TrainState(meta["step"], got.params, got.opt_state, meta["data_position"],
+                          np.asarray(meta["rng_key"], np.uint32))
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def export_released(model: nnx.Module, base: convert.Checkpoint, out: str | Path, *,
+                    config_json: dict, overwrite: bool = False) -> Path:
+    """A trained model -> the released layout (`model.safetensors` + configs + tokenizer),
+    loadable by `cde_jax.load` and the PyTorch reference; written atomically."""
+    flat = {path: np.asarray(x) for path, x in flat_params(model).items()}
+    tensors = convert.released_tensors(flat)
+    trained = convert.Checkpoint(flat, base.backbone, base.cde, config_json,
+                                 released.fingerprint(sorted(tensors.items())),
+                                 base.tokenizer_dir)
+    return convert.write_released(trained, out, overwrite=overwrite)

@@ -1,0 +1,220 @@
+"""Training data: JSONL rows -> fixed-shape contrastive batches whose minicorpus is their own
+documents.
+
+A line is `{"query": str, "positive": str, "negatives": [str, ...], "cluster": str | int}`
+(the last two optional; other keys are ignored). Queries get "search_query: ", documents
+"search_document: ".
+
+A batch of b examples holds b queries and c = b * (1 + K) documents: the b positives, then
+each row's K hard negatives (rows with more are sampled down per batch). Its minicorpus (the
+first stage's input, as upstream trains) is drawn from those c documents:
+  - c >= corpus size: `corpus size` of them, sampled without replacement;
+  - c < corpus size: all c documents (the second stage then sees c context rows, as upstream
+    does when given fewer), or, with `oversample_corpus`, all c plus random repeats up to the
+    corpus size (the inference-time prefix length, at the price of a longer sequence).
+With the released config (corpus size 512) a small batch therefore trains with a short
+prefix; pass `corpus_size` to change the config's `transductive_corpus_size` instead.
+
+Order: each epoch shuffles the examples (`default_rng([seed, epoch])`); with
+`group_by_cluster`, full batches are cut inside each cluster and the leftovers of all
+clusters are pooled into mixed batches. Incomplete batches are dropped (fixed shapes). The
+data position is one integer, the number of batches consumed, so a run restarts exactly.
+
+Dimension key: b queries, c documents, n minicorpus rows, s tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..api import PROMPTS
+from ..context import DOCUMENT_PREFIX
+from ..tokenization import TextTokenizer
+
+QUERY_PREFIX = PROMPTS["query"]
+
+
+class Example(NamedTuple):
+    query: str
+    positive: str
+    negatives: tuple[str, ...]
+    cluster: str | int | None
+    line: int  # in the source file, for error messages
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is {type(value).__name__}, not a string")
+    if not value.strip():
+        raise ValueError(f"{what} is empty")
+    return value
+
+
+def parse_example(text: str, line: int = 0) -> Example:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    for key in ("query", "positive"):
+        if key not in row:
+            raise ValueError(f"missing field {key!r}")
+    negatives = row.get("negatives", [])
+    if not isinstance(negatives, list):
+        raise ValueError(f"'negatives' is {type(negatives).__name__}, not a list of strings")
+    cluster = row.get("cluster")
+    if cluster is not None and (isinstance(cluster, bool) or not isinstance(cluster, (str, int))):
+        raise ValueError(f"'cluster' is {type(cluster).__name__}, not a string or integer")
+    return Example(_text(row["query"], "'query'"), _text(row["positive"], "'positive'"),
+                   tuple(_text(n, f"'negatives'[{i}]") for i, n in enumerate(negatives)),
+                   cluster, line)
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """Every example of a JSONL file; the first bad line is an error naming it."""
+    path = Path(path)
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                examples.append(parse_example(text, lineno))
+            except ValueError as e:
+                raise ValueError(f"{path}, line {lineno}: {e}") from None
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+    batch_size: int
+    negatives: int | None = None  # per row; None: the fewest any row has
+    corpus_size: int | None = None  # None: the model's transductive_corpus_size
+    oversample_corpus: bool = False
+    group_by_cluster: bool = False
+    query_length: int = 64        # tokens, with [CLS]/[SEP]; longer texts are truncated
+    document_length: int = 256
+
+
+class TextBatch(NamedTuple):
+    queries: list[str]      # b, prefixed
+    documents: list[str]    # c, prefixed: positives then negatives
+    query_label: np.ndarray  # (b,) int32: identity of each query's positive document
+    doc_label: np.ndarray    # (c,) int32: identity of each document (equal text, equal id)
+    corpus: np.ndarray       # (n,) indices into `documents`
+
+
+class TrainData:
+    """Deterministic batches of a list of examples: `batch(position)` is a pure function of
+    (examples, config, seed, position)."""
+
+    def __init__(self, examples: list[Example], cfg: BatchConfig, seed: int):
+        counts = [len(e.negatives) for e in examples]
+        if cfg.negatives is None:
+            cfg = dataclasses.replace(cfg, negatives=min(counts))
+            if min(counts) < max(counts):
+                warnings.warn(f"examples have {min(counts)} to {max(counts)} negatives: using "
+                              f"{min(counts)} per example (set `negatives` to choose)",
+                              stacklevel=2)
+        if cfg.corpus_size is None:
+            raise ValueError("corpus_size is unresolved (None): give the model's")
+        if cfg.batch_size < 1 or cfg.negatives < 0 or cfg.corpus_size < 1:
+            raise ValueError(f"batch size, negatives and corpus size must be positive: {cfg}")
+        short = next((e for e in examples if len(e.negatives) < cfg.negatives), None)
+        if short is not None:
+            raise ValueError(f"line {short.line}: {len(short.negatives)} negatives, fewer than "
+                             f"the {cfg.negatives} asked for")
+        self.examples, self.cfg, self.seed = examples, cfg, seed
+        self.batches_per_epoch = len(self._epoch_order(0))
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(examples)} examples do not fill one batch of "
+                             f"{cfg.batch_size}" + (" inside any cluster" if cfg.group_by_cluster
+                                                    else ""))
+        self._cached_epoch: tuple[int, list[np.ndarray]] | None = None
+
+    @property
+    def documents_per_batch(self) -> int:
+        return self.cfg.batch_size * (1 + self.cfg.negatives)
+
+    @property
+    def corpus_rows(self) -> int:
+        c, n = self.documents_per_batch, self.cfg.corpus_size
+        return n if self.cfg.oversample_corpus else min(c, n)
+
+    def _epoch_order(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        b = self.cfg.batch_size
+        if not self.cfg.group_by_cluster:
+            order = rng.permutation(len(self.examples))
+            return list(order[:len(order) // b * b].reshape(-1, b))
+        clusters: dict = {}
+        for i, e in enumerate(self.examples):
+            clusters.setdefault((type(e.cluster).__name__, e.cluster), []).append(i)
+        batches, leftovers = [], []
+        for key in sorted(clusters, key=str):
+            rows = rng.permutation(clusters[key])
+            full = len(rows) // b * b
+            batches += list(rows[:full].reshape(-1, b))
+            leftovers += list(rows[full:])
+        leftovers = rng.permutation(np.asarray(leftovers, np.int64))
+        batches += list(leftovers[:len(leftovers) // b * b].reshape(-1, b))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def batch(self, position: int) -> TextBatch:
+        epoch, index = divmod(position, self.batches_per_epoch)
+        if self._cached_epoch is None or self._cached_epoch[0] != epoch:
+            self._cached_epoch = (epoch, self._epoch_order(epoch))
+        rows = [self.examples[i] for i in self._cached_epoch[1][index]]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        k = self.cfg.negatives
+        negatives = [e.negatives[j] for e in rows
+                     for j in rng.choice(len(e.negatives), k, replace=False)]
+        documents = [e.positive for e in rows] + negatives
+        ids: dict[str, int] = {}
+        doc_label = np.array([ids.setdefault(d, len(ids)) for d in documents], np.int32)
+        c, n = len(documents), self.cfg.corpus_size
+        if c >= n:
+            corpus = np.sort(rng.choice(c, n, replace=False))
+        elif self.cfg.oversample_corpus:
+            corpus = np.concatenate([np.arange(c), rng.choice(c, n - c)])
+        else:
+            corpus = np.arange(c)
+        return TextBatch([QUERY_PREFIX + e.query for e in rows],
+                         [DOCUMENT_PREFIX + d for d in documents], doc_label[:len(rows)],
+                         doc_label, corpus)
+
+
+class BatchTokenizer:
+    """TextBatch -> int32 arrays padded to the configured lengths (fixed shapes: one compile)."""
+
+    def __init__(self, tokenizer: TextTokenizer, cfg: BatchConfig):
+        self.queries = TextTokenizer(tokenizer.tokenizer, pad_id=tokenizer.pad_id,
+                                     max_length=cfg.query_length)
+        self.documents = TextTokenizer(tokenizer.tokenizer, pad_id=tokenizer.pad_id,
+                                       max_length=cfg.document_length)
+        self.cfg = cfg
+
+    def __call__(self, batch: TextBatch) -> dict[str, np.ndarray]:
+        q_ids, q_mask = self.queries(batch.queries, self.cfg.query_length)
+        d_ids, d_mask = self.documents(batch.documents, self.cfg.document_length)
+        return {"query_ids": q_ids, "query_mask": q_mask, "doc_ids": d_ids, "doc_mask": d_mask,
+                "corpus_ids": d_ids[batch.corpus], "corpus_mask": d_mask[batch.corpus],
+                "query_label": batch.query_label, "doc_label": batch.doc_label}
+
+    @property
+    def truncated(self) -> tuple[int, int]:
+        return self.queries.truncated, self.documents.truncated
+
+
+def stack(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Micro-batches -> arrays with a leading accumulation axis."""
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}

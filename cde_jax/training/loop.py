@@ -1,0 +1,240 @@
+"""`train(cfg)`: the fine-tuning run behind `cde-jax train`.
+
+OUT holds `train_config.json` (the resolved settings), `metrics.jsonl` (one line per step),
+`checkpoints/` (orbax, every `checkpoint_every` steps and at the end) and, once the last
+step is done, `model/` (the released layout). Everything the run reads is validated before
+OUT is touched; an existing OUT is only reused with `resume`, and only with the same
+settings. A resumed run replays from its latest checkpoint and ends with exactly the
+parameters of an uninterrupted one (same programs, same inputs, same keys).
+
+One process drives all its devices (the batch is placed with `device_put`); multi-host
+training would feed each host's rows as `pipeline.run_bucketed` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from .. import convert, sharding
+from ..api import CdeModel, read_checkpoint
+from ..io_utils import atomic_file
+from . import data as data_lib
+from .checkpoint import Checkpoints, TrainState, export_released
+from .step import (StepConfig, batch_sharding, init_opt_state, learning_rate, make_optimizer,
+                   make_train_step)
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, METRICS_FILE = "train_config.json", "metrics.jsonl"
+# Settings that do not change the result: a resumed run may use other values.
+RESUMABLE_CHANGES = ("out", "checkpoint_every", "keep_checkpoints")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str       # converted or released-layout checkpoint dir
+    data: str        # JSONL (see `data`)
+    out: str
+    batch: data_lib.BatchConfig
+    step: StepConfig
+    accum_steps: int = 1      # contrastive batches averaged per optimizer step
+    seed: int = 0             # data order, negatives, minicorpus and JAX keys
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    model_parallel: int = 1
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+class TrainResult(NamedTuple):
+    step: int
+    history: list[dict]       # this call's metrics, one dict per step
+    model_dir: Path           # the trained model in the released layout
+    resumed_from: int | None  # the checkpoint's step, when `resume` found one
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
+    """OUT must be new or empty, or (resume) hold a run with the same settings."""
+    saved = out / CONFIG_FILE
+    if resume and saved.exists():
+        old, new = _flat(json.loads(saved.read_text())), _flat(cfg.to_json())
+        diff = sorted(k for k in set(old) | set(new)
+                      if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+        if diff:
+            raise ValueError(f"--resume: settings differ from {saved}: " + ", ".join(
+                f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty (pass --resume to continue the run in it)")
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drops the lines of steps after the checkpoint a run resumes from (they are replayed)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_file(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+@contextlib.contextmanager
+def _quiet_truncation():
+    """Per-batch truncation warnings would interleave with the progress bar; `train`
+    reports the totals once instead."""
+    logger = logging.getLogger("cde_jax.tokenization")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples) -> tuple[TrainConfig,
+                                                                            data_lib.TrainData]:
+    """Fills the settings that default to the checkpoint's config or the data, and checks
+    that the shapes fit together, before anything is written."""
+    batch = cfg.batch
+    if batch.corpus_size is None:
+        batch = dataclasses.replace(batch, corpus_size=ckpt.cde.transductive_corpus_size)
+    step = cfg.step
+    if step.sequence_dropout is None:
+        step = dataclasses.replace(
+            step, sequence_dropout=ckpt.cde.transductive_sequence_dropout_prob)
+    if step.sequence_dropout > 0 and not ckpt.has_null_embedding:
+        raise ValueError("sequence dropout needs `sequence_dropout_null_embedding`, which this "
+                         "checkpoint lacks (set the dropout to 0)")
+    data = data_lib.TrainData(examples, batch, cfg.seed)
+    if step.chunk_size is not None:
+        for what, rows in (("batch size", batch.batch_size), ("documents per batch",
+                           data.documents_per_batch), ("minicorpus rows", data.corpus_rows)):
+            if rows % step.chunk_size:
+                raise ValueError(f"chunk size {step.chunk_size} does not divide the {what} "
+                                 f"({rows})")
+    if cfg.accum_steps < 1 or cfg.checkpoint_every < 1:
+        raise ValueError("accum_steps and checkpoint_every must be positive")
+    return dataclasses.replace(cfg, batch=data.cfg, step=step,
+                               model=str(Path(cfg.model).absolute()),
+                               data=str(Path(cfg.data).absolute()),
+                               out=str(Path(cfg.out).absolute())), data
+
+
+class _Session:
+    """What one run builds from its settings: the model on the mesh, the optimizer, the
+    compiled step and the batch feed."""
+
+    def __init__(self, cfg: TrainConfig, ckpt: convert.Checkpoint, data: data_lib.TrainData):
+        self.cfg, self.data = cfg, data
+        self.mesh = sharding.make_mesh(cfg.model_parallel)
+        self.model = CdeModel.from_checkpoint(ckpt, mesh=self.mesh)
+        self.tokenize = data_lib.BatchTokenizer(self.model.tokenizer, cfg.batch)
+        params = nnx.to_pure_dict(self.model.params)
+        optimizer = make_optimizer(cfg.step, params)
+        self.initial = TrainState(0, params, init_opt_state(optimizer, params, self.mesh), 0,
+                                  np.asarray(jax.random.PRNGKey(cfg.seed)))
+        self.step_fn = make_train_step(self.model.graphdef, cfg.step, optimizer, params,
+                                       self.initial.opt_state, logit_scale=ckpt.cde.logit_scale,
+                                       mesh=self.mesh)
+        self.learning_rate = learning_rate(cfg.step)
+
+    def step(self, state: TrainState) -> tuple[TrainState, dict]:
+        """Dispatches one optimizer step (asynchronously: the metrics are device arrays)."""
+        accum = self.cfg.accum_steps
+        host = data_lib.stack([self.tokenize(self.data.batch(state.data_position + i))
+                               for i in range(accum)])
+        batches = {k: jax.device_put(v, batch_sharding(self.mesh, v)) for k, v in host.items()}
+        params, opt_state, metrics = self.step_fn(state.params, state.opt_state, batches,
+                                                  jnp.asarray(state.rng_key), state.step)
+        return TrainState(state.step + 1, params, opt_state, state.data_position + accum,
+                          state.rng_key), metrics
+
+    def report_truncation(self) -> None:
+        queries, docs = self.tokenize.truncated
+        if queries or docs:
+            log.warning("truncated %d queries to %d tokens and %d documents to %d tokens",
+                        queries, self.cfg.batch.query_length, docs,
+                        self.cfg.batch.document_length)
+
+
+def _run_steps(session: _Session, state: TrainState, checkpoints: Checkpoints, metrics_path: Path,
+               show: bool) -> tuple[TrainState, list[dict]]:
+    """Steps until the last one, appending each step's metrics to the log; a step's numbers
+    are read while the next one runs, and always before a checkpoint is saved."""
+    cfg, history = session.cfg, []
+    total = cfg.step.total_steps
+    with open(metrics_path, "a") as log_file, tqdm(total=total, initial=state.step,
+                                                   desc="train", unit="step",
+                                                   disable=not show) as bar:
+        def record(step, metrics):
+            row = {"step": step, **{k: float(v) for k, v in metrics.items()},
+                   "learning_rate": float(session.learning_rate(step - 1))}
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}")
+
+        pending = None
+        while state.step < total:
+            state, metrics = session.step(state)
+            if pending is not None:
+                record(*pending)
+            pending = (state.step, metrics)
+            if state.step % cfg.checkpoint_every == 0 or state.step == total:
+                record(*pending)
+                pending = None
+                checkpoints.save(state)
+    return state, history
+
+
+def train(cfg: TrainConfig, *, resume: bool = False,
+          show_progress: bool | None = None) -> TrainResult:
+    """Runs (or with `resume` continues) the fine-tuning described by `cfg`."""
+    examples = data_lib.read_examples(cfg.data)
+    ckpt = read_checkpoint(cfg.model)
+    if ckpt.tokenizer_dir is None:
+        raise ValueError(f"{cfg.model} has no tokenizer files (tokenizer.json)")
+    cfg, data = resolve(cfg, ckpt, examples)
+    ckpt.cde = ckpt.cde.replace(transductive_corpus_size=cfg.batch.corpus_size)
+    out = Path(cfg.out)
+    _check_out(out, cfg, resume)
+    session = _Session(cfg, ckpt, data)
+    with atomic_file(out / CONFIG_FILE, "w") as f:
+        json.dump(cfg.to_json(), f, indent=2)
+    state, resumed_from = session.initial, None
+    checkpoints = Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
+    try:
+        restored = checkpoints.restore_latest(state) if resume else None
+        if restored is not None:
+            state, resumed_from = restored, restored.step
+        _keep_metrics_until(out / METRICS_FILE, state.step)
+        show = sys.stderr.isatty() if show_progress is None else show_progress
+        with _quiet_truncation():
+            state, history = _run_steps(session, state, checkpoints, out / METRICS_FILE, show)
+    finally:
+        checkpoints.close()
+    session.report_truncation()
+    trained = nnx.merge(session.model.graphdef, state.params)
+    model_dir = export_released(trained, ckpt, out / "model", overwrite=True, config_json={
+        **ckpt.config_json, "transductive_corpus_size": cfg.batch.corpus_size})
+    return TrainResult(state.step, history, model_dir, resumed_from)

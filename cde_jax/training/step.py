@@ -1,0 +1,236 @@
+"""The train step: both stages end to end, the contrastive loss, AdamW; jit-compiled and
+sharded (data parallel) over a `sharding.make_mesh` mesh.
+
+Parameters are a pure nested dict (`nnx.split` then `nnx.to_pure_dict`) and the model is
+rebuilt inside each pure function with `nnx.merge`, so optax, orbax and the shardings all
+see plain pytrees. Randomness comes only from the key passed in: each row (query or
+document) draws its own prefix order / sequence dropout from `split(key, rows)[row]`, so
+chunking a batch never changes what a row sees.
+
+Gradient cache (`chunk_size`): the embeddings are computed chunk by chunk without keeping
+activations, the loss gradient w.r.t. the embeddings is taken on the whole (global) batch,
+then each chunk is recomputed under `jax.vjp` and its parameter gradients accumulated; the
+second stage's chunks also accumulate the gradient w.r.t. the dataset embeddings, which then
+flows back through the first stage the same way. Result: the full-batch loss and gradient
+with the memory of one chunk. Gradient accumulation (a leading micro-batch axis) averages
+the loss and gradients of separate contrastive batches.
+
+Dimension key: a micro-batches, b queries, c documents, n minicorpus rows, s tokens,
+d hidden, k chunks, r rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .. import sharding
+from ..model import Context
+from ..params import map_params
+from .loss import contrastive_loss
+
+STAGES = ("first_stage_model", "second_stage_model")
+DECAYED = ("kernel", "embedding")  # weight decay on these; not on norms, biases, vectors
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    total_steps: int
+    learning_rate: float = 2e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.01    # AdamW, on kernels and embeddings (see DECAYED)
+    clip_norm: float = 1.0        # global gradient norm, before AdamW
+    freeze: tuple[str, ...] = ()  # stage names from STAGES whose parameters stay fixed
+    chunk_size: int | None = None  # gradient-cache rows per chunk; None: whole batch at once
+    permute: bool = True          # random prefix order per row, as upstream trains
+    sequence_dropout: float | None = 0.0  # per-row chance of nulling each dataset embedding;
+    #                                      None: the checkpoint's (filled in by `train`)
+
+    def __post_init__(self):
+        unknown = set(self.freeze) - set(STAGES)
+        if unknown:
+            raise ValueError(f"cannot freeze {sorted(unknown)}: stages are {STAGES}")
+        if set(self.freeze) == set(STAGES):
+            raise ValueError("both stages frozen: nothing to train")
+        if not 0 <= self.warmup_steps < self.total_steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} must be in [0, total_steps "
+                             f"{self.total_steps})")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+
+
+def learning_rate(cfg: StepConfig) -> optax.Schedule:
+    """Linear warmup from 0, then linear decay to 0 at `total_steps`."""
+    # (a 0-step schedule is never used, but optax warns about it: hence the max)
+    warm = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    decay = optax.linear_schedule(cfg.learning_rate, 0.0, cfg.total_steps - cfg.warmup_steps)
+    return optax.join_schedules([warm, decay], [cfg.warmup_steps])
+
+
+def trainable(cfg: StepConfig, params) -> dict:
+    """Same tree as `params`, True where the parameter is trained."""
+    return map_params(params, lambda path, _: path.split("/")[0] not in cfg.freeze)
+
+
+def make_optimizer(cfg: StepConfig, params) -> optax.GradientTransformation:
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable(cfg, params))
+    decayed = lambda p: map_params(p, lambda path, _: path.endswith(DECAYED))  # noqa: E731
+    adamw = optax.adamw(learning_rate(cfg), weight_decay=cfg.weight_decay, mask=decayed)
+    return optax.multi_transform(
+        {"train": optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw),
+         "frozen": optax.set_to_zero()}, labels)
+
+
+def init_opt_state(optimizer, params, mesh):
+    """The optimizer state laid out like the parameters it tracks (scalars replicated; the
+    frozen parameters' `MaskedNode`s have no state)."""
+    shardings = optax.tree_map_params(
+        optimizer, lambda state, shard: shard if isinstance(state, jax.ShapeDtypeStruct) else state,
+        jax.eval_shape(optimizer.init, params), jax.tree.map(lambda x: x.sharding, params),
+        transform_non_params=lambda _: sharding.replicated(mesh),
+        is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, optax.MaskedNode)))
+    return jax.jit(optimizer.init, out_shardings=shardings)(params)
+
+
+class Stages:
+    """Both stages as pure functions of (params, arrays)."""
+
+    def __init__(self, graphdef: nnx.GraphDef, cfg: StepConfig):
+        if cfg.sequence_dropout is None:
+            raise ValueError("sequence_dropout is unresolved (None): give the probability")
+        self.graphdef, self.cfg = graphdef, cfg
+
+    def first(self, params, ids_ns, mask_ns) -> jax.Array:
+        return nnx.merge(self.graphdef, params).first_stage_model(ids_ns, mask_ns)
+
+    def second(self, params, ids_rs, mask_rs, keys_r, dataset_nd) -> jax.Array:
+        """Embeddings (r, d), each row with its own training prefix drawn from its key."""
+        stage = nnx.merge(self.graphdef, params).second_stage_model
+        prefix_rpd = jax.vmap(lambda key: stage.training_context(
+            dataset_nd, 1, key, permute=self.cfg.permute,
+            dropout_prob=self.cfg.sequence_dropout).embeds[0])(keys_r)
+        return stage(ids_rs, mask_rs, Context(prefix_rpd, None))
+
+
+def row_keys(key, batch):
+    """Independent keys for every query row and document row."""
+    query_key, doc_key = jax.random.split(key)
+    return (jax.random.split(query_key, batch["query_ids"].shape[0]),
+            jax.random.split(doc_key, batch["doc_ids"].shape[0]))
+
+
+def batch_loss(stages: Stages, params, batch, key, logit_scale: float):
+    """(loss, accuracy) of one contrastive batch, computed in one piece."""
+    dataset_nd = stages.first(params, batch["corpus_ids"], batch["corpus_mask"])
+    query_keys, doc_keys = row_keys(key, batch)
+    queries_bd = stages.second(params, batch["query_ids"], batch["query_mask"], query_keys,
+                               dataset_nd)
+    docs_cd = stages.second(params, batch["doc_ids"], batch["doc_mask"], doc_keys, dataset_nd)
+    return contrastive_loss(queries_bd, docs_cd, batch["query_label"], batch["doc_label"],
+                            logit_scale)
+
+
+def _to_chunks(x_r, chunk: int):
+    """(r, ...) -> (r / chunk, chunk, ...): row i goes to chunk i % k, so with rows split
+    over devices in blocks every chunk still spans all devices."""
+    r = x_r.shape[0]
+    if r % chunk:
+        raise ValueError(f"chunk size {chunk} does not divide {r} rows (it must divide the "
+                         "batch size and the minicorpus size)")
+    return x_r.reshape((chunk, r // chunk) + x_r.shape[1:]).swapaxes(0, 1)
+
+
+def _from_chunks(x_k):
+    return x_k.swapaxes(0, 1).reshape((-1,) + x_k.shape[2:])
+
+
+def _add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def cached_loss_and_grad(stages: Stages, params, batch, key, logit_scale: float, chunk: int):
+    """`value_and_grad(batch_loss)` via the two-stage gradient cache (module docstring)."""
+    def chunks(*xs):
+        return tuple(_to_chunks(x, chunk) for x in xs)
+
+    corpus = chunks(batch["corpus_ids"], batch["corpus_mask"])
+    dataset_nd = _from_chunks(jax.lax.map(lambda xs: stages.first(params, *xs), corpus))
+    query_keys, doc_keys = row_keys(key, batch)
+    query_in = chunks(batch["query_ids"], batch["query_mask"], query_keys)
+    doc_in = chunks(batch["doc_ids"], batch["doc_mask"], doc_keys)
+
+    def embed(rows):
+        return _from_chunks(jax.lax.map(lambda xs: stages.second(params, *xs, dataset_nd), rows))
+
+    (loss, accuracy), (g_queries_bd, g_docs_cd) = jax.value_and_grad(
+        contrastive_loss, argnums=(0, 1), has_aux=True)(
+        embed(query_in), embed(doc_in), batch["query_label"], batch["doc_label"], logit_scale)
+
+    def second_backward(carry, xs):
+        *rows, cotangent = xs
+        _, vjp = jax.vjp(lambda p, d: stages.second(p, *rows, d), params, dataset_nd)
+        return _add(carry, vjp(cotangent)), None
+
+    carry = jax.tree.map(jnp.zeros_like, (params, dataset_nd))
+    carry, _ = jax.lax.scan(second_backward, carry, query_in + chunks(g_queries_bd))
+    grads, g_dataset_nd = jax.lax.scan(second_backward, carry, doc_in + chunks(g_docs_cd))[0]
+
+    def first_backward(grads, xs):
+        *rows, cotangent = xs
+        _, vjp = jax.vjp(lambda p: stages.first(p, *rows), params)
+        return _add(grads, vjp(cotangent)[0]), None
+
+    grads, _ = jax.lax.scan(first_backward, grads, corpus + chunks(g_dataset_nd))
+    return (loss, accuracy), grads
+
+
+def loss_and_grad(stages: Stages, params, batches, key, logit_scale: float):
+    """Mean (loss, accuracy) and gradient over the micro-batches (leading axis a)."""
+    def one(params, batch, key):
+        if stages.cfg.chunk_size is None:
+            return jax.value_and_grad(batch_loss, argnums=1, has_aux=True)(
+                stages, params, batch, key, logit_scale)
+        return cached_loss_and_grad(stages, params, batch, key, logit_scale,
+                                    stages.cfg.chunk_size)
+
+    def micro(total, xs):
+        batch, i = xs
+        return _add(total, one(params, batch, jax.random.fold_in(key, i))), None
+
+    n = jax.tree.leaves(batches)[0].shape[0]
+    zeros = ((jnp.zeros(()), jnp.zeros(())), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(micro, zeros, (batches, jnp.arange(n)))
+    return jax.tree.map(lambda x: x / n, total)
+
+
+def batch_sharding(mesh, array) -> NamedSharding:
+    """(a, rows, ...) batch arrays: rows split over "data" when they divide evenly."""
+    if array.shape[1] % sharding.data_shards(mesh):
+        return sharding.replicated(mesh)
+    return NamedSharding(mesh, P(None, sharding.DATA))
+
+
+def make_train_step(graphdef: nnx.GraphDef, cfg: StepConfig, optimizer, params, opt_state, *,
+                    logit_scale: float, mesh) -> Callable:
+    """`step(params, opt_state, batches, key, index) -> (params, opt_state, metrics)`, jitted
+    with parameters and optimizer state keeping the layout they come in with (donated)."""
+    stages = Stages(graphdef, cfg)
+    mask = trainable(cfg, params)
+    state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+
+    def step(params, opt_state, batches, key, index):
+        (loss, accuracy), grads = loss_and_grad(stages, params, batches,
+                                                jax.random.fold_in(key, index), logit_scale)
+        grad_norm = optax.global_norm(jax.tree.map(lambda g, t: g if t else None, grads, mask))
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm}
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1),
+                   out_shardings=state_shardings + (sharding.replicated(mesh),))
