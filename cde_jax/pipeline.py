@@ -1,8 +1,8 @@
 """Token id lists -> embeddings in input order, in length buckets, sharded over the mesh.
 
-Texts are sorted by length and padded to the smallest of a few fixed bucket lengths; each
-bucket has one fixed batch size, so a run compiles at most (#buckets x #stages) programs
-whatever the corpus. Every batch is dispatched before any result is read back (no host round
+Texts are sorted by length and each batch is padded to the smallest of a few fixed bucket
+lengths that holds its longest text; each bucket has one fixed batch size, so a run compiles
+at most (#buckets x #stages) programs whatever the corpus. Every batch is dispatched before any result is read back (no host round
 trip inside the loop). With several processes, each feeds its own rows
 (`make_array_from_process_local_data`) and the processes agree on the number of batches per
 bucket first, so that they run the same programs in lockstep.
@@ -26,8 +26,8 @@ from . import sharding
 class BucketPlan:
     """Bucket lengths and the batch size (global rows) for each."""
 
-    lengths: tuple[int, ...] = (32, 64, 128, 256, 512)
-    tokens_per_batch: int = 8192
+    lengths: tuple[int, ...] = (16, 32, 64, 96, 128, 192, 256, 384, 512)
+    tokens_per_batch: int = 4096  # plenty for CPU matmuls; raise it for accelerators
     max_batch: int = 128
     min_batch: int = 1
 
@@ -52,17 +52,20 @@ class BucketPlan:
 
 
 def _batches(lengths: Sequence[int], plan: BucketPlan, size_of: Callable[[int], int]):
-    """{bucket length: [row index arrays of one batch size, padded with -1]}."""
-    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
-    by_bucket: dict[int, list[int]] = {}
-    for i in order:
-        by_bucket.setdefault(plan.bucket_of(lengths[i]), []).append(int(i))
-    out = {}
-    for length, rows in by_bucket.items():
-        size = size_of(length)
-        padded = np.full(-(-len(rows) // size) * size, -1, np.int64)
-        padded[:len(rows)] = rows
-        out[length] = list(padded.reshape(-1, size))
+    """{bucket length: [row index arrays, padded with -1]}. Texts go longest first; a batch
+    takes as many rows as its longest text's bucket allows and fills them with the next
+    longest texts, so no batch waits for its own bucket to fill: only the very last batch
+    has empty rows."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    out: dict[int, list[np.ndarray]] = {}
+    start = 0
+    while start < len(order):
+        length = plan.bucket_of(lengths[order[start]])
+        rows = np.full(size_of(length), -1, np.int64)
+        chunk = order[start:start + len(rows)]
+        rows[:len(chunk)] = chunk
+        out.setdefault(length, []).append(rows)
+        start += len(rows)
     return out
 
 
