@@ -60,12 +60,6 @@ def _tokens(name: str, array, shape=None) -> np.ndarray:
     return array.astype(np.int32)
 
 
-def _place(value, shard) -> jax.Array:
-    """A host value (the same on every process) onto a possibly multi-host sharding."""
-    value = np.asarray(value) if not isinstance(value, jax.Array) else value
-    return jax.make_array_from_callback(value.shape, shard, lambda idx: value[idx])
-
-
 class CdeModel:
     """A loaded cde checkpoint: parameters on the mesh, configs, tokenizer, compiled stages."""
 
@@ -79,7 +73,7 @@ class CdeModel:
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
         self.plan = plan or pipeline.BucketPlan()
         self.graphdef, params = nnx.split(model)
-        self.params = map_params(params, lambda path, x: _place(
+        self.params = map_params(params, lambda path, x: sharding.place(
             x, sharding.param_sharding(path, x.shape, self.mesh)))
         rows, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
         self._first = jax.jit(self._first_fn, out_shardings=rows)
@@ -163,7 +157,8 @@ class CdeModel:
             emb = self.check_dataset_embeddings(dataset_embeddings)
             key = hashlib.sha256(emb.tobytes() + str(emb.shape).encode()).hexdigest()
         if self._cached_context is None or self._cached_context[0] != key:
-            placed = None if emb is None else _place(emb, sharding.replicated(self.mesh))
+            placed = None if emb is None else sharding.place(emb,
+                                                             sharding.replicated(self.mesh))
             self._cached_context = (key, self._context(self.params, placed))
         return self._cached_context[1]
 

@@ -90,7 +90,8 @@ class ModernBertConfig:
     def from_hf_dict(cls, d: dict[str, Any], **runtime) -> "ModernBertConfig":
         """Reads a HF ModernBERT config (old flat keys or transformers-5 `rope_parameters`)."""
         if d.get("model_type", "modernbert") != "modernbert":
-            raise ValueError(f"backbone model_type is {d.get('model_type')!r}, expected 'modernbert'")
+            raise ValueError(f"backbone model_type is {d.get('model_type')!r}, "
+                             "expected 'modernbert'")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
               if f.name in d and f.name not in _RUNTIME_FIELDS}
         rope = d.get("rope_parameters") or {}

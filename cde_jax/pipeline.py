@@ -2,10 +2,10 @@
 
 Texts are sorted by length and each batch is padded to the smallest of a few fixed bucket
 lengths that holds its longest text; each bucket has one fixed batch size, so a run compiles
-at most (#buckets x #stages) programs whatever the corpus. Every batch is dispatched before any result is read back (no host round
-trip inside the loop). With several processes, each feeds its own rows
-(`make_array_from_process_local_data`) and the processes agree on the number of batches per
-bucket first, so that they run the same programs in lockstep.
+at most (#buckets x #stages) programs whatever the corpus. Every batch is dispatched before
+any result is read back (no host round trip inside the loop). With several processes, each
+feeds its own rows (`make_array_from_process_local_data`) and the processes agree on the
+number of batches per bucket first, so that they run the same programs in lockstep.
 
 Dimension key: b batch, s bucket length, d hidden.
 """

@@ -80,5 +80,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def place(value, shard: NamedSharding) -> jax.Array:
+    """A host value, the same on every process, laid out on a (possibly multi-host) mesh."""
+    value = value if isinstance(value, jax.Array) else np.asarray(value)
+    return jax.make_array_from_callback(value.shape, shard, lambda idx: value[idx])
+
+
 def data_shards(mesh: Mesh) -> int:
     return mesh.shape[DATA]

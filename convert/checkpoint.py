@@ -54,7 +54,8 @@ def is_converted(path: str | Path) -> bool:
 def _with_tokenizer(ckpt_dir: Path, cde: CdeConfig) -> tuple[CdeConfig, Path | None]:
     if not (ckpt_dir / "tokenizer.json").exists():
         return cde, None
-    return cde.replace(instruction_end_token_id=instruction_end_id(load_tokenizer(ckpt_dir))), ckpt_dir
+    colon_id = instruction_end_id(load_tokenizer(ckpt_dir))
+    return cde.replace(instruction_end_token_id=colon_id), ckpt_dir
 
 
 def read_released(ckpt_dir: str | Path, *, backbone_config: str | Path | None = None,

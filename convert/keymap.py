@@ -17,7 +17,7 @@ import numpy as np
 
 class Transform(enum.Enum):
     IDENTITY = "identity"        # same array
-    RESHAPE = "reshape"          # a flat bias -> the layer's output dims, e.g. (3*h*k,) -> (3, h, k)
+    RESHAPE = "reshape"          # a flat bias -> the output dims: (3*h*k,) -> (3, h, k)
     LINEAR = "linear"            # torch (out, in) -> kernel (in, *out_dims)
     LINEAR_HEADS_IN = "linear_heads_in"  # torch (d, h*k) -> kernel (h, k, d)
 
@@ -50,7 +50,8 @@ STAGES = {
 }
 
 KEY_MAP: tuple[tuple[str, str, Transform], ...] = (
-    ("{stage}.embeddings.tok_embeddings.weight", "{stage}/embeddings/tok_embeddings/embedding", T.IDENTITY),
+    ("{stage}.embeddings.tok_embeddings.weight", "{stage}/embeddings/tok_embeddings/embedding",
+     T.IDENTITY),
     ("{stage}.embeddings.norm.weight", "{stage}/embeddings/norm/scale", T.IDENTITY),
     ("{stage}.embeddings.norm.bias", "{stage}/embeddings/norm/bias", T.IDENTITY),
     ("{stage}.layers.{i}.attn_norm.weight", "{stage}/layers/{i}/attn_norm/scale", T.IDENTITY),

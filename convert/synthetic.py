@@ -61,13 +61,19 @@ def released_shapes(cfg: ModernBertConfig, *, null_embedding: bool,
 
 def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
     """Weights ~ N(0, 0.02), norm scales ~ 1 + N(0, 0.1), biases ~ N(0, 0.02): non-trivial
-    everywhere, so a swapped or transposed tensor changes the outputs."""
+    everywhere, so a swapped or transposed tensor changes the outputs. Wqkv is larger
+    (attention logits of std ~2.5, peaked as in a trained model) so that RoPE, window and
+    padding masks matter to the outputs."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in sorted(shapes.items()):
-        is_norm = "norm" in name and name.endswith(".weight")
         x = rng.standard_normal(shape, dtype=np.float32)
-        out[name] = (1.0 + 0.1 * x) if is_norm else 0.02 * x
+        if "norm" in name and name.endswith(".weight"):
+            out[name] = 1.0 + 0.1 * x
+        elif name.endswith("attn.Wqkv.weight"):
+            out[name] = np.float32((2.5 / shape[1]) ** 0.5) * x
+        else:
+            out[name] = 0.02 * x
     return out
 
 

@@ -24,12 +24,16 @@ CONFIGS = {
                                              "global_attn_every_n_layers": 2,
                                              "num_attention_heads": 2}),
     "thetas": ModernBertConfig(**SMALL, global_rope_theta=5000.0, local_rope_theta=500.0),
+    # Rows no longer than 3 windows: local layers take the dense masked path, not blocks.
+    "wide-window": ModernBertConfig(**{**SMALL, "local_attention": 60}),
 }
 
 
 def torch_and_jax(cfg: ModernBertConfig, attn_implementation: str, seed: int = 0):
-    """An HF model with every tensor randomized (HF's init zeroes biases and sets norms to
-    one, which would hide bias and norm bugs) and our model holding the same weights."""
+    """An HF model with every tensor randomized and our model holding the same weights.
+    HF's init zeroes biases and sets norms to one, which would hide bias and norm bugs, and
+    its 0.02-std Wqkv gives near-uniform attention, which would hide RoPE and mask bugs: the
+    query/key weights here give attention logits of std ~2.5, as in a trained model."""
     torch.manual_seed(seed)
     hf_dict = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     ref = __import__("transformers").ModernBertModel(hf_config(hf_dict, attn_implementation))
@@ -37,6 +41,8 @@ def torch_and_jax(cfg: ModernBertConfig, attn_implementation: str, seed: int = 0
         for name, p in ref.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+            elif name.endswith("Wqkv.weight"):
+                p.normal_(0.0, (2.5 / cfg.hidden_size) ** 0.5)
     ref.eval()
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
     ours = nnx.eval_shape(lambda: ModernBert(cfg, rngs=nnx.Rngs(0)))

@@ -64,6 +64,23 @@ def test_two_stage_parity(loaded, tokenize, tokenize_docs, random_docs, corpus_s
         assert err <= 1e-4, err
 
 
+def test_local_last_layer(tmp_path, tokenize, random_docs):
+    """A backbone whose last layer is local: the text-only queries of the last layer go
+    through the dense windowed mask with query positions offset by the prefix."""
+    from cde_jax.config import modernbert_tiny
+    from cde_jax.convert import convert
+    from cde_jax.convert.synthetic import make_synthetic_checkpoint
+
+    released = make_synthetic_checkpoint(tmp_path / "released", tokenizer_dir=TOKENIZER_DIR,
+                                         backbone=modernbert_tiny().replace(num_hidden_layers=5),
+                                         seed=4)
+    ours, ref = cde_jax.load(convert(released, tmp_path / "converted")), TorchCde(released)
+    assert ours.backbone_config.layer_types[-1] == "local"
+    ctx = ref.first_stage(*tokenize(["search_document: " + d for d in random_docs[:24]]))
+    ids, mask = tokenize(QUERIES + DOCUMENTS)
+    assert max_rel_err(ours.second_stage(ids, mask, ctx), ref.second_stage(ids, mask, ctx)) <= 1e-4
+
+
 def test_instruction_pooling_changes_output(loaded, tokenize, random_docs):
     """The flag is really read from config.json: same weights, different pooled tokens."""
     (on, _), (off, _) = loaded[True], loaded[False]

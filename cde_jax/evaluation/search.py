@@ -42,11 +42,6 @@ class SearchPlan:
         return max(k, min(rows, -(-n // shards)))
 
 
-def _place(value: np.ndarray, shard) -> jax.Array:
-    """A host array (the same on every process) laid out on the mesh."""
-    return jax.make_array_from_callback(value.shape, shard, lambda idx: value[idx])
-
-
 @functools.lru_cache(maxsize=8)
 def _merge_step(mesh, k: int):
     """(best scores, best ids, queries, chunk, chunk start, n) -> the new (best, ids)."""
@@ -112,16 +107,17 @@ def exact_top_k(queries_qd, corpus_nd, k: int, *, mesh=None, plan: SearchPlan = 
 
     padded_queries = np.zeros((-(-q // block) * block, d), np.float32)
     padded_queries[:q] = queries_qd
-    blocks = [_place(b, replicated) for b in padded_queries.reshape(-1, block, d)]
-    best = [(_place(np.full((block, k), -np.inf, np.float32), replicated),
-             _place(np.full((block, k), -1, np.int32), replicated)) for _ in blocks]
-    n_dev = _place(np.asarray(n, np.int32), replicated)
+    blocks = [sharding.place(b, replicated) for b in padded_queries.reshape(-1, block, d)]
+    best = [(sharding.place(np.full((block, k), -np.inf, np.float32), replicated),
+             sharding.place(np.full((block, k), -1, np.int32), replicated)) for _ in blocks]
+    n_dev = sharding.place(np.asarray(n, np.int32), replicated)
     for start in range(0, n, chunk):
         part = _finite("corpus", corpus_nd[start:start + chunk], start)
         if len(part) < chunk:  # the last chunk: zero rows, masked out by index
             part = np.concatenate([part, np.zeros((chunk - len(part), d), np.float32)])
-        part_dev = _place(np.ascontiguousarray(part), rows)  # sent while the last is scored
-        start_dev = _place(np.asarray(start, np.int32), replicated)
+        # Sent while the previous chunk is scored.
+        part_dev = sharding.place(np.ascontiguousarray(part), rows)
+        start_dev = sharding.place(np.asarray(start, np.int32), replicated)
         jax.block_until_ready(best)  # at most two chunks on the devices at a time
         best = [step(*state, b, part_dev, start_dev, n_dev) for state, b in zip(best, blocks)]
         if progress is not None:
