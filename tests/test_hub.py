@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import cde_jax
-from cde_jax.context import DOCUMENT_PREFIX
 from cde_jax.convert import convert
 
 pytestmark = pytest.mark.hub
@@ -42,11 +41,7 @@ def hub(request):
 def similarity_matrix(model, answers: list[str], queries: list[str]) -> np.ndarray:
     """SPEC 6's procedure: the last 512 answers as the minicorpus, embedded in their order
     (the reference does not resample them), then cosine of the first 2 queries x 5 answers."""
-    n = model.config.transductive_corpus_size
-    token_ids = model.tokenizer.encode([DOCUMENT_PREFIX + a for a in answers[-n:]])
-    dataset_embeddings = np.concatenate([
-        model.first_stage(*model.tokenizer.pad(token_ids[i:i + 32]))
-        for i in range(0, n, 32)])
+    dataset_embeddings = model.embed_minicorpus(answers[-model.config.transductive_corpus_size:])
     docs = model.encode(answers[:5], prompt_name="document",
                         dataset_embeddings=dataset_embeddings)
     queries = model.encode(queries[:2], prompt_name="query",
