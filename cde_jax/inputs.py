@@ -68,7 +68,7 @@ def _stat(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) split on "\\n" only, without "\\n" / "\\r\\n" or a BOM."""
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
@@ -83,7 +83,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _txt(path: Path, field: str) -> Iterator[str]:
-    for _, line in _lines(path):
+    for _, line in lines(path):
         yield line
 
 
@@ -92,7 +92,7 @@ _JSON_TYPES = {dict: "an object", list: "an array", type(None): "null", bool: "a
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:
-    for number, line in _lines(path):
+    for number, line in lines(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..api import PROMPTS
 from ..context import DOCUMENT_PREFIX
+from ..inputs import lines
 from ..tokenization import TextTokenizer
 
 QUERY_PREFIX = PROMPTS["query"]
@@ -81,14 +82,13 @@ def read_examples(path: str | Path) -> list[Example]:
     """Every example of a JSONL file; the first bad line is an error naming it."""
     path = Path(path)
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                examples.append(parse_example(text, lineno))
-            except ValueError as e:
-                raise ValueError(f"{path}, line {lineno}: {e}") from None
+    for lineno, text in lines(path):  # non-UTF-8 is an error naming the line too
+        if not text.strip():
+            continue
+        try:
+            examples.append(parse_example(text, lineno))
+        except ValueError as e:
+            raise ValueError(f"{path}, line {lineno}: {e}") from None
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples
