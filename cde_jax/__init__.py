@@ -1,7 +1,25 @@
-"""cde-jax: Contextual Document Embeddings (cde-small-v2) in pure JAX / Flax NNX."""
+"""cde-jax: Contextual Document Embeddings (cde-small-v2) in pure JAX / Flax NNX.
 
-from .api import CdeModel, load
+Layout: `text_api` (load, CdeModel: texts in, embeddings out) on `runner` (the stages
+compiled on the mesh, batches in and rows out) on `model` / `encoder` (the two stages, the
+ModernBERT encoder), with `attention` (the kernel registry), `sharding` (the rules table),
+`pipeline` (length buckets), `minicorpus` (sampling, dataset-embeddings files), `prompts`,
+`validation`; `convert` (the key map and checkpoint formats), `training`, `evaluation`,
+`commands` (the CLI).
+
+Dimension key: array names end in their shape, one letter per axis, the same everywhere:
+  b batch rows          s sequence (key) positions   t query positions
+  p prefix positions    m dataset-embedding rows     d hidden
+  h heads               e head_dim                   f MLP intermediate
+  q queries             c documents of a batch       n corpus rows (search)
+  k top-k results       r rows of a chunk            g chunks (gradient cache)
+  a micro-batches
+"""
+
 from .config import CdeConfig, ModernBertConfig
+from .minicorpus import DatasetEmbeddings, fallback_minicorpus
+from .text_api import CdeModel, load
 
-__all__ = ["CdeConfig", "CdeModel", "ModernBertConfig", "load"]
+__all__ = ["CdeConfig", "CdeModel", "DatasetEmbeddings", "ModernBertConfig",
+           "fallback_minicorpus", "load"]
 __version__ = "0.1.0"

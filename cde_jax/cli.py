@@ -1,7 +1,8 @@
 """`cde-jax` console script: one subcommand per module in `cde_jax.commands`.
 
 Each command module defines `register(subparsers)`, which adds its parser and sets
-`func(args) -> int`. Errors the user can fix exit with status 2 and one clear line.
+`func(args) -> int`. Errors the user can fix (`validation.UserError`, a missing or existing
+file) exit with status 2 and one clear line; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("context", "embed", "train", "eval")
+from .validation import UserError
+
+COMMANDS = ("dataset_embeddings", "embed", "train", "eval")  # modules of cde_jax.commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +28,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (UserError, FileNotFoundError, FileExistsError) as e:
         print(f"cde-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

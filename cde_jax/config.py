@@ -13,6 +13,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from .attention import check as check_attention
+from .validation import UserError
+
 GLOBAL, LOCAL = "global", "local"
 
 
@@ -39,15 +42,16 @@ class ModernBertConfig:
     # Runtime choices, not part of the checkpoint.
     param_dtype: str = "float32"
     dtype: str = "float32"
-    attention_impl: str | None = None  # None/"xla" everywhere; "cudnn" for fused GPU kernels
+    attention: str = "xla"  # a kernel name from `attention.names()` ("auto": per platform)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise UserError(
                 f"hidden_size {self.hidden_size} is not a multiple of "
                 f"num_attention_heads {self.num_attention_heads}")
+        check_attention(self.attention)
         if self.hidden_activation not in ("gelu", "gelu_python"):
-            raise ValueError(f"unsupported hidden_activation {self.hidden_activation!r} "
+            raise UserError(f"unsupported hidden_activation {self.hidden_activation!r} "
                              "(ModernBERT uses exact 'gelu')")
 
     @property
@@ -75,7 +79,7 @@ class ModernBertConfig:
     def jnp_param_dtype(self):
         return jnp.dtype(self.param_dtype)
 
-    def replace(self, **changes) -> "ModernBertConfig":
+    def replace(self, **changes) -> ModernBertConfig:
         return dataclasses.replace(self, **changes)
 
     # --- (de)serialization -------------------------------------------------------------
@@ -87,10 +91,10 @@ class ModernBertConfig:
         return d
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], **runtime) -> "ModernBertConfig":
+    def from_hf_dict(cls, d: dict[str, Any], **runtime) -> ModernBertConfig:
         """Reads a HF ModernBERT config (old flat keys or transformers-5 `rope_parameters`)."""
         if d.get("model_type", "modernbert") != "modernbert":
-            raise ValueError(f"backbone model_type is {d.get('model_type')!r}, "
+            raise UserError(f"backbone model_type is {d.get('model_type')!r}, "
                              "expected 'modernbert'")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
               if f.name in d and f.name not in _RUNTIME_FIELDS}
@@ -104,17 +108,17 @@ class ModernBertConfig:
             names = {"full_attention": GLOBAL, "sliding_attention": LOCAL}
             got = tuple(names.get(t, t) for t in d["layer_types"])
             if got != expected.layer_types:
-                raise ValueError(f"layer_types {d['layer_types']} is not the every-"
+                raise UserError(f"layer_types {d['layer_types']} is not the every-"
                                  f"{expected.global_attn_every_n_layers} global pattern")
         return cls(**kw, **runtime)
 
     @classmethod
-    def from_hf_json(cls, path: str | Path, **runtime) -> "ModernBertConfig":
+    def from_hf_json(cls, path: str | Path, **runtime) -> ModernBertConfig:
         with open(path) as f:
             return cls.from_hf_dict(json.load(f), **runtime)
 
 
-_RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl")
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "attention")
 
 
 def modernbert_base(**runtime) -> ModernBertConfig:
@@ -136,7 +140,7 @@ EMBEDDER_PRESETS = {"answerdotai/ModernBERT-base": modernbert_base}
 
 @dataclasses.dataclass(frozen=True)
 class CdeConfig:
-    """The contextual settings from cde-small-v2's `config.json` (SPEC section 1)."""
+    """The contextual settings from cde-small-v2's `config.json` (docs/model.md §2)."""
 
     transductive_corpus_size: int = 512
     transductive_tokens_per_document: int = 1
@@ -150,24 +154,24 @@ class CdeConfig:
 
     def __post_init__(self):
         if self.transductive_tokens_per_document != 1:
-            raise ValueError("transductive_tokens_per_document="
+            raise UserError("transductive_tokens_per_document="
                              f"{self.transductive_tokens_per_document} is not supported (only 1)")
 
     @property
     def num_context_tokens(self) -> int:
         return self.transductive_corpus_size * self.transductive_tokens_per_document
 
-    def replace(self, **changes) -> "CdeConfig":
+    def replace(self, **changes) -> CdeConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], **overrides) -> "CdeConfig":
+    def from_dict(cls, d: dict[str, Any], **overrides) -> CdeConfig:
         """Reads upstream's `config.json`, refusing settings that change the computation."""
         for key, ok in _UNSUPPORTED_UPSTREAM.items():
             if key in d and not ok(d[key]):
-                raise ValueError(f"config.json: {key}={d[key]!r} is not supported by cde_jax")
+                raise UserError(f"config.json: {key}={d[key]!r} is not supported by cde_jax")
         if d.get("dataset_backbone") not in (None, d.get("embedder")):
-            raise ValueError("config.json: a second-stage backbone different from `embedder` "
+            raise UserError("config.json: a second-stage backbone different from `embedder` "
                              f"({d['dataset_backbone']!r}) is not supported")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}

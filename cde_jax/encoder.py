@@ -5,7 +5,7 @@ layer attends globally with RoPE theta 160k, the others within `|i-j| <= local_a
 with theta 10k. The layer is split into `project_qkv` / `attend` / `mlp_block` so the second
 stage can reuse the pieces with a shared prefix (see `model.py`) without a second copy.
 
-Dimension key: b batch, s sequence, d hidden, h heads, k head_dim, f intermediate.
+Shapes are suffixed with the package's dimension key (cde_jax/__init__.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import ops
+from . import attention, ops
 from .config import GLOBAL, ModernBertConfig
 
 
@@ -45,9 +45,9 @@ class Embeddings(nnx.Module):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModernBertConfig, *, rngs: nnx.Rngs):
-        h, k = cfg.num_attention_heads, cfg.head_dim
-        self.wqkv = dense(cfg, cfg.hidden_size, (3, h, k), use_bias=cfg.attention_bias, rngs=rngs)
-        self.wo = dense(cfg, (h, k), cfg.hidden_size, axis=(-2, -1),
+        h, e = cfg.num_attention_heads, cfg.head_dim
+        self.wqkv = dense(cfg, cfg.hidden_size, (3, h, e), use_bias=cfg.attention_bias, rngs=rngs)
+        self.wo = dense(cfg, (h, e), cfg.hidden_size, axis=(-2, -1),
                         use_bias=cfg.attention_bias, rngs=rngs)
 
 
@@ -70,32 +70,24 @@ class EncoderLayer(nnx.Module):
         self.window_radius = None if self.layer_type == GLOBAL else cfg.window_radius
         self.rope_theta = cfg.rope_theta(self.layer_type)
         self.head_dim = cfg.head_dim
-        self.attention_impl = cfg.attention_impl
+        self.kernel = attention.kernel(cfg.attention)
         self.attn_norm = None if index == 0 else layer_norm(cfg, rngs)  # layer 0: identity
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = layer_norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
 
     def project_qkv(self, h_bsd: jax.Array, pos_s: jax.Array):
-        """Normalized input -> q, k, v (b, s, h, k) with RoPE at positions `pos_s`."""
+        """Normalized input -> q, k, v (b, s, h, e) with RoPE at positions `pos_s`."""
         x_bsd = h_bsd if self.attn_norm is None else self.attn_norm(h_bsd)
-        qkv_bs3hk = self.attn.wqkv(x_bsd)
-        q, k, v = (qkv_bs3hk[:, :, i] for i in range(3))
-        cos_sk, sin_sk = ops.rope_cos_sin(pos_s, self.head_dim, self.rope_theta)
-        return ops.apply_rope(q, cos_sk, sin_sk), ops.apply_rope(k, cos_sk, sin_sk), v
+        qkv_bs3he = self.attn.wqkv(x_bsd)
+        q, k, v = (qkv_bs3he[:, :, i] for i in range(3))
+        cos_se, sin_se = ops.rope_cos_sin(pos_s, self.head_dim, self.rope_theta)
+        return ops.apply_rope(q, cos_se, sin_se), ops.apply_rope(k, cos_se, sin_se), v
 
-    def attend(self, q_bthk, k_bshk, v_bshk, key_mask_bs, q_pos_t, k_pos_s) -> jax.Array:
-        """Attention output projected back to (b, t, d). A local layer over a sequence longer
-        than its window attends block by block (same result, a fraction of the work)."""
-        radius, s = self.window_radius, k_bshk.shape[1]
-        if radius is not None and q_bthk.shape[1] == s and s > 3 * radius:
-            o_bthk = ops.local_self_attention(q_bthk, k_bshk, v_bshk, key_mask_bs, radius,
-                                              self.attention_impl)
-        else:
-            mask_b1ts = ops.attention_mask(key_mask_bs, q_pos_t, k_pos_s, radius)
-            o_bthk = jax.nn.dot_product_attention(q_bthk, k_bshk, v_bshk, mask=mask_b1ts,
-                                                  implementation=self.attention_impl)
-        return self.attn.wo(o_bthk)
+    def attend(self, q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s) -> jax.Array:
+        """Attention (the configured kernel, `attention.py`) projected back to (b, t, d)."""
+        return self.attn.wo(self.kernel(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s,
+                                        self.window_radius))
 
     def mlp_block(self, h_bsd: jax.Array) -> jax.Array:
         return h_bsd + self.mlp(self.mlp_norm(h_bsd))

@@ -14,14 +14,16 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
+
+from .validation import UserError
 
 PARQUET_BATCH_ROWS = 4096
 
 
-class InputError(ValueError):
-    """Input the user can fix; the CLI reports it in one line and exits with status 2."""
+class InputError(UserError):
+    """An input file the user can fix (the message names the file and line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +70,14 @@ def _stat(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line) split on "\\n" only, without "\\n" / "\\r\\n" or a BOM."""
+def lines(path: Path, progress: Callable[[int], object] | None = None
+          ) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) split on "\\n" only, without "\\n" / "\\r\\n" or a BOM;
+    `progress(bytes)` is called for each line read."""
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
+            if progress is not None:
+                progress(len(raw))
             line = raw.removesuffix(b"\n").removesuffix(b"\r")
             if number == 1:
                 line = line.removeprefix(codecs.BOM_UTF8)

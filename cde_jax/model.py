@@ -1,17 +1,16 @@
-"""The two cde-small-v2 stages (SPEC sections 3 and 4) on the shared ModernBERT encoder.
+"""The two cde-small-v2 stages (docs/model.md) on the shared ModernBERT encoder.
 
 First stage: minicorpus documents -> dataset embeddings (mean pool + GELU MLP, unnormalized).
 Second stage: each text is encoded after a prefix of [dataset embeddings; 8 soft tokens].
-The prefix is the same for every row, so it is prepared once as a `Context` (embedding norm
-and layer-0 q/k/v of the prefix) and reused by every batch.
-
-Dimension key: b batch, s text length, n context rows, p prefix length (n + soft tokens),
-d hidden, h heads, k head_dim.
+The prefix is the same for every row, so it is prepared once as a `Prefix` (embedding norm
+and layer-0 q/k/v) and reused by every batch. Shapes are suffixed with the package's
+dimension key (cde_jax/__init__.py): m dataset-embedding rows, p = m + soft tokens.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from flax import nnx
 from . import ops
 from .config import CdeConfig, ModernBertConfig
 from .encoder import ModernBert
+from .validation import UserError
 
 
 class MlpHead(nnx.Module):
@@ -54,11 +54,11 @@ class FirstStage(nnx.Module):
         return self.mlp(ops.mean_pool(hidden_bsd, attention_mask_bs))
 
 
-class Context(NamedTuple):
+class Prefix(NamedTuple):
     """The second stage's prefix, ready for the backbone (a pytree).
 
     At inference one prefix serves every row: `embeds` is (p, d) and `layer0_qkv` holds its
-    layer-0 q/k/v, each (1, p, h, k). In training each row has its own order and dropout:
+    layer-0 q/k/v, each (1, p, h, e). In training each row has its own order and dropout:
     `embeds` is (b, p, d) and `layer0_qkv` is None.
     """
 
@@ -86,68 +86,63 @@ class SecondStage(nnx.Module):
 
     def null_embedding(self) -> jax.Array:
         if self.sequence_dropout_null_embedding is None:
-            raise ValueError("null-dataset mode and sequence dropout need "
+            raise UserError("null-dataset mode and sequence dropout need "
                              "`sequence_dropout_null_embedding`, which this checkpoint lacks")
         return self.sequence_dropout_null_embedding[...].astype(jnp.float32)
 
-    def dataset_rows(self, dataset_embeddings_nd: jax.Array | None) -> jax.Array:
-        """D as (n, d) float32, at most the first `corpus size` rows (SPEC 4.1); None selects
-        null-dataset mode (SPEC 4.3)."""
-        n_max = self.cde.num_context_tokens
-        if dataset_embeddings_nd is None:
+    def dataset_rows(self, dataset_embeddings_md: jax.Array | None) -> jax.Array:
+        """D as (m, d) float32, at most the first `corpus size` rows; None selects
+        null-dataset mode (every row the null embedding)."""
+        m_max = self.cde.num_context_tokens
+        if dataset_embeddings_md is None:
             null_d = self.null_embedding()
-            return jnp.broadcast_to(null_d, (n_max, null_d.shape[0]))
-        if dataset_embeddings_nd.ndim == 3 and dataset_embeddings_nd.shape[0] == 1:
-            dataset_embeddings_nd = dataset_embeddings_nd[0]
-        if dataset_embeddings_nd.ndim != 2:
-            raise ValueError("dataset embeddings must be (n, d) or (1, n, d), got shape "
-                             f"{dataset_embeddings_nd.shape}")
-        return dataset_embeddings_nd[:n_max].astype(jnp.float32)
+            return jnp.broadcast_to(null_d, (m_max, null_d.shape[0]))
+        return dataset_embeddings_md[:m_max].astype(jnp.float32)
 
     def _normed(self, prefix: jax.Array) -> jax.Array:
         backbone = self.backbone
         return backbone.embeddings.norm(prefix.astype(backbone.config.jnp_dtype))
 
-    def context(self, dataset_embeddings_nd: jax.Array | None) -> Context:
+    def prefix(self, dataset_embeddings_md: jax.Array | None) -> Prefix:
         """The inference prefix `concat(D, P)`, shared by every row."""
-        prefix_pd = self._normed(jnp.concatenate([self.dataset_rows(dataset_embeddings_nd),
+        prefix_pd = self._normed(jnp.concatenate([self.dataset_rows(dataset_embeddings_md),
                                                   self.soft_prompt()]))
         qkv = self.backbone.layers[0].project_qkv(prefix_pd[None], jnp.arange(prefix_pd.shape[0]))
-        return Context(prefix_pd, tuple(qkv))
+        return Prefix(prefix_pd, tuple(qkv))
 
-    def training_context(self, dataset_embeddings_nd: jax.Array, batch: int, rng: jax.Array, *,
-                         permute: bool = True, dropout_prob: float = 0.0) -> Context:
+    def training_prefix(self, dataset_embeddings_md: jax.Array, batch: int, rng: jax.Array, *,
+                        permute: bool = True, dropout_prob: float = 0.0) -> Prefix:
         """Per-row prefixes as upstream trains: each row sees D in its own random order, and
         each of its rows of D is replaced by the null embedding with probability
         `dropout_prob`; the soft tokens stay last."""
-        d_nd = self.dataset_rows(dataset_embeddings_nd)
-        n, d = d_nd.shape
-        d_bnd = jnp.broadcast_to(d_nd, (batch, n, d))
+        d_md = self.dataset_rows(dataset_embeddings_md)
+        m, d = d_md.shape
+        d_bmd = jnp.broadcast_to(d_md, (batch, m, d))
         drop_key, perm_key = jax.random.split(rng)
         if dropout_prob > 0.0:
-            dropped_bn = jax.random.bernoulli(drop_key, dropout_prob, (batch, n))
-            d_bnd = jnp.where(dropped_bn[..., None], self.null_embedding(), d_bnd)
+            dropped_bm = jax.random.bernoulli(drop_key, dropout_prob, (batch, m))
+            d_bmd = jnp.where(dropped_bm[..., None], self.null_embedding(), d_bmd)
         if permute:
-            order_bn = jax.vmap(lambda k: jax.random.permutation(k, n))(
+            order_bm = jax.vmap(lambda key: jax.random.permutation(key, m))(
                 jax.random.split(perm_key, batch))
-            d_bnd = jnp.take_along_axis(d_bnd, order_bn[..., None], axis=1)
+            d_bmd = jnp.take_along_axis(d_bmd, order_bm[..., None], axis=1)
         soft_pd = self.soft_prompt()
         soft_bpd = jnp.broadcast_to(soft_pd, (batch,) + soft_pd.shape)
-        return Context(self._normed(jnp.concatenate([d_bnd, soft_bpd], axis=1)), None)
+        return Prefix(self._normed(jnp.concatenate([d_bmd, soft_bpd], axis=1)), None)
 
     def __call__(self, input_ids_bs: jax.Array, attention_mask_bs: jax.Array,
-                 context: Context) -> jax.Array:
+                 prefix: Prefix) -> jax.Array:
         """(b, d) float32, unnormalized: `out_proj(pooled) + pooled`."""
         backbone, cde = self.backbone, self.cde
         b = input_ids_bs.shape[0]
-        p, d = context.embeds.shape[-2:]
-        # Quirk (SPEC 4.5): the text passes the embedding LayerNorm twice, the prefix once.
+        p, d = prefix.embeds.shape[-2:]
+        # Quirk (docs/model.md): the text passes the embedding LayerNorm twice, the prefix once.
         text_bsd = backbone.embeddings.norm(backbone.embeddings(input_ids_bs))
-        h_bsd = jnp.concatenate([jnp.broadcast_to(context.embeds, (b, p, d)), text_bsd], 1)
+        h_bsd = jnp.concatenate([jnp.broadcast_to(prefix.embeds, (b, p, d)), text_bsd], 1)
         key_mask_bs = jnp.concatenate([jnp.ones((b, p), bool), attention_mask_bs.astype(bool)], 1)
         keep_from = p if cde.pool_ignore_contextual_tokens else 0
         hidden_bsd = backbone.final_norm(backbone.run_layers(
-            h_bsd, key_mask_bs, layer0_prefix_qkv=context.layer0_qkv, keep_from=keep_from))
+            h_bsd, key_mask_bs, layer0_prefix_qkv=prefix.layer0_qkv, keep_from=keep_from))
 
         pool_mask_bs = attention_mask_bs.astype(bool)
         if cde.pool_ignore_instruction_tokens:
@@ -168,10 +163,10 @@ class ContextualEmbedder(nnx.Module):
         self.second_stage_model = SecondStage(backbone, cde, has_null_embedding=has_null_embedding,
                                               rngs=rngs)
 
-    def __call__(self, input_ids_bs, attention_mask_bs, dataset_input_ids_ns,
-                 dataset_attention_mask_ns) -> jax.Array:
-        """Upstream's `forward`: both stages end to end (what training differentiates)."""
-        dataset_embeddings_nd = self.first_stage_model(dataset_input_ids_ns,
-                                                       dataset_attention_mask_ns)
-        context = self.second_stage_model.context(dataset_embeddings_nd)
-        return self.second_stage_model(input_ids_bs, attention_mask_bs, context)
+    def __call__(self, input_ids_bs, attention_mask_bs, dataset_input_ids_ms,
+                 dataset_attention_mask_ms) -> jax.Array:
+        """Upstream's `forward`: both stages end to end."""
+        dataset_embeddings_md = self.first_stage_model(dataset_input_ids_ms,
+                                                       dataset_attention_mask_ms)
+        prefix = self.second_stage_model.prefix(dataset_embeddings_md)
+        return self.second_stage_model(input_ids_bs, attention_mask_bs, prefix)

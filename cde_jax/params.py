@@ -1,14 +1,14 @@
-"""Parameter trees as flat `{"a/b/0/kernel": array}` dicts: the form the converter, the
-checkpoints and the sharding rules all speak."""
+"""Parameters as nested dicts (`nnx.split` + `nnx.to_pure_dict`: what optax, orbax and the
+sharding rules see) and as flat `{"a/b/0/kernel": array}` dicts (what the converter and the
+key map speak), through Flax's `traverse_util`."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Callable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from .config import CdeConfig, ModernBertConfig
 from .model import ContextualEmbedder
@@ -21,35 +21,52 @@ def abstract_model(backbone: ModernBertConfig, cde: CdeConfig, *,
         backbone, cde, has_null_embedding=has_null_embedding, rngs=nnx.Rngs(0)))
 
 
-def _key(path) -> str:
-    return "/".join(str(p) for p in path)
+def path(keys: tuple) -> str:
+    return "/".join(str(k) for k in keys)
 
 
-def map_params(state: nnx.State, fn) -> nnx.State:
-    """`fn("a/b/0/kernel", array) -> array` over every parameter of a split state."""
-    def key(tree_path):
-        return "/".join(str(k.key) for k in tree_path if isinstance(k, jax.tree_util.DictKey))
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(key(p), x), state)
+def flatten(tree: Mapping) -> dict:
+    """{"a/b/0/kernel": leaf} of a nested dict."""
+    return {path(keys): leaf for keys, leaf in traverse_util.flatten_dict(tree).items()}
 
 
-def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
-    return {_key(path): var.get_value()
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+def unflatten(flat: Mapping) -> dict:
+    """The nested dict (string keys) of a flat `{"a/b/0/kernel": leaf}` dict."""
+    return traverse_util.unflatten_dict({tuple(p.split("/")): v for p, v in flat.items()})
+
+
+def map_params(tree: Mapping, fn: Callable) -> dict:
+    """`fn("a/b/0/kernel", leaf) -> leaf` over a nested dict, keeping its keys."""
+    return traverse_util.unflatten_dict({keys: fn(path(keys), leaf) for keys, leaf
+                                         in traverse_util.flatten_dict(tree).items()})
+
+
+def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, nested parameter dict); `nnx.merge(graphdef, params)` rebuilds the model."""
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def flat_params(model: nnx.Module) -> dict:
+    return flatten(split(model)[1])
 
 
 def flat_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in flat_params(model).items()}
 
 
-def with_params(model: nnx.Module, flat: Mapping[str, jax.Array | np.ndarray],
+def fill(params: Mapping, flat: Mapping, fn: Callable = lambda path, value, like: value) -> dict:
+    """`params`'s tree holding `fn(path, flat[path], params leaf)` (same names required)."""
+    names = set(flatten(params))
+    if names != set(flat):
+        raise KeyError(f"parameter names differ from the model's: "
+                       f"{sorted(names ^ set(flat))[:10]}")
+    return map_params(params, lambda p, like: fn(p, flat[p], like))
+
+
+def with_params(model: nnx.Module, flat: Mapping[str, jnp.ndarray | np.ndarray],
                 dtype=None) -> nnx.Module:
     """A copy of `model` (abstract or not) holding `flat`'s values, cast to `dtype`."""
-    graphdef, state = nnx.split(model)
-    flat_state = nnx.to_flat_state(state)
-    missing = {_key(p) for p, _ in flat_state} ^ set(flat)
-    if missing:
-        raise KeyError(f"parameter names differ from the model's: {sorted(missing)[:10]}")
-    for path, var in flat_state:
-        value = flat[_key(path)]
-        var.set_value(jnp.asarray(value, dtype))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat_state))
+    graphdef, params = split(model)
+    return nnx.merge(graphdef, fill(params, flat, lambda p, value, like: jnp.asarray(value,
+                                                                                     dtype)))

@@ -1,25 +1,22 @@
-"""Token id lists -> embeddings in input order, in length buckets, sharded over the mesh.
+"""Length buckets: which texts go together in which batch shape.
 
 Texts are sorted by length and each batch is padded to the smallest of a few fixed bucket
 lengths that holds its longest text; each bucket has one fixed batch size, so a run compiles
-at most (#buckets x #stages) programs whatever the corpus. Every batch is dispatched before
-any result is read back (no host round trip inside the loop). With several processes, each
-feeds its own rows (`make_array_from_process_local_data`) and the processes agree on the
-number of batches per bucket first, so that they run the same programs in lockstep.
-
-Dimension key: b batch, s bucket length, d hidden.
+at most (#buckets x #stages) programs whatever the corpus. With several processes, each plans
+its own rows and the processes agree on the number of batches per bucket first, so that they
+run the same programs in lockstep (`runner.StageRunner.run_buckets` runs the plan).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from . import sharding
+from .validation import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +32,7 @@ class BucketPlan:
         for length in self.lengths:
             if n_tokens <= length:
                 return length
-        raise ValueError(f"{n_tokens} tokens exceed the largest bucket {self.lengths[-1]}")
+        raise UserError(f"{n_tokens} tokens exceed the largest bucket {self.lengths[-1]}")
 
     def batch_size(self, length: int, multiple: int, extra: int = 0) -> int:
         """About `tokens_per_batch` tokens per batch (counting `extra` tokens each row gets
@@ -43,7 +40,7 @@ class BucketPlan:
         rows = max(self.min_batch, min(self.max_batch, self.tokens_per_batch // (length + extra)))
         return max(multiple, rows // multiple * multiple)
 
-    def with_batch_size(self, batch_size: int | None) -> "BucketPlan":
+    def with_batch_size(self, batch_size: int | None) -> BucketPlan:
         """A plan with one fixed batch size for every bucket (None: keep this plan)."""
         if batch_size is None:
             return self
@@ -78,42 +75,9 @@ def _agree_on_batch_counts(batches: dict, plan: BucketPlan, local_size: Callable
         int(n) - len(batches.get(length, []))) for length, n in zip(plan.lengths, counts) if n}
 
 
-def run_bucketed(token_ids: Sequence[Sequence[int]], stage: Callable, *, mesh, pad_id: int,
-                 plan: BucketPlan, width: int, extra_len: int = 0,
-                 progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """`stage(ids_bs, mask_bs) -> (b, d)` over all texts; returns (n, width) float32 in input
-    order. `token_ids` are this process's rows; `extra_len` tokens the stage adds per row."""
-    n_data = sharding.data_shards(mesh)
-    local_size = lambda length: plan.batch_size(length, n_data, extra_len) // jax.process_count()
-    batches = _batches([len(t) for t in token_ids], plan, local_size)
-    batches = _agree_on_batch_counts(batches, plan, local_size)
-    in_sharding = sharding.batch_sharding(mesh)
-    pending = []
-    for length in sorted(batches):
-        for rows in batches[length]:
-            ids = np.full((len(rows), length), pad_id, np.int32)
-            mask = np.zeros((len(rows), length), np.int32)
-            for r, i in enumerate(rows):
-                if i >= 0:
-                    ids[r, :len(token_ids[i])] = token_ids[i]
-                    mask[r, :len(token_ids[i])] = 1
-            global_ids = jax.make_array_from_process_local_data(in_sharding, ids)
-            global_mask = jax.make_array_from_process_local_data(in_sharding, mask)
-            pending.append((rows, stage(global_ids, global_mask)))
-    out = np.zeros((len(token_ids), width), np.float32)
-    for rows, result in pending:
-        values = local_rows(result, mesh)
-        keep = rows >= 0
-        out[rows[keep]] = values[keep]
-        if progress is not None:
-            progress(int(keep.sum()))
-    return out
-
-
-def local_rows(array: jax.Array, mesh) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in the order it fed them."""
-    if array.is_fully_addressable:
-        return np.asarray(array, dtype=np.float32)
-    local = multihost_utils.global_array_to_host_local_array(
-        array, mesh, sharding.batch_sharding(mesh, array.ndim).spec)
-    return np.asarray(local, dtype=np.float32)
+def plan_batches(lengths: Sequence[int], plan: BucketPlan, local_size: Callable[[int], int]
+                 ) -> list[tuple[int, np.ndarray]]:
+    """[(bucket length, row indices padded with -1)] for this process's texts of these token
+    lengths, shortest bucket first, in lockstep with every other process."""
+    batches = _agree_on_batch_counts(_batches(lengths, plan, local_size), plan, local_size)
+    return [(length, rows) for length in sorted(batches) for rows in batches[length]]

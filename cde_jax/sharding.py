@@ -1,9 +1,10 @@
-"""The one place that maps the model onto devices.
+"""The sharding rules: the one place that maps the model and its batches onto devices.
 
 Parameters get logical axis names from `PARAM_AXES` (path regex -> names, first match wins);
 `LOGICAL_RULES` maps logical names onto the mesh axes ("data", "model"). Model code never
 names a device: batches split on "data", attention heads and the MLP's hidden units split on
-"model" (tensor parallelism) when that axis is larger than 1.
+"model" (tensor parallelism) when that axis is larger than 1. Every parameter of two or more
+dimensions has its own row; the catch-all row is for vectors (a test walks the model).
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .params import map_params
+from .validation import UserError
 
 DATA, MODEL = "data", "model"
+CATCH_ALL = r".*"
 
 LOGICAL_RULES: dict[str, str | None] = {
     "batch": DATA,
@@ -33,7 +39,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"mlp/wi/bias$", (None, "mlp")),
     (r"mlp/wo/kernel$", ("mlp", "embed")),
     (r"tok_embeddings/embedding$", ("vocab", "embed")),
-    (r".*", ()),  # norms, heads, output biases, the null embedding: replicated
+    # The small MLP heads (d x d, d x 8d): a few MB, cheaper whole than split.
+    (r"(mlp|prompt_projection|output_projection)/fc[12]/kernel$", (None, None)),
+    (CATCH_ALL, ()),  # vectors: norms, biases, the null embedding
 )
 
 
@@ -41,7 +49,7 @@ def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
     """All devices (every host's) as a (data, model) mesh."""
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) % model_parallel:
-        raise ValueError(f"{len(devices)} devices do not split into model_parallel="
+        raise UserError(f"{len(devices)} devices do not split into model_parallel="
                          f"{model_parallel}")
     grid = np.array(devices).reshape(len(devices) // model_parallel, model_parallel)
     return Mesh(grid, (DATA, MODEL))
@@ -51,7 +59,7 @@ def logical_axes(path: str) -> tuple[str | None, ...]:
     for pattern, axes in PARAM_AXES:
         if re.search(pattern, path):
             return axes
-    raise AssertionError("PARAM_AXES ends with a catch-all")
+    raise AssertionError("PARAM_AXES ends with the catch-all")
 
 
 def spec(axes: tuple[str | None, ...], mesh: Mesh, shape: tuple[int, ...] | None = None) -> P:
@@ -71,9 +79,27 @@ def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh) -> NamedShardi
     return NamedSharding(mesh, spec(logical_axes(path), mesh, shape))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Rows split over "data", everything else whole."""
-    return NamedSharding(mesh, P(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
+def param_shardings(shapes: dict[str, tuple[int, ...]], mesh: Mesh) -> dict[str, NamedSharding]:
+    """{parameter path: sharding} for a flat `{path: shape}` dict."""
+    return {path: param_sharding(path, shape, mesh) for path, shape in shapes.items()}
+
+
+def place_params(params: dict, mesh: Mesh) -> dict:
+    """A nested parameter dict (host or device arrays) laid out on the mesh by the rules."""
+    return map_params(params, lambda path, x: place(x, param_sharding(path, x.shape, mesh)))
+
+
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Axis `axis` (the rows) split over "data", every other axis whole."""
+    return NamedSharding(mesh, P(*[None] * axis, LOGICAL_RULES["batch"]))
+
+
+def stacked_batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """(micro-batches, rows, ...) arrays: rows split over "data" when they divide evenly,
+    else whole (a batch of 3 rows on 2 devices still runs)."""
+    if shape[1] % data_shards(mesh):
+        return replicated(mesh)
+    return batch_sharding(mesh, axis=1)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -81,7 +107,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def place(value, shard: NamedSharding) -> jax.Array:
-    """A host value, the same on every process, laid out on a (possibly multi-host) mesh."""
+    """A value, the same on every process, laid out on a (possibly multi-host) mesh; an
+    array already laid out so is returned as it is."""
+    if isinstance(value, jax.Array) and value.sharding == shard:
+        return value
     value = value if isinstance(value, jax.Array) else np.asarray(value)
     return jax.make_array_from_callback(value.shape, shard, lambda idx: value[idx])
 

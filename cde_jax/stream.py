@@ -120,7 +120,7 @@ class ResumableArray:
             os.close(self._data)
             self._journal.close()
 
-    def __enter__(self) -> "ResumableArray":
+    def __enter__(self) -> ResumableArray:
         return self
 
     def __exit__(self, *exc) -> None:

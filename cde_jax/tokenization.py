@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from . import validation
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +27,26 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def instruction_end_id(tokenizer: Tokenizer) -> int:
-    """The id that ends a task prefix: the first token of `": "` (SPEC 4.6)."""
+    """The id that ends a task prefix: the first token of `": "` (docs/model.md §6)."""
     return tokenizer.encode(": ", add_special_tokens=False).ids[0]
 
 
 def packaged_data(name: str) -> Path:
     """A file or folder shipped in `cde_jax/data` (the ModernBERT tokenizer, random_docs.txt)."""
     return Path(str(importlib.resources.files("cde_jax") / "data" / name))
+
+
+def pad_batch(token_ids: Sequence[Sequence[int]], rows: np.ndarray, length: int,
+              pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The one batch builder: (ids, mask) int32 (len(rows), length) holding `token_ids[i]`
+    for each row index i, right-padded with `pad_id`; a row index of -1 is an empty row."""
+    ids_bs = np.full((len(rows), length), pad_id, np.int32)
+    mask_bs = np.zeros((len(rows), length), np.int32)
+    for r, i in enumerate(rows):
+        if i >= 0:
+            ids_bs[r, :len(token_ids[i])] = token_ids[i]
+            mask_bs[r, :len(token_ids[i])] = 1
+    return ids_bs, mask_bs
 
 
 class TextTokenizer:
@@ -44,10 +60,7 @@ class TextTokenizer:
         self.truncated = 0  # texts cut at max_length so far
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text at index {i} is {type(text).__name__}, not str")
-        encodings = self.tokenizer.encode_batch(list(texts))
+        encodings = self.tokenizer.encode_batch(validation.texts(texts))
         cut = sum(1 for e in encodings if e.overflowing)
         if cut:
             self.truncated += cut
@@ -61,12 +74,7 @@ class TextTokenizer:
         length = length or longest
         if longest > length:
             raise ValueError(f"a sequence of {longest} tokens does not fit length {length}")
-        out = np.full((len(ids), length), self.pad_id, np.int32)
-        mask = np.zeros((len(ids), length), np.int32)
-        for row, seq in enumerate(ids):
-            out[row, :len(seq)] = seq
-            mask[row, :len(seq)] = 1
-        return out, mask
+        return pad_batch(ids, np.arange(len(ids)), length, self.pad_id)
 
     def __call__(self, texts: list[str], length: int | None = None):
         return self.pad(self.encode(texts), length)

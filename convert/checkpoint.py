@@ -19,9 +19,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from cde_jax import sharding
 from cde_jax.config import CdeConfig, ModernBertConfig
 from cde_jax.io_utils import atomic_dir
-from cde_jax.params import abstract_model, flat_shapes
+from cde_jax.params import abstract_model, flat_shapes, flatten, unflatten
 from cde_jax.tokenization import instruction_end_id, load_tokenizer
 
 from . import keymap, released, source
@@ -110,25 +111,6 @@ def _write_configs(out: Path, ckpt: Checkpoint) -> None:
                 shutil.copyfile(ckpt.tokenizer_dir / name, out / name)
 
 
-def _nested(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        flat.update(_flatten(value, path + "/") if isinstance(value, dict) else {path: value})
-    return flat
-
-
 def write_converted(ckpt: Checkpoint, out: str | Path, *, source_name: str = "",
                     overwrite: bool = False) -> Path:
     import orbax.checkpoint as ocp
@@ -138,7 +120,7 @@ def write_converted(ckpt: Checkpoint, out: str | Path, *, source_name: str = "",
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=False)
-    tree = _nested({path: np.asarray(array) for path, array in ckpt.flat.items()})
+    tree = unflatten({path: np.asarray(array) for path, array in ckpt.flat.items()})
     with atomic_dir(Path(out).absolute(), overwrite=overwrite) as tmp:  # orbax: absolute only
         ocp.Checkpointer(handler).save(tmp / "params", args=ocp.args.PyTreeSave(tree))
         _write_configs(tmp, ckpt)
@@ -150,9 +132,9 @@ def write_converted(ckpt: Checkpoint, out: str | Path, *, source_name: str = "",
     return Path(out)
 
 
-def read_converted(path: str | Path, *, shardings: dict | None = None) -> Checkpoint:
-    """Loads a converted dir. `shardings` ({jax path: Sharding}) restores straight onto the
-    mesh instead of host memory."""
+def read_converted(path: str | Path, *, mesh=None) -> Checkpoint:
+    """Loads a converted dir: onto `mesh`, laid out by the sharding rules (orbax restores
+    each device's part straight from disk), or to host memory without one."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()  # orbax refuses relative paths
@@ -166,11 +148,11 @@ def read_converted(path: str | Path, *, shardings: dict | None = None) -> Checkp
                               instruction_end_token_id=meta["instruction_end_token_id"])
     shapes = flat_shapes(abstract_model(backbone, cde,
                                         has_null_embedding=meta["has_null_embedding"]))
-    shardings = shardings or {}
-    target = _nested({p: jax.ShapeDtypeStruct(s, np.dtype(meta["param_dtype"]),
-                                              sharding=shardings.get(p))
-                      for p, s in shapes.items()})
-    flat = _flatten(ocp.StandardCheckpointer().restore(path / "params", target))
+    shardings = {} if mesh is None else sharding.param_shardings(shapes, mesh)
+    target = unflatten({p: jax.ShapeDtypeStruct(s, np.dtype(meta["param_dtype"]),
+                                                sharding=shardings.get(p))
+                        for p, s in shapes.items()})
+    flat = flatten(ocp.StandardCheckpointer().restore(path / "params", target))
     tok_dir = path if (path / "tokenizer.json").exists() else None
     return Checkpoint(flat, backbone, cde, config_json, meta["fingerprint"], tok_dir)
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+
+from cde_jax.validation import UserError
 
 from . import keymap
 
@@ -24,7 +26,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED_DTYPES = ("F32", "F16", "BF16")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be converted; the message names the file or tensor."""
 
 
@@ -116,7 +118,7 @@ def read_tensors(files: dict[str, Path], names: Iterable[str]):
             yield name, f.get_tensor(name)
 
 
-def fingerprint_update(h: "hashlib._Hash", name: str, array: np.ndarray) -> None:
+def fingerprint_update(h: hashlib._Hash, name: str, array: np.ndarray) -> None:
     h.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
     h.update(np.ascontiguousarray(array).tobytes())
 

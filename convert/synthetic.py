@@ -1,6 +1,6 @@
 """Random-weight checkpoints in the released layout, for tests and benchmarks.
 
-The tensor names and shapes are written out here from SPEC section 1, independently of
+The tensor names and shapes are written out here from docs/model.md §2, independently of
 `keymap.KEY_MAP`, so a wrong row in the key map fails conversion instead of agreeing with
 itself.
 """

@@ -7,7 +7,7 @@
     `transformers.ModernBertModel` (SDPA, eval, no_grad), same weights, all tokens real.
 (b) second-stage texts/s with a 512-document context: `CdeModel.second_stage` vs
     `TorchCde.second_stage`, the same token batches for both.
-(c) minicorpus docs/s end to end (tokenize + first stage): `CdeModel.embed_context` (length
+(c) minicorpus docs/s end to end (tokenize + first stage): `CdeModel.embed_dataset` (length
     buckets) vs the model card's recipe (pad all to the longest, batches of 32; its batches
     all have one shape, so only `recipe_batches_timed` of them run, the rest at their mean).
 (d) the encoder's model FLOP/s over a jitted float32 matmul's, measured in the same rounds.
@@ -33,32 +33,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from cde_jax.convert import convert, released
+from cde_jax.convert.synthetic import make_synthetic_checkpoint
 from flax import nnx
 
 import cde_jax
 from cde_jax import flops
-from cde_jax.api import PROMPTS
 from cde_jax.commands.runtime import CACHE_ENV
 from cde_jax.config import PRESETS
-from cde_jax.context import DOCUMENT_PREFIX, fallback_minicorpus, sample_minicorpus
-from cde_jax.convert import convert, released
-from cde_jax.convert.synthetic import make_synthetic_checkpoint
 from cde_jax.io_utils import atomic_file
+from cde_jax.minicorpus import fallback_minicorpus, sample_minicorpus
 from cde_jax.profiling import count_compiles
+from cde_jax.prompts import DOCUMENT as DOCUMENT_PREFIX
+from cde_jax.prompts import PROMPTS
 from cde_jax.sharding import data_shards
+from cde_jax.testing.torch_reference import TorchCde
 from cde_jax.tokenization import packaged_data
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from torch_reference import TorchCde  # noqa: E402  (the PyTorch reference lives in tests/)
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
@@ -152,7 +152,7 @@ def cores() -> int:
 # --- (a) + (d): encoder ------------------------------------------------------------------
 def bench_encoder(ours: cde_jax.CdeModel, ref: TorchCde, sizes: Sizes) -> dict:
     cfg = ours.backbone_config
-    graphdef, params = nnx.split(ours.model.first_stage_model.embedder)
+    graphdef, params = nnx.split(ours.runner.model.first_stage_model.embedder)
     encode = jax.jit(lambda p, ids, mask: nnx.merge(graphdef, p)(ids, mask))
     matmul = jax.jit(jnp.matmul)
     a_nn = jax.random.normal(jax.random.key(0), (sizes.peak_n, sizes.peak_n), jnp.float32)
@@ -210,14 +210,14 @@ def bench_second_stage(ours: dict[str, cde_jax.CdeModel], ref: TorchCde, dataset
     cfg, tok = first.backbone_config, first.tokenizer.tokenizer
     prefix_len = min(len(dataset_nd), first.config.num_context_tokens) + \
         first.config.num_soft_prompt_tokens
-    contexts = {name: m.context(dataset_nd) for name, m in ours.items()}
+    prefixes = {name: m.prefix(dataset_nd) for name, m in ours.items()}
     out = {}
     for kind, batch, length in kinds:
         ids, mask = fixed_length_batch(tok, texts, PROMPTS[kind], batch, length,
                                        cfg.sep_token_id)
-        contenders = {name: (lambda m=m, c=contexts[name]: m.second_stage(ids, mask, c))
+        contenders = {name: (lambda m=m, c=prefixes[name], i=ids, k=mask: m.second_stage(i, k, c))
                       for name, m in ours.items()}
-        contenders["torch"] = lambda: ref.second_stage(ids, mask, dataset_nd)
+        contenders["torch"] = lambda i=ids, k=mask: ref.second_stage(i, k, dataset_nd)
         seconds, last = alternate(contenders, warmup=warmup, repeats=repeats)
         model_flops = flops.second_stage_flops(cfg, batch, length, prefix_len,
                                                attention=attention)
@@ -269,7 +269,7 @@ def bench_minicorpus(ours: cde_jax.CdeModel, ref: TorchCde, sizes: Sizes):
     for _ in range(sizes.minicorpus_repeats):
         with count_compiles() as counter:
             begin = time.perf_counter()
-            dataset_nd = ours.embed_context(docs_all, seed=0, show_progress_bar=False)
+            dataset_nd = ours.embed_dataset(docs_all, seed=0, show_progress_bar=False)
             ours_s.append(time.perf_counter() - begin)
         compiles += counter.count
         seconds, recipe_nd, padded_len = recipe()
@@ -314,8 +314,8 @@ def measure_stream(work: Path, sizes: Sizes) -> dict:
         texts, out = work / f"texts-{n}.txt", work / f"emb-{n}.npy"
         texts.write_text("\n".join(short_texts(n)) + "\n", encoding="utf-8")
         rss[n] = peak_rss([sys.executable, "-m", "cde_jax.cli", "embed", "--model", str(ckpt),
-                           "--input", str(texts), "--role", "query", "--context", "random",
-                           "--out", str(out)], env=env)
+                           "--input", str(texts), "--role", "query",
+                           "--dataset-embeddings", "fallback", "--out", str(out)], env=env)
         emb = np.load(out)
         if emb.shape != (n, width) or not np.isfinite(emb).all():
             raise RuntimeError(f"cde-jax embed wrote {emb.shape} (finite: "

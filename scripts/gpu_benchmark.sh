@@ -59,17 +59,18 @@ from pathlib import Path
 
 begin = time.perf_counter()
 sys.path.insert(0, "scripts")
-import benchmark as bench  # the harness (puts tests/ on sys.path for torch_reference)
+import benchmark as bench  # the harness
 
 import jax
 import torch
 
 import cde_jax
 from cde_jax import convert
-from cde_jax.context import DOCUMENT_PREFIX, fallback_minicorpus
+from cde_jax.minicorpus import fallback_minicorpus
+from cde_jax.prompts import DOCUMENT as DOCUMENT_PREFIX
 from cde_jax.convert.synthetic import make_synthetic_checkpoint
 from cde_jax.io_utils import atomic_file
-from torch_reference import TorchCde
+from cde_jax.testing.torch_reference import TorchCde
 
 work, mode = Path(sys.argv[1]), sys.argv[2]
 # After this, remaining cases are skipped (and listed) to end within 8 min.
@@ -97,7 +98,7 @@ print(f"device: {name} | peak {peak / 1e12:.1f} TFLOP/s bf16 | jax {jax.__versio
 released = make_synthetic_checkpoint(work / "released", preset=preset)
 converted = convert.convert(released, work / "converted")
 bf16 = dict(dtype="bfloat16", param_dtype="bfloat16")
-ours = {"ours_xla": cde_jax.load(converted, **bf16)}
+ours = {"ours_xla": cde_jax.load(converted, attention="xla", **bf16)}
 ref = TorchCde(released, "sdpa").to(device, torch.bfloat16)
 texts = fallback_minicorpus()
 tok = ours["ours_xla"].tokenizer.tokenizer
@@ -109,12 +110,10 @@ notes = {"device": name, "peak_flops_bf16": peak, "jax": jax.__version__,
          "torch": torch.__version__, "preset": preset, "context_docs": n_ctx,
          "warmup": warmup, "repeats": repeats, "attention_flops": "windowed"}
 
-# cuDNN attention through the config (every layer passes its mask to the fused kernel);
-# probed on the smallest batch of each kind, which the benchmark then reuses.
+# The cuDNN attention kernel, probed on the smallest batch of each kind, which the benchmark
+# then reuses.
 try:
-    ckpt = convert.read_converted(converted)
-    ckpt.backbone = ckpt.backbone.replace(attention_impl="cudnn")
-    cudnn = cde_jax.CdeModel.from_checkpoint(ckpt, **bf16)
+    cudnn = cde_jax.load(converted, attention="cudnn", **bf16)
     errs = []
     for kind in ("query", "document"):
         _, batch, length = min(k for k in kinds if k[0] == kind)

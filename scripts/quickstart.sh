@@ -30,11 +30,11 @@ head -n 2000 cde_jax/data/random_docs.txt > "$work/corpus.txt"
 printf '%s\n' "how do I check my phone's data usage?" "who is Jason Voorhees?" \
   "macdonald polynomials" > "$work/queries.txt"
 
-cde-jax context --model "$model" --input "$work/corpus.txt" --out "$work/context.npz"
+cde-jax dataset-embeddings --model "$model" --input "$work/corpus.txt" --out "$work/dataset.npz"
 cde-jax embed --model "$model" --input "$work/corpus.txt" --role document \
-  --context "$work/context.npz" --out "$work/corpus.npy"
+  --dataset-embeddings "$work/dataset.npz" --out "$work/corpus.npy"
 cde-jax embed --model "$model" --input "$work/queries.txt" --role query \
-  --context "$work/context.npz" --out "$work/queries.npy"
+  --dataset-embeddings "$work/dataset.npz" --out "$work/queries.npy"
 
 python3 - "$work" <<'PY'
 import sys

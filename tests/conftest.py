@@ -1,5 +1,9 @@
-"""Shared fixtures: the real tokenizer and random_docs from ../shared, and synthetic
-released-layout checkpoints (random weights) built once per session."""
+"""Shared fixtures: the ModernBERT tokenizer and the fallback minicorpus (random_docs.txt),
+and synthetic released-layout checkpoints (random weights) built once per session.
+
+The tokenizer and random_docs come from $CDE_SHARED_DIR when set, else from ../shared beside
+the repo when it is there, else from the byte-identical copies the package ships
+(`cde_jax/data`), so a bare clone runs every test."""
 
 from __future__ import annotations
 
@@ -10,19 +14,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cde_jax.tokenization import packaged_data
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SHARED = Path(os.environ.get("CDE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-TOKENIZER_DIR = SHARED / "modernbert-tokenizer"
-RANDOM_DOCS = SHARED / "random_docs.txt"
+
+def _data_dir() -> Path:
+    if os.environ.get("CDE_SHARED_DIR"):
+        return Path(os.environ["CDE_SHARED_DIR"])
+    shared = Path(__file__).resolve().parents[2] / "shared"
+    return shared if (shared / "random_docs.txt").exists() else packaged_data("")
+
+
+DATA_DIR = _data_dir()
+TOKENIZER_DIR = DATA_DIR / "modernbert-tokenizer"
+RANDOM_DOCS = DATA_DIR / "random_docs.txt"
 
 
 def pytest_sessionstart(session):
-    # A missing ../shared must fail loudly: skipping would hide every parity test.
+    # A missing file must fail loudly: skipping would hide every parity test.
     for path in (TOKENIZER_DIR / "tokenizer.json", RANDOM_DOCS):
         if not path.exists():
-            raise pytest.UsageError(f"{path} not found: tests need ../shared beside the repo "
-                                    "(or CDE_SHARED_DIR)")
+            raise pytest.UsageError(f"{path} not found (CDE_SHARED_DIR={DATA_DIR})")
 
 
 PARITY: dict[str, float] = {}

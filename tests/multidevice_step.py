@@ -21,25 +21,23 @@ import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from cde_jax import sharding  # noqa: E402
-from cde_jax.api import CdeModel  # noqa: E402
+import cde_jax  # noqa: E402
+from cde_jax import loading, sharding  # noqa: E402
 from cde_jax.training import data, step  # noqa: E402
-from cde_jax.training.loop import read_checkpoint  # noqa: E402
 
 CFG = step.StepConfig(total_steps=10, learning_rate=2e-5, permute=True, sequence_dropout=0.0)
 
 
 def run(mesh, ckpt, batches):
-    model = CdeModel.from_checkpoint(ckpt, mesh=mesh)
-    params = nnx.to_pure_dict(model.params)
+    graphdef, params = loading.place_checkpoint(ckpt, loading.runtime_backbone(ckpt, mesh), mesh)
     before = jax.tree.map(np.array, params)  # a copy: the step donates `params`
     optimizer = step.make_optimizer(CFG, params)
     opt_state = step.init_opt_state(optimizer, params, mesh)
-    fn = step.make_train_step(model.graphdef, CFG, optimizer, params, opt_state,
+    fn = step.make_train_step(graphdef, CFG, optimizer, params, opt_state,
                               logit_scale=ckpt.cde.logit_scale, mesh=mesh)
-    placed = {k: jax.device_put(v, step.batch_sharding(mesh, v)) for k, v in batches.items()}
+    placed = {k: jax.device_put(v, sharding.stacked_batch_sharding(mesh, v.shape))
+              for k, v in batches.items()}
     params, _, metrics = fn(params, opt_state, placed, jax.random.PRNGKey(0), 0)
     shardings = {str(x.sharding.spec) for x in jax.tree.leaves(placed)}
     return metrics, jax.tree.map(np.asarray, params), before, shardings
@@ -47,11 +45,11 @@ def run(mesh, ckpt, batches):
 
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
-    ckpt = read_checkpoint(sys.argv[1])
+    ckpt = loading.read_checkpoint(sys.argv[1])
     cfg = data.BatchConfig(batch_size=16, negatives=1, corpus_size=512, query_length=24,
                           document_length=48)
     train_data = data.TrainData(data.read_examples(sys.argv[2]), cfg, seed=0)
-    tokenize = data.BatchTokenizer(CdeModel.from_checkpoint(ckpt).tokenizer, train_data.cfg)
+    tokenize = data.BatchTokenizer(cde_jax.load(sys.argv[1]).tokenizer, train_data.cfg)
     batches = data.stack([tokenize(train_data.batch(i)) for i in range(2)])
     one_metrics, one, before, _ = run(sharding.make_mesh(devices=jax.devices()[:1]), ckpt,
                                       batches)

@@ -37,11 +37,12 @@ def main():
         jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.num_processes,
                                    process_id=args.process_id)
     import cde_jax
+    from cde_jax.minicorpus import fallback_minicorpus
     from cde_jax.sharding import make_mesh
 
     mesh = make_mesh(args.model_parallel)
     model = cde_jax.load(args.ckpt, mesh=mesh)
-    ctx = model.embed_context(None, seed=3)
+    ctx = model.embed_dataset(fallback_minicorpus(), seed=3)
     texts = corpus()
     # Each process embeds its own contiguous share of the corpus.
     per = -(-len(texts) // jax.process_count())
@@ -50,7 +51,7 @@ def main():
     emb = model.encode(mine, prompt_name="document", dataset_embeddings=ctx)
     raw = model.second_stage(*model.tokenizer(["search_query: " + t for t in mine[:6]]), ctx)
     from cde_jax.params import flat_params
-    wqkv = flat_params(model.model)["second_stage_model/backbone/layers/0/attn/wqkv/kernel"]
+    wqkv = flat_params(model.runner.model)["second_stage_model/backbone/layers/0/attn/wqkv/kernel"]
     np.savez(args.out, context=ctx, embeddings=emb, raw=raw, start=start,
              devices=len(jax.devices()), wqkv_spec=str(tuple(wqkv.sharding.spec)))
 

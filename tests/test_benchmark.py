@@ -9,7 +9,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -65,16 +64,16 @@ def test_counts_agree_with_xla_on_global_layers():
     def encoder(st, i, m):
         return nnx.merge(graphdef, st).first_stage_model.embedder(i, m)
 
-    def context(st, d):
-        return nnx.merge(graphdef, st).second_stage_model.context(d)
+    def prefix(st, d):
+        return nnx.merge(graphdef, st).second_stage_model.prefix(d)
 
     def second(st, i, m, d):
         stage = nnx.merge(graphdef, st).second_stage_model
-        return stage(i, m, stage.context(d))
+        return stage(i, m, stage.prefix(d))
 
     ratio = _xla_flops(encoder, state, ids, ids) / flops.encoder_flops(cfg, 2, 96)
     assert 1.0 <= ratio <= 1.03, ratio
-    per_batch = _xla_flops(second, state, ids, ids, dataset) - _xla_flops(context, state, dataset)
+    per_batch = _xla_flops(second, state, ids, ids, dataset) - _xla_flops(prefix, state, dataset)
     ratio = per_batch / flops.second_stage_flops(cfg, 2, 96, 520)
     assert 1.0 <= ratio <= 1.03, ratio
 

@@ -17,8 +17,9 @@ import pytest
 from conftest import max_rel_err
 
 import cde_jax
-from cde_jax.commands.context import minicorpus
-from cde_jax.context import DOCUMENT_PREFIX, DatasetEmbeddings, sample_minicorpus
+from cde_jax.commands.dataset_embeddings import sample_streamed
+from cde_jax.minicorpus import DatasetEmbeddings, fallback_minicorpus, sample_minicorpus
+from cde_jax.prompts import DOCUMENT as DOCUMENT_PREFIX
 from cde_jax.stream import ResumableArray
 
 CHUNK = ("--chunk-size", "16", "--batch-size", "8")
@@ -87,7 +88,7 @@ def ctx_npz(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def documents_ref(model, texts, ctx_npz):
     return model.encode(texts, prompt_name="document",
-                        dataset_embeddings=model.load_context(ctx_npz), batch_size=8)
+                        dataset_embeddings=model.load_dataset_embeddings(ctx_npz), batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def embedded_txt(cli, model_dir, texts, ctx_npz, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("embed-txt")
     src, out = write_txt(tmp / "in.txt", texts), tmp / "emb.npy"
     done = cli("embed", "--model", model_dir, "--input", src, "--role", "document",
-               "--context", ctx_npz, "--out", out, *CHUNK)
+               "--dataset-embeddings", ctx_npz, "--out", out, *CHUNK)
     return src, out, done
 
 
@@ -106,11 +107,11 @@ def test_context_equals_python_api(cli, model, model_dir, random_docs, tmp_path,
     texts = mixed_texts(random_docs, count, seed=count)
     assert texts.count("") > 0
     src = write_jsonl(tmp_path / "in.jsonl", texts, field="body")
-    done = cli("context", "--model", model_dir, "--input", src, "--field", "body",
+    done = cli("dataset-embeddings", "--model", model_dir, "--input", src, "--field", "body",
                "--seed", 7, "--out", tmp_path / "ctx.npz")
     assert done.returncode == 0, done.stderr
-    got = model.load_context(tmp_path / "ctx.npz")
-    want = model.context_record(texts, seed=7)
+    got = model.load_dataset_embeddings(tmp_path / "ctx.npz")
+    want = model.dataset_embeddings_file(texts, seed=7)
     np.testing.assert_array_equal(got.embeddings, want.embeddings)
     assert (got.fingerprint, got.prefix, got.seed) == (model.fingerprint, DOCUMENT_PREFIX, 7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ctx.npz", "in.jsonl"]
@@ -122,7 +123,7 @@ def test_streaming_minicorpus_samples_like_the_api(count, size, seed):
     texts = [f"t{i}" for i in range(count)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # oversampling 5 texts
-        assert minicorpus(iter(texts), count, size, seed) == \
+        assert sample_streamed(iter(texts), count, size, seed) == \
             sample_minicorpus(texts, size, seed)
 
 
@@ -148,9 +149,10 @@ def test_embed_jsonl_field_random_context(cli, model, model_dir, texts, tmp_path
     texts = texts[:40]
     src = write_jsonl(tmp_path / "in.jsonl", texts, field="body")
     done = cli("embed", "--model", model_dir, "--input", src, "--field", "body", "--role",
-               "query", "--context", "random", "--out", tmp_path / "q.npy", *CHUNK)
+               "query", "--dataset-embeddings", "fallback", "--out", tmp_path / "q.npy", *CHUNK)
     assert done.returncode == 0, done.stderr
-    want = model.encode(texts, prompt_name="query", dataset_embeddings=model.embed_context(None),
+    want = model.encode(texts, prompt_name="query",
+                        dataset_embeddings=model.embed_dataset(fallback_minicorpus()),
                         batch_size=8)
     assert max_rel_err(np.load(tmp_path / "q.npy"), want) <= 1e-6
 
@@ -160,7 +162,7 @@ def test_embed_parquet(cli, model_dir, texts, ctx_npz, documents_ref, tmp_path):
     pq.write_table(pa.table({"id": list(range(len(texts))), "body": texts}),
                    tmp_path / "in.parquet", row_group_size=30)
     done = cli("embed", "--model", model_dir, "--input", tmp_path / "in.parquet", "--field",
-               "body", "--role", "document", "--context", ctx_npz, "--out",
+               "body", "--role", "document", "--dataset-embeddings", ctx_npz, "--out",
                tmp_path / "d.npy", *CHUNK)
     assert done.returncode == 0, done.stderr
     assert max_rel_err(np.load(tmp_path / "d.npy"), documents_ref) <= 1e-6
@@ -170,8 +172,8 @@ def test_kill_9_then_resume_is_byte_identical(cli, model_dir, ctx_npz, embedded_
     src, uninterrupted, _ = embedded_txt
     out = tmp_path / "emb.npy"
     journal, partial = tmp_path / "emb.npy.journal", tmp_path / "emb.npy.partial"
-    args = ("embed", "--model", model_dir, "--input", src, "--role", "document", "--context",
-            ctx_npz, "--out", out, *CHUNK)
+    args = ("embed", "--model", model_dir, "--input", src, "--role", "document",
+            "--dataset-embeddings", ctx_npz, "--out", out, *CHUNK)
     with open(tmp_path / "log", "w") as log:
         proc = cli(*args, popen=True, stdout=log, stderr=log)
         deadline = time.monotonic() + 300
@@ -194,8 +196,8 @@ def test_kill_9_then_resume_is_byte_identical(cli, model_dir, ctx_npz, embedded_
 
 def test_embed_cache_hits_on_a_repeated_run(cli, model_dir, ctx_npz, texts, tmp_path):
     src = write_txt(tmp_path / "in.txt", texts[:12])
-    argv = ("embed", "--model", model_dir, "--input", src, "--role", "query", "--context",
-            ctx_npz, "--out", tmp_path / "q.npy", *CHUNK)
+    argv = ("embed", "--model", model_dir, "--input", src, "--role", "query",
+            "--dataset-embeddings", ctx_npz, "--out", tmp_path / "q.npy", *CHUNK)
     assert cli(*argv).returncode == 0
     counting = ("import collections, json, sys, jax; from cde_jax import cli"
                 "; c = collections.Counter()"
@@ -224,7 +226,7 @@ def test_bad_input_exits_2_and_writes_nothing(cli, model_dir, ctx_npz, tmp_path,
     name, data, message = BAD_INPUTS[case]
     (tmp_path / name).write_bytes(data)
     done = cli("embed", "--model", model_dir, "--input", tmp_path / name, "--role", "query",
-               "--context", ctx_npz, "--out", tmp_path / "q.npy")
+               "--dataset-embeddings", ctx_npz, "--out", tmp_path / "q.npy")
     assert done.returncode == 2
     assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert [p.name for p in tmp_path.iterdir()] == [name]
@@ -234,8 +236,8 @@ def test_parquet_without_pyarrow_is_a_clear_error(cli, model_dir, tmp_path):
     (tmp_path / "in.parquet").write_bytes(b"PAR1")
     blocked = ("import sys; sys.modules['pyarrow'] = None; from cde_jax import cli; "
                "sys.exit(cli.main(sys.argv[1:]))")
-    done = cli("context", "--model", model_dir, "--input", tmp_path / "in.parquet", "--out",
-               tmp_path / "c.npz", cmd=("-c", blocked))
+    done = cli("dataset-embeddings", "--model", model_dir, "--input", tmp_path / "in.parquet",
+               "--out", tmp_path / "c.npz", cmd=("-c", blocked))
     assert done.returncode == 2 and "needs pyarrow" in done.stderr, done.stderr
 
 
@@ -243,8 +245,8 @@ def test_context_from_another_model_is_refused(cli, model_dir, texts, tmp_path):
     other = DatasetEmbeddings(np.ones((512, 64), np.float32), "another-model", DOCUMENT_PREFIX, 0)
     other.save(tmp_path / "ctx.npz")
     src = write_txt(tmp_path / "in.txt", texts[:4])
-    done = cli("embed", "--model", model_dir, "--input", src, "--role", "query", "--context",
-               tmp_path / "ctx.npz", "--out", tmp_path / "q.npy")
+    done = cli("embed", "--model", model_dir, "--input", src, "--role", "query",
+               "--dataset-embeddings", tmp_path / "ctx.npz", "--out", tmp_path / "q.npy")
     assert done.returncode == 2 and "made by model another-model" in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ctx.npz", "in.txt"]
 
@@ -278,3 +280,26 @@ def test_resumable_array_journal(tmp_path):
         json.dumps({"version": 1, "key": "k", "rows": 7, "width": 3, "chunk_rows": 3}) + "\n0\n")
     with open_() as a:
         assert a.state == "restarted" and a.done == set()
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    from cde_jax import cli
+    from cde_jax.commands import embed
+    from cde_jax.validation import UserError
+
+    argv = ["embed", "--model", "m", "--input", "in.txt", "--role", "query",
+            "--dataset-embeddings", "fallback", "--out", "o.npy"]
+
+    def user_error(args):
+        raise UserError("in.txt: line 3: not valid JSON")
+
+    monkeypatch.setattr(embed, "run", user_error)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == "cde-jax embed: error: in.txt: line 3: not valid JSON\n"
+
+    def bug(args):
+        return len(None)  # a TypeError from a bug, not from the user's input
+
+    monkeypatch.setattr(embed, "run", bug)
+    with pytest.raises(TypeError, match="NoneType"):
+        cli.main(argv)

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cde_jax.convert import CheckpointError, convert, read_converted, read_released, write_released
+from conftest import TOKENIZER_DIR
 from safetensors.numpy import load_file, save_file
 
 import cde_jax
-from cde_jax.convert import (CheckpointError, convert, read_converted, read_released,
-                             write_released)
-from cde_jax.convert.synthetic import make_synthetic_checkpoint
-from conftest import TOKENIZER_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 

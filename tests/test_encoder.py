@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 import torch
+from cde_jax.convert import keymap
+from conftest import max_rel_err
 from flax import nnx
 
 from cde_jax.config import ModernBertConfig, modernbert_base
-from cde_jax.convert import keymap
 from cde_jax.encoder import ModernBert
 from cde_jax.params import with_params
-from conftest import max_rel_err
-from torch_reference import hf_config
+from cde_jax.testing.torch_reference import hf_config
 
 SMALL = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
              intermediate_size=96, local_attention=16, pad_token_id=0)
@@ -80,7 +80,7 @@ def test_parity_with_transformers(name, attn):
     if attn == "sdpa":
         # HF's own eager and sdpa paths disagree at padding queries that see no key (sdpa
         # special-cases fully masked rows); those outputs are never pooled. Eager, which
-        # masks with finite negatives as SPEC 2 says, is compared at every position.
+        # masks with finite negatives as docs/model.md §3 says, is compared at every position.
         real = mask.astype(bool)
         actual, expected = actual[real], expected[real]
     err = max_rel_err(actual, expected)

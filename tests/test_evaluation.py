@@ -18,16 +18,20 @@ from pathlib import Path
 import mteb
 import numpy as np
 import pytest
-from mteb.mocks.mock_tasks import (LegacyMockClusteringFastTask, MockClassificationTask,
-                                   MockRerankingTask, MockRetrievalTask, MockSTSTask)
+from mteb.mocks.mock_tasks import (
+    LegacyMockClusteringFastTask,
+    MockClassificationTask,
+    MockRerankingTask,
+    MockRetrievalTask,
+    MockSTSTask,
+)
 from mteb.models.models_protocols import EncoderProtocol, SearchProtocol
 
 import cde_jax
 from cde_jax import cli
-from cde_jax.context import sample_minicorpus
-from cde_jax.evaluation import (SearchPlan, exact_top_k, load_beir, rank_corpus,
-                                ranking_metrics)
+from cde_jax.evaluation import SearchPlan, exact_top_k, load_beir, rank_corpus, ranking_metrics
 from cde_jax.evaluation.mteb import CdeMtebModel
+from cde_jax.minicorpus import sample_minicorpus
 from cde_jax.profiling import count_compiles
 
 BATCH = 8  # fixed small batches: the default plan pads 2 texts to 128 rows
@@ -293,11 +297,11 @@ def test_cli_eval_end_to_end(beir, synthetic, model, tmp_path):
         | {"mrr@10"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
 
-    # Independent recomputation: SPEC 5 minicorpus, prefixes, cosine, numpy argsort.
+    # Independent recomputation: docs/model.md §7 minicorpus, prefixes, cosine, numpy argsort.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        context = model.embed_context(raw["docs"], seed=42, batch_size=BATCH)
-        assert sample_minicorpus(raw["docs"], 512, 42) == list(  # SPEC 5's draw
+        context = model.embed_dataset(raw["docs"], seed=42, batch_size=BATCH)
+        assert sample_minicorpus(raw["docs"], 512, 42) == list(  # docs/model.md §7's draw
             np.random.default_rng(42).choice(raw["docs"], 512, replace=True))
     docs = model.encode(raw["docs"], prompt="search_document: ", dataset_embeddings=context,
                         batch_size=BATCH)
@@ -343,17 +347,17 @@ class RecordingMteb(CdeMtebModel):
     def __init__(self, model, **kw):
         super().__init__(model, **kw)
         self.task, self.calls = None, []
-        inner_context, inner_encode = model.embed_context, model.encode
+        inner_dataset, inner_encode = model.embed_dataset, model.encode
 
-        def embed_context(texts, **kw):
+        def embed_dataset(texts, **kw):
             self.calls.append((self.task, "context", list(texts), kw["seed"]))
-            return inner_context(texts, **kw)
+            return inner_dataset(texts, **kw)
 
         def encode(texts, **kw):
             self.calls.append((self.task, kw["prompt"], list(texts), None))
             return inner_encode(texts, **kw)
 
-        self.model = _Proxy(model, embed_context=embed_context, encode=encode)
+        self.model = _Proxy(model, embed_dataset=embed_dataset, encode=encode)
 
     def encode(self, inputs, *, task_metadata, **kw):
         self.task = task_metadata.name
@@ -451,7 +455,7 @@ def test_mteb_search_and_rerank_match_numpy(model, random_docs):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        context = model.embed_context(docs, seed=42, batch_size=BATCH)
+        context = model.embed_dataset(docs, seed=42, batch_size=BATCH)
     d = model.encode(docs, prompt="search_document: ", dataset_embeddings=context,
                      batch_size=BATCH)
     q = model.encode(queries, prompt="search_query: ", dataset_embeddings=context,
@@ -472,7 +476,7 @@ def test_mteb_search_and_rerank_match_numpy(model, random_docs):
         wrapper.search(query_ds, top_k=3, top_ranked={"q0": ["d1", "nope"]}, **where)
 
 
-def test_mteb_classification_context_is_the_train_split_per_subset(model):
+def test_mteb_classification_minicorpus_is_the_train_split_per_subset(model):
     """A fake multilingual task (dataset[subset][split][column]), looked up by name."""
     train = {"en": ["good film", "bad film", "a fine day"], "fr": ["bon film", "mauvais"]}
     task = type("FakeTask", (), dict(
@@ -486,14 +490,14 @@ def test_mteb_classification_context_is_the_train_split_per_subset(model):
         for subset in ("en", "fr", "en"):
             got = wrapper.encode([{"text": texts}], task_metadata=task.metadata,
                                  hf_split="test", hf_subset=subset)
-            context = model.embed_context(train[subset], seed=42, batch_size=BATCH)
+            context = model.embed_dataset(train[subset], seed=42, batch_size=BATCH)
             want = model.encode(texts, prompt="classification: ", dataset_embeddings=context,
                                 batch_size=BATCH)
-            np.testing.assert_array_equal(wrapper.contexts[("FakeCls", subset)], context)
+            np.testing.assert_array_equal(wrapper.dataset_embeddings[("FakeCls", subset)], context)
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-    assert sorted(wrapper.contexts) == [("FakeCls", "en"), ("FakeCls", "fr")]
-    assert np.abs(wrapper.contexts[("FakeCls", "en")]
-                  - wrapper.contexts[("FakeCls", "fr")]).max() > 1e-3
+    assert sorted(wrapper.dataset_embeddings) == [("FakeCls", "en"), ("FakeCls", "fr")]
+    assert np.abs(wrapper.dataset_embeddings[("FakeCls", "en")]
+                  - wrapper.dataset_embeddings[("FakeCls", "fr")]).max() > 1e-3
 
 
 def test_mteb_similarity_and_bad_arguments(model):

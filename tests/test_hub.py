@@ -1,5 +1,5 @@
 """Opt-in, needs the Hugging Face hub: the real jxm/cde-small-v2, converted by cde_jax,
-reproduces SPEC section 6 (sentence-transformers' integration test) within 1e-3.
+reproduces docs/model.md §10 (sentence-transformers' integration test) within 1e-3.
 
 Run with `pytest -m hub tests/test_hub.py` or CDE_HUB_TESTS=1 (downloads ~1.2 GB of weights
 and the natural-questions dataset). Otherwise, or when the hub is unreachable, it is skipped
@@ -13,9 +13,9 @@ import re
 
 import numpy as np
 import pytest
+from cde_jax.convert import convert
 
 import cde_jax
-from cde_jax.convert import convert
 
 pytestmark = pytest.mark.hub
 
@@ -39,7 +39,7 @@ def hub(request):
 
 
 def similarity_matrix(model, answers: list[str], queries: list[str]) -> np.ndarray:
-    """SPEC 6's procedure: the last 512 answers as the minicorpus, embedded in their order
+    """docs/model.md §10's procedure: the last 512 answers as the minicorpus, embedded in their order
     (the reference does not resample them), then cosine of the first 2 queries x 5 answers."""
     dataset_embeddings = model.embed_minicorpus(answers[-model.config.transductive_corpus_size:])
     docs = model.encode(answers[:5], prompt_name="document",

@@ -3,12 +3,12 @@
 
 import numpy as np
 import pytest
+from conftest import TOKENIZER_DIR, max_rel_err
 
 import cde_jax
 from cde_jax.profiling import count_compiles
+from cde_jax.testing.torch_reference import TorchCde
 from cde_jax.tokenization import TextTokenizer, load_tokenizer
-from conftest import TOKENIZER_DIR, max_rel_err
-from torch_reference import TorchCde
 
 QUERIES = [
     "search_query: what is the capital of France?",
@@ -67,9 +67,10 @@ def test_two_stage_parity(loaded, tokenize, tokenize_docs, random_docs, corpus_s
 def test_local_last_layer(tmp_path, tokenize, random_docs):
     """A backbone whose last layer is local: the text-only queries of the last layer go
     through the dense windowed mask with query positions offset by the prefix."""
-    from cde_jax.config import modernbert_tiny
     from cde_jax.convert import convert
     from cde_jax.convert.synthetic import make_synthetic_checkpoint
+
+    from cde_jax.config import modernbert_tiny
 
     released = make_synthetic_checkpoint(tmp_path / "released", tokenizer_dir=TOKENIZER_DIR,
                                          backbone=modernbert_tiny().replace(num_hidden_layers=5),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import cde_jax
-from cde_jax.context import DatasetEmbeddings, fallback_minicorpus, sample_minicorpus
+from cde_jax.minicorpus import DatasetEmbeddings, fallback_minicorpus, sample_minicorpus
 from cde_jax.pipeline import BucketPlan
 from cde_jax.profiling import count_compiles
 
@@ -19,14 +19,14 @@ def model(synthetic):
 
 @pytest.fixture(scope="module")
 def ctx(model):
-    return model.embed_context(None, seed=0)
+    return model.embed_dataset(fallback_minicorpus(), seed=0)
 
 
 def test_fallback_minicorpus_is_random_docs(model, random_docs):
     assert fallback_minicorpus() == random_docs
-    emb = model.embed_context(None, seed=5)
+    emb = model.embed_dataset(fallback_minicorpus(), seed=5)
     assert emb.shape == (512, 64) and emb.dtype == np.float32
-    docs = sample_minicorpus(None, 512, seed=5)
+    docs = sample_minicorpus(fallback_minicorpus(), 512, seed=5)
     ids, mask = model.tokenizer(["search_document: " + d for d in docs])
     np.testing.assert_allclose(emb, model.first_stage(ids, mask), rtol=0, atol=1e-6)
 
@@ -34,10 +34,10 @@ def test_fallback_minicorpus_is_random_docs(model, random_docs):
 def test_oversampling_is_deterministic_and_warned(model, random_docs):
     few = random_docs[:10]
     with pytest.warns(UserWarning, match="only 10 texts .* oversampling"):
-        a = model.embed_context(few, seed=1)
+        a = model.embed_dataset(few, seed=1)
     with pytest.warns(UserWarning):
-        b = model.embed_context(few, seed=1)
-        c = model.embed_context(few, seed=2)
+        b = model.embed_dataset(few, seed=1)
+        c = model.embed_dataset(few, seed=2)
     np.testing.assert_array_equal(a, b)
     assert a.shape == (512, 64) and not np.array_equal(a, c)
     chosen = sample_minicorpus(few, 512, seed=1)
@@ -49,16 +49,16 @@ def test_more_texts_are_sampled_to_exactly_corpus_size(random_docs):
         warnings.simplefilter("error")
         chosen = sample_minicorpus(random_docs[:600], 512, seed=0)
     assert len(chosen) == 512 and len(set(chosen)) == len(set(random_docs[:600]) & set(chosen))
-    # SPEC 5's rule, verbatim.
+    # docs/model.md §4's rule, verbatim.
     expected = np.random.default_rng(0).choice(random_docs[:600], 512, replace=False)
     assert chosen == list(expected)
 
 
 def test_empty_and_bad_minicorpus(model):
     with pytest.raises(ValueError, match="empty list"):
-        model.embed_context([])
+        model.embed_dataset([])
     with pytest.raises(TypeError, match="index 2 is int"):
-        model.embed_context(["a", "b", 3])
+        model.embed_dataset(["a", "b", 3])
 
 
 def test_encode_order_buckets_and_compiles(model, ctx, random_docs):
@@ -114,23 +114,23 @@ def test_fixed_batch_size_plan(model, ctx, random_docs):
 
 
 def test_dataset_embeddings_file(model, ctx, tmp_path, synthetic):
-    record = model.context_record(None, seed=0)
+    record = model.dataset_embeddings_file(fallback_minicorpus(), seed=0)
     np.testing.assert_array_equal(record.embeddings, ctx)
     path = record.save(tmp_path / "ctx.npz")
-    loaded = model.load_context(path)
+    loaded = model.load_dataset_embeddings(path)
     assert (loaded.prefix, loaded.seed, loaded.fingerprint) == ("search_document: ", 0,
                                                                  model.fingerprint)
     np.testing.assert_array_equal(loaded.embeddings, ctx)
     other = DatasetEmbeddings(ctx, "0123456789abcdef", "search_document: ", 0).save(
         tmp_path / "other.npz")
     with pytest.raises(ValueError, match="made by model 0123456789abcdef"):
-        model.load_context(other)
+        model.load_dataset_embeddings(other)
     narrow = DatasetEmbeddings(ctx[:, :32], model.fingerprint, "search_document: ", 0).save(
         tmp_path / "narrow.npz")
     with pytest.raises(ValueError, match=r"shape \(512, 32\)"):
-        model.load_context(narrow)
+        model.load_dataset_embeddings(narrow)
     nan = ctx.copy()
     nan[4] = np.nan
     with pytest.raises(ValueError, match=r"row\(s\) \[4\]"):
-        model.load_context(DatasetEmbeddings(nan, model.fingerprint, "p", 0).save(
+        model.load_dataset_embeddings(DatasetEmbeddings(nan, model.fingerprint, "p", 0).save(
             tmp_path / "nan.npz"))

@@ -2,6 +2,7 @@
 processes joined by jax.distributed (each feeding its own rows)."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -78,7 +79,8 @@ def test_two_processes_match_one(single, tmp_path):
 def test_rules_table():
     assert logical_axes("second_stage_model/backbone/layers/3/attn/wqkv/kernel") == \
         ("embed", None, "heads", "head_dim")
-    assert logical_axes("first_stage_model/mlp/fc1/kernel") == ()
+    assert logical_axes("first_stage_model/mlp/fc1/kernel") == (None, None)  # replicated
+    assert logical_axes("first_stage_model/embedder/final_norm/scale") == ()
     assert PARAM_AXES[-1][0] == r".*"
     from jax.sharding import PartitionSpec as P
 
@@ -91,3 +93,22 @@ def test_rules_table():
     assert spec(("embed", None, "heads", "head_dim"), FakeMesh, (48, 3, 3, 16)) == \
         P(None, None, None, None)
     assert make_mesh().axis_names == ("data", "model")
+
+
+def test_every_matrix_has_its_own_rule():
+    """A parameter of two or more dimensions that only the catch-all row matches would be
+    silently replicated on every device: each must have a row of its own."""
+    from cde_jax.config import CdeConfig, modernbert_base
+    from cde_jax.params import abstract_model, flat_shapes
+    from cde_jax.sharding import CATCH_ALL
+
+    shapes = flat_shapes(abstract_model(modernbert_base(), CdeConfig(), has_null_embedding=True))
+    assert len(shapes) > 200
+    unruled = []
+    for path, shape in shapes.items():
+        rule = next(pattern for pattern, _ in PARAM_AXES if re.search(pattern, path))
+        axes = logical_axes(path)
+        assert axes == () or len(axes) == len(shape), (path, axes, shape)
+        if len(shape) >= 2 and rule == CATCH_ALL:
+            unruled.append(path)
+    assert not unruled, f"no sharding rule for: {unruled[:5]}"

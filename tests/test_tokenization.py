@@ -5,9 +5,9 @@ import logging
 import numpy as np
 import pytest
 import transformers
+from conftest import TOKENIZER_DIR
 
 from cde_jax.tokenization import TextTokenizer, instruction_end_id, load_tokenizer
-from conftest import TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")

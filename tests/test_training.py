@@ -25,20 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
+from cde_jax.convert import keymap
+from conftest import max_rel_err
 from jax.sharding import PartitionSpec
 from safetensors.numpy import load_file
 
 import cde_jax
 from cde_jax import cli, sharding
-from cde_jax.api import CdeModel
 from cde_jax.commands import runtime
-from cde_jax.convert import keymap
-from cde_jax.training import BatchConfig, Example, StepConfig, Stages, TrainData, data, step
-from cde_jax.training.loop import read_checkpoint
+from cde_jax.loading import read_checkpoint
+from cde_jax.testing.torch_reference import TorchCde
+from cde_jax.training import BatchConfig, Example, Stages, StepConfig, TrainData, data, step
 from cde_jax.training.loss import contrastive_loss
-from conftest import max_rel_err
-from torch_reference import TorchCde
 
 TESTS = Path(__file__).resolve().parent
 LOGIT_SCALE = 50.0
@@ -62,9 +60,8 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def loaded(ckpt_dir):
-    ckpt = read_checkpoint(ckpt_dir)
-    model = CdeModel.from_checkpoint(ckpt)
-    return ckpt, model, nnx.to_pure_dict(model.params)
+    model = cde_jax.load(ckpt_dir)
+    return read_checkpoint(ckpt_dir), model, model.runner.params
 
 
 def make_batches(model, examples, cfg: BatchConfig, n: int = 1):
@@ -104,7 +101,7 @@ def test_loss_and_gradients_match_torch_autograd(synthetic, random_docs):
                                                              document_length=48))
     batch = micro(batches, 0)
     assert len(set(text.doc_label.tolist())) < len(text.documents)
-    stages = Stages(model.graphdef, StepConfig(total_steps=1, permute=False,
+    stages = Stages(model.runner.graphdef, StepConfig(total_steps=1, permute=False,
                                                sequence_dropout=0.0))
     grad_fn = jax.jit(jax.value_and_grad(
         lambda p, b: step.batch_loss(stages, p, b, jax.random.PRNGKey(0), LOGIT_SCALE),
@@ -152,8 +149,8 @@ def test_gradient_cache_and_accumulation_equal_full_batch(synthetic, random_docs
                               BatchConfig(batch_size=8, negatives=1, corpus_size=512,
                                           query_length=24, document_length=48), n=2)
     common = dict(total_steps=1, permute=True, sequence_dropout=0.3)
-    full = Stages(model.graphdef, StepConfig(**common))
-    cached = Stages(model.graphdef, StepConfig(**common, chunk_size=4))
+    full = Stages(model.runner.graphdef, StepConfig(**common))
+    cached = Stages(model.runner.graphdef, StepConfig(**common, chunk_size=4))
     key = jax.random.PRNGKey(3)
 
     full_fn = jax.jit(jax.value_and_grad(

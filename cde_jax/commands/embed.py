@@ -14,13 +14,14 @@ import hashlib
 import itertools
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from .. import inputs
+from ..minicorpus import fallback_minicorpus
 from ..stream import ResumableArray
 from . import runtime
 
@@ -32,9 +33,10 @@ def register(subparsers) -> None:
     runtime.add_input_args(parser)
     parser.add_argument("--role", required=True, choices=("query", "document"),
                         help="the task prefix: search_query or search_document")
-    parser.add_argument("--context", required=True,
-                        help="dataset embeddings from `cde-jax context` (.npz; must come from "
-                             "this model), or 'random' for the generic fallback minicorpus")
+    parser.add_argument("--dataset-embeddings", required=True, metavar="NPZ|fallback",
+                        help="dataset embeddings from `cde-jax dataset-embeddings` (.npz; must "
+                             "come from this model), or 'fallback' for the generic fallback "
+                             "minicorpus")
     parser.add_argument("--out", required=True, help="the .npy to write")
     parser.add_argument("--chunk-size", type=runtime.positive_int, default=4096,
                         help="texts per chunk, the unit of work a resumed run keeps "
@@ -48,11 +50,11 @@ def chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def run_key(args, scanned: inputs.Scan, fingerprint: str, context_nd: np.ndarray) -> str:
+def run_key(args, scanned: inputs.Scan, fingerprint: str, dataset_md: np.ndarray) -> str:
     """Everything the output bytes depend on: a journal with another key is not resumed."""
     parts = {"input": scanned.sha256, "format": Path(args.input).suffix.lower(),
              "field": args.field, "role": args.role, "model": fingerprint,
-             "context": hashlib.sha256(np.ascontiguousarray(context_nd).tobytes()).hexdigest(),
+             "context": hashlib.sha256(np.ascontiguousarray(dataset_md).tobytes()).hexdigest(),
              "chunk_size": args.chunk_size, "batch_size": args.batch_size}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -60,11 +62,11 @@ def run_key(args, scanned: inputs.Scan, fingerprint: str, context_nd: np.ndarray
 def run(args) -> int:
     scanned = inputs.scan(args.input, args.field)
     model = runtime.load_model(args.model)
-    if args.context == "random":
-        context_nd = model.embed_context(None, batch_size=args.batch_size)
+    if args.dataset_embeddings == "fallback":
+        dataset_md = model.embed_dataset(fallback_minicorpus(), batch_size=args.batch_size)
     else:
-        context_nd = model.load_context(args.context).embeddings
-    key = run_key(args, scanned, model.fingerprint, context_nd)
+        dataset_md = model.load_dataset_embeddings(args.dataset_embeddings).embeddings
+    key = run_key(args, scanned, model.fingerprint, dataset_md)
     with ResumableArray(args.out, rows=scanned.count, width=model.hidden_size,
                         chunk_rows=args.chunk_size, key=key) as out:
         if out.state == "resumed":
@@ -81,7 +83,7 @@ def run(args) -> int:
                 if chunk in out.done:
                     continue
                 out.write(chunk, model.encode(texts, prompt_name=args.role,
-                                              dataset_embeddings=context_nd,
+                                              dataset_embeddings=dataset_md,
                                               batch_size=args.batch_size,
                                               show_progress_bar=False))
                 bar.update(len(texts))

@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import cde_jax
-from . import runtime
+
 from ..evaluation.beir import load_beir
 from ..evaluation.retrieval import MINICORPUS_SEED, evaluate_retrieval
 from ..io_utils import atomic_file
+from . import runtime
 
 
 def k_values(text: str) -> tuple[int, ...]:
@@ -42,7 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--k", type=k_values, default=(10, 100), help="e.g. 10,100")
     p.add_argument("--seed", type=int, default=MINICORPUS_SEED,
-                   help="minicorpus sampling seed (SPEC 5: 42)")
+                   help="minicorpus sampling seed (docs/model.md §7: 42)")
     p.add_argument("--batch-size", type=runtime.positive_int, default=None,
                    help="fixed batch size (default: about 8192 tokens per batch)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

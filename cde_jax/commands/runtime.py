@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 
-from ..api import CdeModel, load
+from ..text_api import CdeModel, load
 
 CACHE_ENV = "CDE_JAX_CACHE_DIR"
 CACHE_HELP = (f"Compiled XLA programs are cached on disk so that repeated runs do not "

@@ -20,6 +20,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..inputs import lines
+from ..validation import UserError
+
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 
 
@@ -44,14 +47,9 @@ def _lines(path: Path, desc: str):
     """(line number, text) of the non-blank lines, with a byte progress bar."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found")
-    with path.open("rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                                    desc=desc, disable=None) as bar:
-        for number, raw in enumerate(f, start=1):
-            bar.update(len(raw))
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{number}: not UTF-8 ({e})") from None
+    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc,
+              disable=None) as bar:
+        for number, line in lines(path, progress=bar.update):
             if line.strip():
                 yield number, line
 
@@ -64,7 +62,7 @@ def _string(path: Path, number: int, row: dict, key: str, *, optional: bool = Fa
         return str(value)  # some BEIR exports store numeric ids
     if not isinstance(value, str):
         got = "missing" if key not in row else f"{type(value).__name__} {value!r:.40}"
-        raise ValueError(f"{path}:{number}: {key!r} must be a string, got {got}")
+        raise UserError(f"{path}:{number}: {key!r} must be a string, got {got}")
     return value
 
 
@@ -76,48 +74,48 @@ def read_jsonl(path: Path, *, title: bool) -> dict[str, tuple[str, str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") \
+            raise UserError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") \
                 from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got "
+            raise UserError(f"{path}:{number}: expected a JSON object, got "
                              f"{type(row).__name__}")
         key = _string(path, number, row, "_id")
         if key in first_line:
-            raise ValueError(f"{path}:{number}: duplicate _id {key!r} (first on line "
+            raise UserError(f"{path}:{number}: duplicate _id {key!r} (first on line "
                              f"{first_line[key]})")
         first_line[key] = number
         out[key] = (_string(path, number, row, "title", optional=True) if title else "",
                     _string(path, number, row, "text"))
     if not out:
-        raise ValueError(f"{path}: no records")
+        raise UserError(f"{path}: no records")
     return out
 
 
 def read_qrels(path: Path, query_ids) -> dict[str, dict[str, int]]:
     """{query id: {doc id: score}}; a query id absent from queries.jsonl is an error."""
     qrels: dict[str, dict[str, int]] = {}
-    lines = _lines(path, f"reading {path.name}")
-    number, header = next(lines, (0, ""))
+    rows = _lines(path, f"reading {path.name}")
+    number, header = next(rows, (0, ""))
     if tuple(header.rstrip("\r\n").split("\t")) != QRELS_HEADER:
-        raise ValueError(f"{path}:{max(number, 1)}: expected the header "
+        raise UserError(f"{path}:{max(number, 1)}: expected the header "
                          f"{chr(9).join(QRELS_HEADER)!r}, got {header.rstrip()!r:.80}")
-    for number, line in lines:
+    for number, line in rows:
         fields = line.rstrip("\r\n").split("\t")
         if len(fields) != 3:
-            raise ValueError(f"{path}:{number}: expected 3 tab-separated fields, got "
+            raise UserError(f"{path}:{number}: expected 3 tab-separated fields, got "
                              f"{len(fields)}: {line.rstrip()!r:.80}")
         qid, did, score = fields
         try:
             value = int(score)
         except ValueError:
-            raise ValueError(f"{path}:{number}: score {score!r} is not an integer") from None
+            raise UserError(f"{path}:{number}: score {score!r} is not an integer") from None
         if qid not in query_ids:
-            raise ValueError(f"{path}:{number}: query-id {qid!r} is not in queries.jsonl")
+            raise UserError(f"{path}:{number}: query-id {qid!r} is not in queries.jsonl")
         if did in qrels.setdefault(qid, {}):
-            raise ValueError(f"{path}:{number}: duplicate judgement for ({qid!r}, {did!r})")
+            raise UserError(f"{path}:{number}: duplicate judgement for ({qid!r}, {did!r})")
         qrels[qid][did] = value
     if not qrels:
-        raise ValueError(f"{path}: no judgements after the header")
+        raise UserError(f"{path}: no judgements after the header")
     return qrels
 
 

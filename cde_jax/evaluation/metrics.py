@@ -9,10 +9,12 @@ the order given, whatever the similarities were.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pytrec_eval
+
+from ..validation import UserError
 
 MRR_DEPTH = 10
 
@@ -37,15 +39,15 @@ def ranking_metrics(qrels: Mapping[str, Mapping[str, int]],
     """qrels: {query id: {doc id: relevance}}; ranked: {query id: doc ids, best first (a list,
     or a run dict in rank order)} for every judged query."""
     if not qrels:
-        raise ValueError("no judged queries")
+        raise UserError("no judged queries")
     if any(not isinstance(k, int) or k < 1 for k in k_values):
-        raise ValueError(f"k values must be positive integers, got {list(k_values)}")
+        raise UserError(f"k values must be positive integers, got {list(k_values)}")
     missing = [q for q in qrels if q not in ranked]
     if missing:
-        raise ValueError(f"{len(missing)} judged queries have no ranking (e.g. {missing[0]!r})")
+        raise UserError(f"{len(missing)} judged queries have no ranking (e.g. {missing[0]!r})")
     for q, docs in ranked.items():
         if len(set(docs)) != len(docs):
-            raise ValueError(f"ranking for query {q!r} lists a document twice")
+            raise UserError(f"ranking for query {q!r} lists a document twice")
     qrels = {q: dict(v) for q, v in qrels.items()}
     ranked = {q: list(ranked[q]) for q in qrels}
     ks = sorted(set(k_values))

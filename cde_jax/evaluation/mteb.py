@@ -4,7 +4,7 @@ Implements MTEB's `EncoderProtocol` (`encode`, `similarity`, `similarity_pairwis
 `mteb_model_meta`) and `SearchProtocol` (`index`, `search`), so retrieval and reranking tasks
 hand their corpus to `index` and are searched exactly by `search.exact_top_k`.
 
-The minicorpus (SPEC 5: `default_rng(42).choice(texts, 512, replace=len(texts) < 512)`) is
+The minicorpus (docs/model.md §7: `default_rng(42).choice(texts, 512, replace=len(texts) < 512)`) is
 sampled once per (task name, hf_subset) and its dataset embeddings cached, from:
 - retrieval-like tasks (`SEARCH_TYPES`): the task's corpus, joined title + " " + text by
   MTEB's own dataloader; `index` provides it, a bare `encode` looks the task up;
@@ -31,22 +31,22 @@ from mteb.models.abs_encoder import get_prompt
 from mteb.models.model_meta import ModelMeta
 from mteb.types import PromptType
 
-from ..api import PROMPTS, CdeModel, load
+from .. import prompts
+from ..text_api import CdeModel, load
 from ..tokenization import MAX_LENGTH
 from .retrieval import MINICORPUS_SEED
 from .search import SearchPlan, exact_top_k
 
-CLASSIFICATION = "classification: "
 CDE_PROMPTS = {
-    "Classification": CLASSIFICATION,
-    "MultilabelClassification": CLASSIFICATION,
-    "Clustering": "clustering: ",
-    "PairClassification": CLASSIFICATION,
-    "Reranking": CLASSIFICATION,
-    "STS": CLASSIFICATION,
-    "Summarization": CLASSIFICATION,
-    PromptType.query.value: PROMPTS["query"],
-    PromptType.document.value: PROMPTS["document"],
+    "Classification": prompts.CLASSIFICATION,
+    "MultilabelClassification": prompts.CLASSIFICATION,
+    "Clustering": prompts.CLUSTERING,
+    "PairClassification": prompts.CLASSIFICATION,
+    "Reranking": prompts.CLASSIFICATION,
+    "STS": prompts.CLASSIFICATION,
+    "Summarization": prompts.CLASSIFICATION,
+    PromptType.query.value: prompts.QUERY,
+    PromptType.document.value: prompts.DOCUMENT,
 }
 SEARCH_TYPES = ("Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking")
 CLASSIFICATION_TYPES = ("Classification", "MultilabelClassification")
@@ -92,7 +92,8 @@ class CdeMtebModel:
         self.name = name or f"cde-jax/{model.fingerprint[:16]}"
         self.model_prompts = dict(CDE_PROMPTS if model_prompts is None else model_prompts)
         self.tasks = {task.metadata.name: task for task in tasks}
-        self.contexts: dict[tuple[str, str], np.ndarray] = {}  # (task, subset) -> (n, d)
+        # (task, subset) -> (m, d)
+        self.dataset_embeddings: dict[tuple[str, str], np.ndarray] = {}
         self._index: tuple[list[str], np.ndarray] | None = None
 
     @property
@@ -117,7 +118,7 @@ class CdeMtebModel:
 
     def _train_texts(self, task_metadata, hf_subset: str) -> list[str]:
         task = self._task(task_metadata)
-        data = task.dataset[hf_subset] if hf_subset in task.dataset else task.dataset
+        data = task.dataset.get(hf_subset, task.dataset)
         return list(data[task.train_split][task.input_column_name])
 
     def minicorpus_source(self, task_metadata, hf_split: str, hf_subset: str,
@@ -129,24 +130,25 @@ class CdeMtebModel:
             return self._train_texts(task_metadata, hf_subset)
         return texts
 
-    def _context(self, task_metadata, hf_subset: str, source) -> np.ndarray:
+    def _dataset_embeddings(self, task_metadata, hf_subset: str, source) -> np.ndarray:
         """The cached dataset embeddings of (task, subset); `source()` gives the texts to
         sample them from on first use."""
         key = (task_metadata.name, hf_subset)
-        if key not in self.contexts:
-            self.contexts[key] = self.model.embed_context(source(), seed=self.seed,
+        if key not in self.dataset_embeddings:
+            self.dataset_embeddings[key] = self.model.embed_dataset(source(), seed=self.seed,
                                                           batch_size=self.batch_size)
-        return self.contexts[key]
+        return self.dataset_embeddings[key]
 
     # --- EncoderProtocol -----------------------------------------------------------------
     def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str,
                prompt_type: PromptType | None = None, **kwargs: Any) -> np.ndarray:
         """L2-normalized embeddings (len(inputs), d) with the task's prompt and minicorpus."""
         texts = _texts(inputs)
-        context = self._context(task_metadata, hf_subset, lambda: self.minicorpus_source(
-            task_metadata, hf_split, hf_subset, texts))
+        dataset_md = self._dataset_embeddings(
+            task_metadata, hf_subset,
+            lambda: self.minicorpus_source(task_metadata, hf_split, hf_subset, texts))
         prompt = get_prompt(self.model_prompts, task_metadata, prompt_type) or ""
-        return self.model.encode(texts, prompt=prompt, dataset_embeddings=context,
+        return self.model.encode(texts, prompt=prompt, dataset_embeddings=dataset_md,
                                  batch_size=self.batch_size,
                                  show_progress_bar=kwargs.get("show_progress_bar"))
 
@@ -163,7 +165,7 @@ class CdeMtebModel:
         texts = _texts(create_dataloader(corpus, task_metadata=task_metadata,
                                          prompt_type=PromptType.document, num_proc=num_proc,
                                          **encode_kwargs))
-        self._context(task_metadata, hf_subset, lambda: texts)
+        self._dataset_embeddings(task_metadata, hf_subset, lambda: texts)
         docs = self.encode(texts, task_metadata=task_metadata, hf_split=hf_split,
                            hf_subset=hf_subset, prompt_type=PromptType.document,
                            **encode_kwargs)

@@ -1,6 +1,6 @@
-"""Retrieval evaluation of a loaded model on one BEIR split, as SPEC section 5 prescribes.
+"""Retrieval evaluation of a loaded model on one BEIR split, as docs/model.md §7 prescribes.
 
-The minicorpus is sampled from the dataset's own documents (`embed_context(texts, seed)`,
+The minicorpus is sampled from the dataset's own documents (`embed_dataset(texts, seed)`,
 i.e. `default_rng(seed).choice(texts, 512, replace=len(texts) < 512)`); documents get
 "search_document: ", queries "search_query: "; embeddings are L2-normalized, so the exact
 inner-product search ranks by cosine similarity.
@@ -8,7 +8,7 @@ inner-product search ranks by cosine similarity.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
@@ -16,7 +16,7 @@ from .beir import BeirDataset
 from .metrics import MRR_DEPTH, ranking_metrics
 from .search import SearchPlan, exact_top_k
 
-MINICORPUS_SEED = 42  # SPEC 5
+MINICORPUS_SEED = 42  # docs/model.md §7
 
 
 def rank_corpus(model, dataset: BeirDataset, depth: int, *, seed: int = MINICORPUS_SEED,
@@ -24,9 +24,9 @@ def rank_corpus(model, dataset: BeirDataset, depth: int, *, seed: int = MINICORP
                 show_progress_bar: bool | None = None) -> dict[str, dict[str, float]]:
     """{query id: {document id: cosine}} of the `depth` best documents, best first, for every
     judged query (MTEB's run format, in rank order)."""
-    context = model.embed_context(dataset.doc_texts, seed=seed, batch_size=batch_size,
+    dataset_md = model.embed_dataset(dataset.doc_texts, seed=seed, batch_size=batch_size,
                                   show_progress_bar=show_progress_bar)
-    kw = dict(dataset_embeddings=context, batch_size=batch_size,
+    kw = dict(dataset_embeddings=dataset_md, batch_size=batch_size,
               show_progress_bar=show_progress_bar)
     docs_nd = model.encode(dataset.doc_texts, prompt_name="document", **kw)
     queries_qd = model.encode(dataset.query_texts, prompt_name="query", **kw)

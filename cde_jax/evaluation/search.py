@@ -10,21 +10,23 @@ each chunk is sent to the devices once, and at most two chunks are in flight. Ev
 the same padded shape, so the whole search compiles one program. Ties go to the lower corpus
 index, as in a stable argsort of -score.
 
-Dimension key: q queries, n corpus rows, c chunk rows per device, d width, k results.
+Shapes are suffixed with the package's dimension key (cde_jax/__init__.py): r is a chunk's
+rows on one device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from .. import sharding
+from .. import sharding, validation
+from ..validation import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +48,13 @@ class SearchPlan:
 def _merge_step(mesh, k: int):
     """(best scores, best ids, queries, chunk, chunk start, n) -> the new (best, ids)."""
 
-    def local_top_k(queries_qd, chunk_cd, start, n):
-        rows = chunk_cd.shape[0]
+    def local_top_k(queries_qd, chunk_rd, start, n):
+        rows = chunk_rd.shape[0]
         first = start + jax.lax.axis_index(sharding.DATA) * rows
-        ids_c = first + jnp.arange(rows, dtype=jnp.int32)
-        scores_qc = jnp.matmul(queries_qd, chunk_cd.T, precision=jax.lax.Precision.HIGHEST)
-        scores_qc = jnp.where(ids_c[None, :] < n, scores_qc, -jnp.inf)  # padding rows
-        top_qk, pos_qk = jax.lax.top_k(scores_qc, k)
+        ids_r = first + jnp.arange(rows, dtype=jnp.int32)
+        scores_qr = jnp.matmul(queries_qd, chunk_rd.T, precision=jax.lax.Precision.HIGHEST)
+        scores_qr = jnp.where(ids_r[None, :] < n, scores_qr, -jnp.inf)  # padding rows
+        top_qk, pos_qk = jax.lax.top_k(scores_qr, k)
         return top_qk, first + pos_qk
 
     # Gathered along axis 1 in device order = corpus order, so ties keep the lower id.
@@ -60,8 +62,8 @@ def _merge_step(mesh, k: int):
         local_top_k, mesh=mesh, in_specs=(P(), P(sharding.DATA, None), P(), P()),
         out_specs=(P(None, sharding.DATA), P(None, sharding.DATA)))
 
-    def step(best_qk, best_ids_qk, queries_qd, chunk_cd, start, n):
-        top, ids = candidates(queries_qd, chunk_cd, start, n)
+    def step(best_qk, best_ids_qk, queries_qd, chunk_nd, start, n):
+        top, ids = candidates(queries_qd, chunk_nd, start, n)
         scores = jnp.concatenate([best_qk, top], axis=1)  # earlier chunks first: lower ids
         ids = jnp.concatenate([best_ids_qk, ids], axis=1)
         best_qk, pos_qk = jax.lax.top_k(scores, k)
@@ -71,31 +73,19 @@ def _merge_step(mesh, k: int):
     return jax.jit(step, out_shardings=(out, out), donate_argnums=(0, 1))
 
 
-def _checked(name: str, array) -> np.ndarray:
-    array = np.asarray(array, dtype=np.float32)  # a float32 memmap stays on disk
-    if array.ndim != 2 or array.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D array, got shape {array.shape}")
-    return array
-
-
-def _finite(name: str, rows: np.ndarray, first: int = 0) -> np.ndarray:
-    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))[:10] + first
-    if bad.size:
-        raise ValueError(f"{name} have non-finite values in row(s) {bad.tolist()}")
-    return rows
-
-
 def exact_top_k(queries_qd, corpus_nd, k: int, *, mesh=None, plan: SearchPlan = SearchPlan(),
                 progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The k highest inner products of each query with the corpus: (scores (q, k) float32,
     corpus row indices (q, k) int64), best first. k above the corpus size returns every row."""
-    queries_qd = _finite("queries", _checked("queries", queries_qd))
-    corpus_nd = _checked("corpus", corpus_nd)  # checked chunk by chunk below
+    queries_qd = validation.embedding_rows(queries_qd, "queries")
+    corpus_nd = np.asarray(corpus_nd, dtype=np.float32)  # a float32 memmap stays on disk
+    if corpus_nd.ndim != 2 or corpus_nd.shape[0] == 0:
+        raise UserError(f"corpus must be a non-empty 2-D array, got shape {corpus_nd.shape}")
     if queries_qd.shape[1] != corpus_nd.shape[1]:
-        raise ValueError(f"queries have width {queries_qd.shape[1]}, corpus "
+        raise UserError(f"queries have width {queries_qd.shape[1]}, corpus "
                          f"{corpus_nd.shape[1]}")
     if k < 1:
-        raise ValueError(f"k must be positive, got {k}")
+        raise UserError(f"k must be positive, got {k}")
     mesh = mesh if mesh is not None else sharding.make_mesh()
     (q, d), n = queries_qd.shape, len(corpus_nd)
     k = min(k, n)
@@ -112,7 +102,7 @@ def exact_top_k(queries_qd, corpus_nd, k: int, *, mesh=None, plan: SearchPlan = 
              sharding.place(np.full((block, k), -1, np.int32), replicated)) for _ in blocks]
     n_dev = sharding.place(np.asarray(n, np.int32), replicated)
     for start in range(0, n, chunk):
-        part = _finite("corpus", corpus_nd[start:start + chunk], start)
+        part = validation.finite_rows(corpus_nd[start:start + chunk], "corpus", start)
         if len(part) < chunk:  # the last chunk: zero rows, masked out by index
             part = np.concatenate([part, np.zeros((chunk - len(part), d), np.float32)])
         # Sent while the previous chunk is scored.

@@ -5,13 +5,14 @@ A line is `{"query": str, "positive": str, "negatives": [str, ...], "cluster": s
 (the last two optional; other keys are ignored). Queries get "search_query: ", documents
 "search_document: ".
 
-A batch of b examples holds b queries and c = b * (1 + K) documents: the b positives, then
+A batch of q examples holds q queries and c = q * (1 + K) documents: the q positives, then
 each row's K hard negatives (rows with more are sampled down per batch). Its minicorpus (the
 first stage's input, as upstream trains) is drawn from those c documents:
   - c >= corpus size: `corpus size` of them, sampled without replacement;
-  - c < corpus size: all c documents (the second stage then sees c context rows, as upstream
-    does when given fewer), or, with `oversample_corpus`, all c plus random repeats up to the
-    corpus size (the inference-time prefix length, at the price of a longer sequence).
+  - c < corpus size: all c documents (the second stage then sees c dataset-embedding rows,
+    as upstream does when given fewer), or, with `oversample_corpus`, all c plus random
+    repeats up to the corpus size (the inference-time prefix length, at the price of a longer
+    sequence).
 With the released config (corpus size 512) a small batch therefore trains with a short
 prefix; pass `corpus_size` to change the config's `transductive_corpus_size` instead.
 
@@ -20,7 +21,7 @@ Order: each epoch shuffles the examples (`default_rng([seed, epoch])`); with
 clusters are pooled into mixed batches. Incomplete batches are dropped (fixed shapes). The
 data position is one integer, the number of batches consumed, so a run restarts exactly.
 
-Dimension key: b queries, c documents, n minicorpus rows, s tokens.
+Shapes are suffixed with the package's dimension key (cde_jax/__init__.py).
 """
 
 from __future__ import annotations
@@ -33,12 +34,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..api import PROMPTS
-from ..context import DOCUMENT_PREFIX
+from .. import prompts
 from ..inputs import lines
 from ..tokenization import TextTokenizer
-
-QUERY_PREFIX = PROMPTS["query"]
+from ..validation import UserError
 
 
 class Example(NamedTuple):
@@ -51,9 +50,9 @@ class Example(NamedTuple):
 
 def _text(value, what: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{what} is {type(value).__name__}, not a string")
+        raise UserError(f"{what} is {type(value).__name__}, not a string")
     if not value.strip():
-        raise ValueError(f"{what} is empty")
+        raise UserError(f"{what} is empty")
     return value
 
 
@@ -61,18 +60,18 @@ def parse_example(text: str, line: int = 0) -> Example:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+        raise UserError(f"invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        raise UserError(f"expected a JSON object, got {type(row).__name__}")
     for key in ("query", "positive"):
         if key not in row:
-            raise ValueError(f"missing field {key!r}")
+            raise UserError(f"missing field {key!r}")
     negatives = row.get("negatives", [])
     if not isinstance(negatives, list):
-        raise ValueError(f"'negatives' is {type(negatives).__name__}, not a list of strings")
+        raise UserError(f"'negatives' is {type(negatives).__name__}, not a list of strings")
     cluster = row.get("cluster")
     if cluster is not None and (isinstance(cluster, bool) or not isinstance(cluster, (str, int))):
-        raise ValueError(f"'cluster' is {type(cluster).__name__}, not a string or integer")
+        raise UserError(f"'cluster' is {type(cluster).__name__}, not a string or integer")
     return Example(_text(row["query"], "'query'"), _text(row["positive"], "'positive'"),
                    tuple(_text(n, f"'negatives'[{i}]") for i, n in enumerate(negatives)),
                    cluster, line)
@@ -88,9 +87,9 @@ def read_examples(path: str | Path) -> list[Example]:
         try:
             examples.append(parse_example(text, lineno))
         except ValueError as e:
-            raise ValueError(f"{path}, line {lineno}: {e}") from None
+            raise UserError(f"{path}, line {lineno}: {e}") from None
     if not examples:
-        raise ValueError(f"{path}: no examples")
+        raise UserError(f"{path}: no examples")
     return examples
 
 
@@ -106,11 +105,11 @@ class BatchConfig:
 
 
 class TextBatch(NamedTuple):
-    queries: list[str]      # b, prefixed
+    queries: list[str]      # q, prefixed
     documents: list[str]    # c, prefixed: positives then negatives
-    query_label: np.ndarray  # (b,) int32: identity of each query's positive document
+    query_label: np.ndarray  # (q,) int32: identity of each query's positive document
     doc_label: np.ndarray    # (c,) int32: identity of each document (equal text, equal id)
-    corpus: np.ndarray       # (n,) indices into `documents`
+    corpus: np.ndarray       # (m,) indices into `documents`: the minicorpus
 
 
 class TrainData:
@@ -126,17 +125,17 @@ class TrainData:
                               f"{min(counts)} per example (set `negatives` to choose)",
                               stacklevel=2)
         if cfg.corpus_size is None:
-            raise ValueError("corpus_size is unresolved (None): give the model's")
+            raise UserError("corpus_size is unresolved (None): give the model's")
         if cfg.batch_size < 1 or cfg.negatives < 0 or cfg.corpus_size < 1:
-            raise ValueError(f"batch size, negatives and corpus size must be positive: {cfg}")
+            raise UserError(f"batch size, negatives and corpus size must be positive: {cfg}")
         short = next((e for e in examples if len(e.negatives) < cfg.negatives), None)
         if short is not None:
-            raise ValueError(f"line {short.line}: {len(short.negatives)} negatives, fewer than "
+            raise UserError(f"line {short.line}: {len(short.negatives)} negatives, fewer than "
                              f"the {cfg.negatives} asked for")
         self.examples, self.cfg, self.seed = examples, cfg, seed
         self.batches_per_epoch = len(self._epoch_order(0))
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(examples)} examples do not fill one batch of "
+            raise UserError(f"{len(examples)} examples do not fill one batch of "
                              f"{cfg.batch_size}" + (" inside any cluster" if cfg.group_by_cluster
                                                     else ""))
         self._cached_epoch: tuple[int, list[np.ndarray]] | None = None
@@ -188,8 +187,8 @@ class TrainData:
             corpus = np.concatenate([np.arange(c), rng.choice(c, n - c)])
         else:
             corpus = np.arange(c)
-        return TextBatch([QUERY_PREFIX + e.query for e in rows],
-                         [DOCUMENT_PREFIX + d for d in documents], doc_label[:len(rows)],
+        return TextBatch([prompts.QUERY + e.query for e in rows],
+                         [prompts.DOCUMENT + d for d in documents], doc_label[:len(rows)],
                          doc_label, corpus)
 
 

@@ -8,7 +8,7 @@ settings. A resumed run replays from its latest checkpoint and ends with exactly
 parameters of an uninterrupted one (same programs, same inputs, same keys).
 
 One process drives all its devices (the batch is placed with `device_put`); multi-host
-training would feed each host's rows as `pipeline.run_bucketed` does.
+training would feed each host's rows as `runner.StageRunner.place` does.
 """
 
 from __future__ import annotations
@@ -24,16 +24,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from tqdm.auto import tqdm
 
-from .. import convert, sharding
-from ..api import CdeModel, read_checkpoint
+from .. import convert, loading, sharding
 from ..io_utils import atomic_file
+from ..loading import read_checkpoint
+from ..tokenization import TextTokenizer, load_tokenizer
+from ..validation import UserError
 from . import data as data_lib
 from .checkpoint import Checkpoints, TrainState, export_released
-from .step import (StepConfig, batch_sharding, init_opt_state, learning_rate, make_optimizer,
-                   make_train_step)
+from .step import StepConfig, init_opt_state, learning_rate, make_optimizer, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +67,16 @@ class TrainResult(NamedTuple):
     resumed_from: int | None  # the checkpoint's step, when `resume` found one
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
     """OUT must be new or empty, or (resume) hold a run with the same settings."""
     saved = out / CONFIG_FILE
     if resume and saved.exists():
-        old, new = _flat(json.loads(saved.read_text())), _flat(cfg.to_json())
+        old, new = (traverse_util.flatten_dict(c, sep=".")
+                    for c in (json.loads(saved.read_text()), cfg.to_json()))
         diff = sorted(k for k in set(old) | set(new)
                       if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
         if diff:
-            raise ValueError(f"--resume: settings differ from {saved}: " + ", ".join(
+            raise UserError(f"--resume: settings differ from {saved}: " + ", ".join(
                 f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty (pass --resume to continue the run in it)")
@@ -122,17 +117,17 @@ def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples) -> tuple[Train
         step = dataclasses.replace(
             step, sequence_dropout=ckpt.cde.transductive_sequence_dropout_prob)
     if step.sequence_dropout > 0 and not ckpt.has_null_embedding:
-        raise ValueError("sequence dropout needs `sequence_dropout_null_embedding`, which this "
+        raise UserError("sequence dropout needs `sequence_dropout_null_embedding`, which this "
                          "checkpoint lacks (set the dropout to 0)")
     data = data_lib.TrainData(examples, batch, cfg.seed)
     if step.chunk_size is not None:
         for what, rows in (("batch size", batch.batch_size), ("documents per batch",
                            data.documents_per_batch), ("minicorpus rows", data.corpus_rows)):
             if rows % step.chunk_size:
-                raise ValueError(f"chunk size {step.chunk_size} does not divide the {what} "
+                raise UserError(f"chunk size {step.chunk_size} does not divide the {what} "
                                  f"({rows})")
     if cfg.accum_steps < 1 or cfg.checkpoint_every < 1:
-        raise ValueError("accum_steps and checkpoint_every must be positive")
+        raise UserError("accum_steps and checkpoint_every must be positive")
     return dataclasses.replace(cfg, batch=data.cfg, step=step,
                                model=str(Path(cfg.model).absolute()),
                                data=str(Path(cfg.data).absolute()),
@@ -146,13 +141,15 @@ class _Session:
     def __init__(self, cfg: TrainConfig, ckpt: convert.Checkpoint, data: data_lib.TrainData):
         self.cfg, self.data = cfg, data
         self.mesh = sharding.make_mesh(cfg.model_parallel)
-        self.model = CdeModel.from_checkpoint(ckpt, mesh=self.mesh)
-        self.tokenize = data_lib.BatchTokenizer(self.model.tokenizer, cfg.batch)
-        params = nnx.to_pure_dict(self.model.params)
+        backbone = loading.runtime_backbone(ckpt, self.mesh)
+        self.graphdef, params = loading.place_checkpoint(ckpt, backbone, self.mesh)
+        self.tokenize = data_lib.BatchTokenizer(
+            TextTokenizer(load_tokenizer(ckpt.tokenizer_dir), pad_id=backbone.pad_token_id),
+            cfg.batch)
         optimizer = make_optimizer(cfg.step, params)
         self.initial = TrainState(0, params, init_opt_state(optimizer, params, self.mesh), 0,
                                   np.asarray(jax.random.PRNGKey(cfg.seed)))
-        self.step_fn = make_train_step(self.model.graphdef, cfg.step, optimizer, params,
+        self.step_fn = make_train_step(self.graphdef, cfg.step, optimizer, params,
                                        self.initial.opt_state, logit_scale=ckpt.cde.logit_scale,
                                        mesh=self.mesh)
         self.learning_rate = learning_rate(cfg.step)
@@ -162,7 +159,8 @@ class _Session:
         accum = self.cfg.accum_steps
         host = data_lib.stack([self.tokenize(self.data.batch(state.data_position + i))
                                for i in range(accum)])
-        batches = {k: jax.device_put(v, batch_sharding(self.mesh, v)) for k, v in host.items()}
+        batches = {k: jax.device_put(v, sharding.stacked_batch_sharding(self.mesh, v.shape))
+                   for k, v in host.items()}
         params, opt_state, metrics = self.step_fn(state.params, state.opt_state, batches,
                                                   jnp.asarray(state.rng_key), state.step)
         return TrainState(state.step + 1, params, opt_state, state.data_position + accum,
@@ -213,7 +211,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     examples = data_lib.read_examples(cfg.data)
     ckpt = read_checkpoint(cfg.model)
     if ckpt.tokenizer_dir is None:
-        raise ValueError(f"{cfg.model} has no tokenizer files (tokenizer.json)")
+        raise UserError(f"{cfg.model} has no tokenizer files (tokenizer.json)")
     cfg, data = resolve(cfg, ckpt, examples)
     ckpt.cde = ckpt.cde.replace(transductive_corpus_size=cfg.batch.corpus_size)
     out = Path(cfg.out)
@@ -234,7 +232,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     finally:
         checkpoints.close()
     session.report_truncation()
-    trained = nnx.merge(session.model.graphdef, state.params)
+    trained = nnx.merge(session.graphdef, state.params)
     model_dir = export_released(trained, ckpt, out / "model", overwrite=True, config_json={
         **ckpt.config_json, "transductive_corpus_size": cfg.batch.corpus_size})
     return TrainResult(state.step, history, model_dir, resumed_from)

@@ -5,7 +5,7 @@ Queries and documents are L2-normalized; scores are cosine similarities times th
 batch, positives and hard negatives alike, against its positive. When the positive's text
 appears several times among the documents, the label mass is spread evenly over the copies.
 
-Dimension key: b queries, c documents, d hidden.
+Shapes are suffixed with the package's dimension key (cde_jax/__init__.py).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ def l2_normalize(x_nd: jax.Array) -> jax.Array:
     return x_nd / jnp.linalg.norm(x_nd, axis=-1, keepdims=True)
 
 
-def contrastive_loss(queries_bd: jax.Array, documents_cd: jax.Array, query_label_b: jax.Array,
+def contrastive_loss(queries_qd: jax.Array, documents_cd: jax.Array, query_label_q: jax.Array,
                      doc_label_c: jax.Array, logit_scale: float):
     """(mean cross-entropy, in-batch accuracy): a query is right when its best-scoring
     document is one of its positives."""
-    scores_bc = logit_scale * (l2_normalize(queries_bd) @ l2_normalize(documents_cd).T)
-    positive_bc = query_label_b[:, None] == doc_label_c[None, :]
-    target_bc = positive_bc / positive_bc.sum(axis=1, keepdims=True)
-    loss_b = -(target_bc * jax.nn.log_softmax(scores_bc, axis=1)).sum(axis=1)
-    best_b = jnp.argmax(scores_bc, axis=1)
-    accuracy = jnp.take_along_axis(positive_bc, best_b[:, None], axis=1).mean()
-    return loss_b.mean(), accuracy
+    scores_qc = logit_scale * (l2_normalize(queries_qd) @ l2_normalize(documents_cd).T)
+    positive_qc = query_label_q[:, None] == doc_label_c[None, :]
+    target_qc = positive_qc / positive_qc.sum(axis=1, keepdims=True)
+    loss_q = -(target_qc * jax.nn.log_softmax(scores_qc, axis=1)).sum(axis=1)
+    best_q = jnp.argmax(scores_qc, axis=1)
+    accuracy = jnp.take_along_axis(positive_qc, best_q[:, None], axis=1).mean()
+    return loss_q.mean(), accuracy

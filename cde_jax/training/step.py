@@ -15,24 +15,24 @@ flows back through the first stage the same way. Result: the full-batch loss and
 with the memory of one chunk. Gradient accumulation (a leading micro-batch axis) averages
 the loss and gradients of separate contrastive batches.
 
-Dimension key: a micro-batches, b queries, c documents, n minicorpus rows, s tokens,
-d hidden, k chunks, r rows.
+Shapes are suffixed with the package's dimension key (cde_jax/__init__.py): q queries,
+c documents, m minicorpus rows, g chunks, r rows of a chunk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .. import sharding
-from ..model import Context
+from ..model import Prefix
 from ..params import map_params
+from ..validation import UserError
 from .loss import contrastive_loss
 
 STAGES = ("first_stage_model", "second_stage_model")
@@ -55,14 +55,14 @@ class StepConfig:
     def __post_init__(self):
         unknown = set(self.freeze) - set(STAGES)
         if unknown:
-            raise ValueError(f"cannot freeze {sorted(unknown)}: stages are {STAGES}")
+            raise UserError(f"cannot freeze {sorted(unknown)}: stages are {STAGES}")
         if set(self.freeze) == set(STAGES):
-            raise ValueError("both stages frozen: nothing to train")
+            raise UserError("both stages frozen: nothing to train")
         if not 0 <= self.warmup_steps < self.total_steps:
-            raise ValueError(f"warmup_steps {self.warmup_steps} must be in [0, total_steps "
+            raise UserError(f"warmup_steps {self.warmup_steps} must be in [0, total_steps "
                              f"{self.total_steps})")
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+            raise UserError(f"chunk_size must be positive, got {self.chunk_size}")
 
 
 def learning_rate(cfg: StepConfig) -> optax.Schedule:
@@ -103,19 +103,19 @@ class Stages:
 
     def __init__(self, graphdef: nnx.GraphDef, cfg: StepConfig):
         if cfg.sequence_dropout is None:
-            raise ValueError("sequence_dropout is unresolved (None): give the probability")
+            raise UserError("sequence_dropout is unresolved (None): give the probability")
         self.graphdef, self.cfg = graphdef, cfg
 
-    def first(self, params, ids_ns, mask_ns) -> jax.Array:
-        return nnx.merge(self.graphdef, params).first_stage_model(ids_ns, mask_ns)
+    def first(self, params, ids_ms, mask_ms) -> jax.Array:
+        return nnx.merge(self.graphdef, params).first_stage_model(ids_ms, mask_ms)
 
-    def second(self, params, ids_rs, mask_rs, keys_r, dataset_nd) -> jax.Array:
+    def second(self, params, ids_rs, mask_rs, keys_r, dataset_md) -> jax.Array:
         """Embeddings (r, d), each row with its own training prefix drawn from its key."""
         stage = nnx.merge(self.graphdef, params).second_stage_model
-        prefix_rpd = jax.vmap(lambda key: stage.training_context(
-            dataset_nd, 1, key, permute=self.cfg.permute,
+        prefix_rpd = jax.vmap(lambda key: stage.training_prefix(
+            dataset_md, 1, key, permute=self.cfg.permute,
             dropout_prob=self.cfg.sequence_dropout).embeds[0])(keys_r)
-        return stage(ids_rs, mask_rs, Context(prefix_rpd, None))
+        return stage(ids_rs, mask_rs, Prefix(prefix_rpd, None))
 
 
 def row_keys(key, batch):
@@ -127,27 +127,27 @@ def row_keys(key, batch):
 
 def batch_loss(stages: Stages, params, batch, key, logit_scale: float):
     """(loss, accuracy) of one contrastive batch, computed in one piece."""
-    dataset_nd = stages.first(params, batch["corpus_ids"], batch["corpus_mask"])
+    dataset_md = stages.first(params, batch["corpus_ids"], batch["corpus_mask"])
     query_keys, doc_keys = row_keys(key, batch)
-    queries_bd = stages.second(params, batch["query_ids"], batch["query_mask"], query_keys,
-                               dataset_nd)
-    docs_cd = stages.second(params, batch["doc_ids"], batch["doc_mask"], doc_keys, dataset_nd)
-    return contrastive_loss(queries_bd, docs_cd, batch["query_label"], batch["doc_label"],
+    queries_qd = stages.second(params, batch["query_ids"], batch["query_mask"], query_keys,
+                               dataset_md)
+    docs_cd = stages.second(params, batch["doc_ids"], batch["doc_mask"], doc_keys, dataset_md)
+    return contrastive_loss(queries_qd, docs_cd, batch["query_label"], batch["doc_label"],
                             logit_scale)
 
 
 def _to_chunks(x_r, chunk: int):
-    """(r, ...) -> (r / chunk, chunk, ...): row i goes to chunk i % k, so with rows split
-    over devices in blocks every chunk still spans all devices."""
+    """(rows, ...) -> (g, chunk, ...) with g = rows / chunk: row i goes to chunk i % g, so
+    with rows split over devices in blocks every chunk still spans all devices."""
     r = x_r.shape[0]
     if r % chunk:
-        raise ValueError(f"chunk size {chunk} does not divide {r} rows (it must divide the "
+        raise UserError(f"chunk size {chunk} does not divide {r} rows (it must divide the "
                          "batch size and the minicorpus size)")
     return x_r.reshape((chunk, r // chunk) + x_r.shape[1:]).swapaxes(0, 1)
 
 
-def _from_chunks(x_k):
-    return x_k.swapaxes(0, 1).reshape((-1,) + x_k.shape[2:])
+def _from_chunks(x_g):
+    return x_g.swapaxes(0, 1).reshape((-1,) + x_g.shape[2:])
 
 
 def _add(a, b):
@@ -160,33 +160,33 @@ def cached_loss_and_grad(stages: Stages, params, batch, key, logit_scale: float,
         return tuple(_to_chunks(x, chunk) for x in xs)
 
     corpus = chunks(batch["corpus_ids"], batch["corpus_mask"])
-    dataset_nd = _from_chunks(jax.lax.map(lambda xs: stages.first(params, *xs), corpus))
+    dataset_md = _from_chunks(jax.lax.map(lambda xs: stages.first(params, *xs), corpus))
     query_keys, doc_keys = row_keys(key, batch)
     query_in = chunks(batch["query_ids"], batch["query_mask"], query_keys)
     doc_in = chunks(batch["doc_ids"], batch["doc_mask"], doc_keys)
 
     def embed(rows):
-        return _from_chunks(jax.lax.map(lambda xs: stages.second(params, *xs, dataset_nd), rows))
+        return _from_chunks(jax.lax.map(lambda xs: stages.second(params, *xs, dataset_md), rows))
 
-    (loss, accuracy), (g_queries_bd, g_docs_cd) = jax.value_and_grad(
+    (loss, accuracy), (g_queries_qd, g_docs_cd) = jax.value_and_grad(
         contrastive_loss, argnums=(0, 1), has_aux=True)(
         embed(query_in), embed(doc_in), batch["query_label"], batch["doc_label"], logit_scale)
 
     def second_backward(carry, xs):
         *rows, cotangent = xs
-        _, vjp = jax.vjp(lambda p, d: stages.second(p, *rows, d), params, dataset_nd)
+        _, vjp = jax.vjp(lambda p, d: stages.second(p, *rows, d), params, dataset_md)
         return _add(carry, vjp(cotangent)), None
 
-    carry = jax.tree.map(jnp.zeros_like, (params, dataset_nd))
-    carry, _ = jax.lax.scan(second_backward, carry, query_in + chunks(g_queries_bd))
-    grads, g_dataset_nd = jax.lax.scan(second_backward, carry, doc_in + chunks(g_docs_cd))[0]
+    carry = jax.tree.map(jnp.zeros_like, (params, dataset_md))
+    carry, _ = jax.lax.scan(second_backward, carry, query_in + chunks(g_queries_qd))
+    grads, g_dataset_md = jax.lax.scan(second_backward, carry, doc_in + chunks(g_docs_cd))[0]
 
     def first_backward(grads, xs):
         *rows, cotangent = xs
         _, vjp = jax.vjp(lambda p: stages.first(p, *rows), params)
         return _add(grads, vjp(cotangent)[0]), None
 
-    grads, _ = jax.lax.scan(first_backward, grads, corpus + chunks(g_dataset_nd))
+    grads, _ = jax.lax.scan(first_backward, grads, corpus + chunks(g_dataset_md))
     return (loss, accuracy), grads
 
 
@@ -207,13 +207,6 @@ def loss_and_grad(stages: Stages, params, batches, key, logit_scale: float):
     zeros = ((jnp.zeros(()), jnp.zeros(())), jax.tree.map(jnp.zeros_like, params))
     total, _ = jax.lax.scan(micro, zeros, (batches, jnp.arange(n)))
     return jax.tree.map(lambda x: x / n, total)
-
-
-def batch_sharding(mesh, array) -> NamedSharding:
-    """(a, rows, ...) batch arrays: rows split over "data" when they divide evenly."""
-    if array.shape[1] % sharding.data_shards(mesh):
-        return sharding.replicated(mesh)
-    return NamedSharding(mesh, P(None, sharding.DATA))
 
 
 def make_train_step(graphdef: nnx.GraphDef, cfg: StepConfig, optimizer, params, opt_state, *,

@@ -1,4 +1,4 @@
-"""PyTorch reference of cde-small-v2's two stages, written from SPEC sections 3-4 on top of
+"""PyTorch reference of cde-small-v2's two stages, written from docs/model.md §3-5 on top of
 `transformers.ModernBertModel` (the second stage: `embeddings(input_ids)` then the
 `inputs_embeds` call). Loads a released-layout dir with `safetensors.torch` (no pickle)."""
 
@@ -61,7 +61,7 @@ class TorchCde:
         self.colon_id = tok.encode(": ", add_special_tokens=False).ids[0]
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
-    def to(self, device, dtype=None) -> "TorchCde":
+    def to(self, device, dtype=None) -> TorchCde:
         """Moves every module (e.g. to "cuda", torch.bfloat16 for the GPU benchmark)."""
         self.device, self.dtype = torch.device(device), dtype or self.dtype
         for module in (self.embedder, self.backbone, self.mlp, self.prompt_projection,

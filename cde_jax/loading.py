@@ -1,0 +1,50 @@
+"""Checkpoints onto the mesh: a converted dir is restored by orbax straight onto the
+parameters' shardings (no host copy); a released dir or hub id is read to host memory
+(safetensors) and laid out by the sharding rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from . import attention, convert, params, sharding
+from .config import ModernBertConfig
+
+
+def read_checkpoint(path: str | Path, *, backbone_config: str | Path | None = None,
+                    mesh=None) -> convert.Checkpoint:
+    """A converted dir (its arrays on `mesh` when given), or a released-layout dir or hub id
+    (host arrays), as a `Checkpoint`."""
+    path = Path(path)
+    if convert.is_converted(path):
+        return convert.read_converted(path, mesh=mesh)
+    return convert.read_released(convert.source.local_checkpoint(path),
+                                 backbone_config=backbone_config)
+
+
+def runtime_backbone(ckpt: convert.Checkpoint, mesh, *, dtype: str | None = None,
+                     param_dtype: str | None = None, attention_name: str = "auto"
+                     ) -> ModernBertConfig:
+    """The checkpoint's backbone with the run's choices: compute and parameter dtypes, and
+    the attention kernel ("auto" resolved for the mesh's platform)."""
+    platform = mesh.devices.flat[0].platform
+    return ckpt.backbone.replace(dtype=dtype or "float32",
+                                 param_dtype=param_dtype or ckpt.backbone.param_dtype,
+                                 attention=attention.resolve(attention_name, platform))
+
+
+def place_checkpoint(ckpt: convert.Checkpoint, backbone: ModernBertConfig, mesh
+                     ) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, nested parameters on the mesh, in `backbone.param_dtype`)."""
+    graphdef, abstract = params.split(params.abstract_model(
+        backbone, ckpt.cde, has_null_embedding=ckpt.has_null_embedding))
+    dtype = backbone.jnp_param_dtype
+
+    def put(path, value, like):
+        value = value.astype(dtype) if isinstance(value, jax.Array) else np.asarray(value, dtype)
+        return sharding.place(value, sharding.param_sharding(path, like.shape, mesh))
+
+    return graphdef, params.fill(abstract, ckpt.flat, put)

@@ -1,0 +1,127 @@
+"""The stage runner: parameters on the mesh, the compiled stages, batches in and rows out.
+
+Everything between host arrays and devices happens here. A process hands in its own rows
+(numpy); the runner pads them to a multiple of its data shards, assembles the global batch
+from every process's rows (`make_array_from_process_local_data`), runs the compiled stage
+and gives each process back its own rows. `run` does that for one batch; `run_buckets`
+for many, in length buckets (`pipeline`), dispatching every batch before reading any back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from . import pipeline, sharding
+from .model import ContextualEmbedder, Prefix
+from .tokenization import pad_batch
+
+Stage = Callable[[jax.Array, jax.Array], jax.Array]  # (ids_bs, mask_bs) -> (b, d), global
+
+
+class StageRunner:
+    """Both stages of one model on one mesh, as compiled functions of (params, arrays)."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: dict, mesh):
+        self.graphdef, self.params, self.mesh = graphdef, params, mesh
+        rows, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+        self._first = jax.jit(self._first_fn, out_shardings=rows)
+        self._prefix = jax.jit(self._prefix_fn, out_shardings=replicated)
+        self._second = jax.jit(self._second_fn, out_shardings=rows)
+
+    @property
+    def model(self) -> ContextualEmbedder:
+        return nnx.merge(self.graphdef, self.params)
+
+    def _first_fn(self, params, input_ids_bs, attention_mask_bs):
+        return nnx.merge(self.graphdef, params).first_stage_model(input_ids_bs,
+                                                                  attention_mask_bs)
+
+    def _prefix_fn(self, params, dataset_embeddings_md):
+        return nnx.merge(self.graphdef, params).second_stage_model.prefix(dataset_embeddings_md)
+
+    def _second_fn(self, params, input_ids_bs, attention_mask_bs, prefix):
+        return nnx.merge(self.graphdef, params).second_stage_model(input_ids_bs,
+                                                                   attention_mask_bs, prefix)
+
+    # --- the stages on global arrays -----------------------------------------------------
+    def first(self) -> Stage:
+        return lambda ids_bs, mask_bs: self._first(self.params, ids_bs, mask_bs)
+
+    def second(self, prefix: Prefix) -> Stage:
+        return lambda ids_bs, mask_bs: self._second(self.params, ids_bs, mask_bs, prefix)
+
+    def prefix(self, dataset_embeddings_md: np.ndarray | None) -> Prefix:
+        """The second stage's prefix (None: null-dataset mode); the same on every process."""
+        placed = None if dataset_embeddings_md is None else sharding.place(
+            dataset_embeddings_md, sharding.replicated(self.mesh))
+        return self._prefix(self.params, placed)
+
+    # --- batches -------------------------------------------------------------------------
+    @property
+    def rows_multiple(self) -> int:
+        """A process's batch rows must be a multiple of this (its share of the data shards)."""
+        return max(1, sharding.data_shards(self.mesh) // jax.process_count())
+
+    def place(self, *arrays_bs: np.ndarray) -> list[jax.Array]:
+        """This process's rows of a batch -> global arrays split over "data"."""
+        rows = sharding.batch_sharding(self.mesh)
+        return [jax.make_array_from_process_local_data(rows, a) for a in arrays_bs]
+
+    def local_rows(self, out: jax.Array) -> np.ndarray:
+        """This process's rows of a batch-sharded global result, in the order it fed them."""
+        if out.is_fully_addressable:
+            return np.asarray(out, dtype=np.float32)
+        local = multihost_utils.global_array_to_host_local_array(
+            out, self.mesh, sharding.batch_sharding(self.mesh).spec)
+        return np.asarray(local, dtype=np.float32)
+
+    def run(self, stage: Stage, input_ids_bs: np.ndarray,
+            attention_mask_bs: np.ndarray) -> np.ndarray:
+        """One batch of this process's rows (validated int32 arrays) -> (b, d) float32.
+        Rows are added up to a multiple of the process's data shards, fully masked."""
+        b, m = len(input_ids_bs), self.rows_multiple
+        widths = ((0, max(1, -(-b // m)) * m - b), (0, 0))
+        out = stage(*self.place(np.pad(input_ids_bs, widths), np.pad(attention_mask_bs, widths)))
+        return self.local_rows(out)[:b]
+
+    def run_buckets(self, token_ids: Sequence[Sequence[int]], stage: Stage, *,
+                    plan: pipeline.BucketPlan, pad_id: int, width: int, extra_len: int = 0,
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """`stage` over all of this process's texts (token id lists) in length buckets;
+        (len(token_ids), width) float32 in input order. `extra_len`: tokens the stage adds
+        to each row (the second stage's prefix), which the batch sizes count."""
+        n_data = sharding.data_shards(self.mesh)
+        local_size = lambda length: (plan.batch_size(length, n_data, extra_len)  # noqa: E731
+                                     // jax.process_count())
+        batches = pipeline.plan_batches([len(t) for t in token_ids], plan, local_size)
+        pending = [(rows, stage(*self.place(*pad_batch(token_ids, rows, length, pad_id))))
+                   for length, rows in batches]
+        out = np.zeros((len(token_ids), width), np.float32)
+        for rows, result in pending:
+            keep = rows >= 0
+            out[rows[keep]] = self.local_rows(result)[keep]
+            if progress is not None:
+                progress(int(keep.sum()))
+        return out
+
+    def gather(self, rows_nd: np.ndarray, total: int) -> np.ndarray:
+        """Every process's rows (each a contiguous share of `total`, in process order), on
+        every process."""
+        if jax.process_count() == 1:
+            return rows_nd
+        per = -(-total // jax.process_count())
+        padded = np.zeros((per,) + rows_nd.shape[1:], rows_nd.dtype)
+        padded[:len(rows_nd)] = rows_nd
+        gathered = multihost_utils.process_allgather(padded)
+        return gathered.reshape((-1,) + rows_nd.shape[1:])[:total]
+
+
+def process_share(n: int) -> slice:
+    """This process's contiguous share of `n` items (the last shares may be short or empty)."""
+    per = -(-n // jax.process_count())
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
