@@ -52,7 +52,7 @@ class ModernBertConfig:
         check_attention(self.attention)
         if self.hidden_activation not in ("gelu", "gelu_python"):
             raise UserError(f"unsupported hidden_activation {self.hidden_activation!r} "
-                             "(ModernBERT uses exact 'gelu')")
+                            "(ModernBERT uses exact 'gelu')")
 
     @property
     def head_dim(self) -> int:
@@ -95,7 +95,7 @@ class ModernBertConfig:
         """Reads a HF ModernBERT config (old flat keys or transformers-5 `rope_parameters`)."""
         if d.get("model_type", "modernbert") != "modernbert":
             raise UserError(f"backbone model_type is {d.get('model_type')!r}, "
-                             "expected 'modernbert'")
+                            "expected 'modernbert'")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
               if f.name in d and f.name not in _RUNTIME_FIELDS}
         rope = d.get("rope_parameters") or {}
@@ -109,7 +109,7 @@ class ModernBertConfig:
             got = tuple(names.get(t, t) for t in d["layer_types"])
             if got != expected.layer_types:
                 raise UserError(f"layer_types {d['layer_types']} is not the every-"
-                                 f"{expected.global_attn_every_n_layers} global pattern")
+                                f"{expected.global_attn_every_n_layers} global pattern")
         return cls(**kw, **runtime)
 
     @classmethod
@@ -155,7 +155,7 @@ class CdeConfig:
     def __post_init__(self):
         if self.transductive_tokens_per_document != 1:
             raise UserError("transductive_tokens_per_document="
-                             f"{self.transductive_tokens_per_document} is not supported (only 1)")
+                            f"{self.transductive_tokens_per_document} is not supported (only 1)")
 
     @property
     def num_context_tokens(self) -> int:
@@ -172,7 +172,7 @@ class CdeConfig:
                 raise UserError(f"config.json: {key}={d[key]!r} is not supported by cde_jax")
         if d.get("dataset_backbone") not in (None, d.get("embedder")):
             raise UserError("config.json: a second-stage backbone different from `embedder` "
-                             f"({d['dataset_backbone']!r}) is not supported")
+                            f"({d['dataset_backbone']!r}) is not supported")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         # Upstream's default when the key is absent is False (ours follows the v2 release).

@@ -34,7 +34,7 @@ def sample_minicorpus(texts, size: int, seed: int) -> list[str]:
     texts = validation.texts(texts, "minicorpus text")
     if not texts:
         raise UserError("cannot build dataset embeddings from an empty list of texts "
-                         "(use fallback_minicorpus() when there is no corpus)")
+                        "(use fallback_minicorpus() when there is no corpus)")
     if len(texts) < size:
         warnings.warn(f"only {len(texts)} texts for a minicorpus of {size}: oversampling "
                       f"with replacement (seed {seed})", stacklevel=3)
@@ -69,12 +69,12 @@ class DatasetEmbeddings:
             missing = {"embeddings", "fingerprint", "prefix", "seed"} - set(z.files)
             if missing:
                 raise UserError(f"{path}: not a dataset-embeddings file (missing "
-                                 f"{sorted(missing)})")
+                                f"{sorted(missing)})")
             out = cls(np.asarray(z["embeddings"], np.float32), str(z["fingerprint"]),
                       str(z["prefix"]), int(z["seed"]))
         if out.fingerprint != fingerprint:
             raise UserError(f"{path}: made by model {out.fingerprint}, this model is "
-                             f"{fingerprint}")
+                            f"{fingerprint}")
         validation.embedding_rows(out.embeddings, f"{path}: dataset embeddings", width)
         return out
 

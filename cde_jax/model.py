@@ -87,7 +87,7 @@ class SecondStage(nnx.Module):
     def null_embedding(self) -> jax.Array:
         if self.sequence_dropout_null_embedding is None:
             raise UserError("null-dataset mode and sequence dropout need "
-                             "`sequence_dropout_null_embedding`, which this checkpoint lacks")
+                            "`sequence_dropout_null_embedding`, which this checkpoint lacks")
         return self.sequence_dropout_null_embedding[...].astype(jnp.float32)
 
     def dataset_rows(self, dataset_embeddings_md: jax.Array | None) -> jax.Array:

@@ -50,7 +50,7 @@ def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) % model_parallel:
         raise UserError(f"{len(devices)} devices do not split into model_parallel="
-                         f"{model_parallel}")
+                        f"{model_parallel}")
     grid = np.array(devices).reshape(len(devices) // model_parallel, model_parallel)
     return Mesh(grid, (DATA, MODEL))
 

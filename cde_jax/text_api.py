@@ -94,7 +94,7 @@ class CdeModel:
                      show_progress_bar, desc: str, extra_len: int = 0) -> np.ndarray:
         if self.tokenizer is None:
             raise UserError("this checkpoint has no tokenizer files (tokenizer.json); "
-                             "convert it again or copy them into the checkpoint dir")
+                            "convert it again or copy them into the checkpoint dir")
         token_ids = self.tokenizer.encode([prompt + t for t in validation.texts(texts)])
         show = sys.stderr.isatty() if show_progress_bar is None else show_progress_bar
         with tqdm(total=len(texts), desc=desc, unit="text", disable=not show) as bar:

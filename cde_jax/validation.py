@@ -58,13 +58,13 @@ def token_arrays(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarray
         if array.ndim != 2 or not (np.issubdtype(array.dtype, np.integer)
                                    or array.dtype == bool):
             raise UserError(f"{name} must be a 2-D integer array, got {array.dtype} "
-                             f"{array.shape}")
+                            f"{array.shape}")
     if mask_bs.shape != ids_bs.shape:
         raise UserError(f"attention_mask has shape {mask_bs.shape}, input_ids has "
-                         f"{ids_bs.shape}")
+                        f"{ids_bs.shape}")
     if ids_bs.shape[1] == 0:
         raise UserError(f"input_ids of shape {ids_bs.shape}: sequences must have at least "
-                         "one token")
+                        "one token")
     _in_range("input_ids", ids_bs, 0, vocab_size - 1)
     _in_range("attention_mask", mask_bs, 0, 1)
     return ids_bs.astype(np.int32), mask_bs.astype(np.int32)
@@ -75,4 +75,4 @@ def _in_range(name: str, array_bs: np.ndarray, low: int, high: int) -> None:
     if bad_bs.any():
         row, col = np.argwhere(bad_bs)[0]
         raise UserError(f"{name}[{row}, {col}] = {array_bs[row, col]} is outside the valid "
-                         f"range [{low}, {high}] ({int(bad_bs.sum())} such value(s))")
+                        f"range [{low}, {high}] ({int(bad_bs.sum())} such value(s))")

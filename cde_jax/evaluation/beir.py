@@ -78,11 +78,11 @@ def read_jsonl(path: Path, *, title: bool) -> dict[str, tuple[str, str]]:
                 from None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{number}: expected a JSON object, got "
-                             f"{type(row).__name__}")
+                            f"{type(row).__name__}")
         key = _string(path, number, row, "_id")
         if key in first_line:
             raise UserError(f"{path}:{number}: duplicate _id {key!r} (first on line "
-                             f"{first_line[key]})")
+                            f"{first_line[key]})")
         first_line[key] = number
         out[key] = (_string(path, number, row, "title", optional=True) if title else "",
                     _string(path, number, row, "text"))
@@ -98,12 +98,12 @@ def read_qrels(path: Path, query_ids) -> dict[str, dict[str, int]]:
     number, header = next(rows, (0, ""))
     if tuple(header.rstrip("\r\n").split("\t")) != QRELS_HEADER:
         raise UserError(f"{path}:{max(number, 1)}: expected the header "
-                         f"{chr(9).join(QRELS_HEADER)!r}, got {header.rstrip()!r:.80}")
+                        f"{chr(9).join(QRELS_HEADER)!r}, got {header.rstrip()!r:.80}")
     for number, line in rows:
         fields = line.rstrip("\r\n").split("\t")
         if len(fields) != 3:
             raise UserError(f"{path}:{number}: expected 3 tab-separated fields, got "
-                             f"{len(fields)}: {line.rstrip()!r:.80}")
+                            f"{len(fields)}: {line.rstrip()!r:.80}")
         qid, did, score = fields
         try:
             value = int(score)

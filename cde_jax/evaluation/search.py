@@ -83,7 +83,7 @@ def exact_top_k(queries_qd, corpus_nd, k: int, *, mesh=None, plan: SearchPlan = 
         raise UserError(f"corpus must be a non-empty 2-D array, got shape {corpus_nd.shape}")
     if queries_qd.shape[1] != corpus_nd.shape[1]:
         raise UserError(f"queries have width {queries_qd.shape[1]}, corpus "
-                         f"{corpus_nd.shape[1]}")
+                        f"{corpus_nd.shape[1]}")
     if k < 1:
         raise UserError(f"k must be positive, got {k}")
     mesh = mesh if mesh is not None else sharding.make_mesh()

@@ -131,12 +131,12 @@ class TrainData:
         short = next((e for e in examples if len(e.negatives) < cfg.negatives), None)
         if short is not None:
             raise UserError(f"line {short.line}: {len(short.negatives)} negatives, fewer than "
-                             f"the {cfg.negatives} asked for")
+                            f"the {cfg.negatives} asked for")
         self.examples, self.cfg, self.seed = examples, cfg, seed
         self.batches_per_epoch = len(self._epoch_order(0))
         if self.batches_per_epoch == 0:
             raise UserError(f"{len(examples)} examples do not fill one batch of "
-                             f"{cfg.batch_size}" + (" inside any cluster" if cfg.group_by_cluster
+                            f"{cfg.batch_size}" + (" inside any cluster" if cfg.group_by_cluster
                                                     else ""))
         self._cached_epoch: tuple[int, list[np.ndarray]] | None = None
 

@@ -118,14 +118,14 @@ def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples) -> tuple[Train
             step, sequence_dropout=ckpt.cde.transductive_sequence_dropout_prob)
     if step.sequence_dropout > 0 and not ckpt.has_null_embedding:
         raise UserError("sequence dropout needs `sequence_dropout_null_embedding`, which this "
-                         "checkpoint lacks (set the dropout to 0)")
+                        "checkpoint lacks (set the dropout to 0)")
     data = data_lib.TrainData(examples, batch, cfg.seed)
     if step.chunk_size is not None:
         for what, rows in (("batch size", batch.batch_size), ("documents per batch",
                            data.documents_per_batch), ("minicorpus rows", data.corpus_rows)):
             if rows % step.chunk_size:
                 raise UserError(f"chunk size {step.chunk_size} does not divide the {what} "
-                                 f"({rows})")
+                                f"({rows})")
     if cfg.accum_steps < 1 or cfg.checkpoint_every < 1:
         raise UserError("accum_steps and checkpoint_every must be positive")
     return dataclasses.replace(cfg, batch=data.cfg, step=step,

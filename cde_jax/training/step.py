@@ -60,7 +60,7 @@ class StepConfig:
             raise UserError("both stages frozen: nothing to train")
         if not 0 <= self.warmup_steps < self.total_steps:
             raise UserError(f"warmup_steps {self.warmup_steps} must be in [0, total_steps "
-                             f"{self.total_steps})")
+                            f"{self.total_steps})")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise UserError(f"chunk_size must be positive, got {self.chunk_size}")
 
@@ -142,7 +142,7 @@ def _to_chunks(x_r, chunk: int):
     r = x_r.shape[0]
     if r % chunk:
         raise UserError(f"chunk size {chunk} does not divide {r} rows (it must divide the "
-                         "batch size and the minicorpus size)")
+                        "batch size and the minicorpus size)")
     return x_r.reshape((chunk, r // chunk) + x_r.shape[1:]).swapaxes(0, 1)
 
 
