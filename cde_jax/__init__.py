@@ -4,8 +4,9 @@ Layout: `text_api` (load, CdeModel: texts in, embeddings out) on `runner` (the s
 compiled on the mesh, batches in and rows out) on `model` / `encoder` (the two stages, the
 ModernBERT encoder), with `attention` (the kernel registry), `sharding` (the rules table),
 `pipeline` (length buckets), `minicorpus` (sampling, dataset-embeddings files), `prompts`,
-`validation`; `convert` (the key map and checkpoint formats), `training`, `evaluation`,
-`commands` (the CLI).
+`validation`; `corpus` (chunked sources, resumable sinks, the multi-process corpus job) and
+`distributed` (several processes); `convert` (the key map and checkpoint formats),
+`training`, `evaluation`, `commands` (the CLI).
 
 Dimension key: array names end in their shape, one letter per axis, the same everywhere:
   b batch rows          s sequence (key) positions   t query positions
@@ -17,9 +18,10 @@ Dimension key: array names end in their shape, one letter per axis, the same eve
 """
 
 from .config import CdeConfig, ModernBertConfig
+from .corpus import read_embeddings
 from .minicorpus import DatasetEmbeddings, fallback_minicorpus
 from .text_api import CdeModel, load
 
 __all__ = ["CdeConfig", "CdeModel", "DatasetEmbeddings", "ModernBertConfig",
-           "fallback_minicorpus", "load"]
+           "fallback_minicorpus", "load", "read_embeddings"]
 __version__ = "0.1.0"

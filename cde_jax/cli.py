@@ -31,6 +31,10 @@ def main(argv=None) -> int:
     except (UserError, FileNotFoundError, FileExistsError) as e:
         print(f"cde-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"cde-jax {args.command}: interrupted: run the same command again to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

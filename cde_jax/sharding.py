@@ -13,6 +13,7 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -113,6 +114,13 @@ def place(value, shard: NamedSharding) -> jax.Array:
         return value
     value = value if isinstance(value, jax.Array) else np.asarray(value)
     return jax.make_array_from_callback(value.shape, shard, lambda idx: value[idx])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-host) array on this host; every process calls it."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def data_shards(mesh: Mesh) -> int:

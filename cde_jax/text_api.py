@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,17 +92,19 @@ class CdeModel:
 
     # --- text API ------------------------------------------------------------------------
     def _embed_texts(self, texts: list[str], stage: Stage, prompt: str, *, batch_size,
-                     show_progress_bar, desc: str, extra_len: int = 0) -> np.ndarray:
+                     show_progress_bar, desc: str, extra_len: int = 0,
+                     progress: Callable[[int], object] | None = None) -> np.ndarray:
         if self.tokenizer is None:
             raise UserError("this checkpoint has no tokenizer files (tokenizer.json); "
                             "convert it again or copy them into the checkpoint dir")
         token_ids = self.tokenizer.encode([prompt + t for t in validation.texts(texts)])
         show = sys.stderr.isatty() if show_progress_bar is None else show_progress_bar
-        with tqdm(total=len(texts), desc=desc, unit="text", disable=not show) as bar:
+        with tqdm(total=len(texts), desc=desc, unit="text",
+                  disable=not show or progress is not None) as bar:
             return self.runner.run_buckets(
                 token_ids, stage, plan=self.plan.with_batch_size(batch_size),
                 pad_id=self.backbone_config.pad_token_id, width=self.hidden_size,
-                extra_len=extra_len, progress=bar.update)
+                extra_len=extra_len, progress=progress or bar.update)
 
     def embed_dataset(self, texts, *, seed: int = 0, batch_size: int | None = None,
                       show_progress_bar: bool | None = None) -> np.ndarray:
@@ -112,14 +115,21 @@ class CdeModel:
         return self.embed_minicorpus(docs, batch_size=batch_size,
                                      show_progress_bar=show_progress_bar)
 
-    def embed_minicorpus(self, docs: list[str], *, batch_size: int | None = None,
-                         show_progress_bar: bool | None = None) -> np.ndarray:
+    def embed_minicorpus(self, docs: list[str], **kw) -> np.ndarray:
         """Dataset embeddings of exactly these (already sampled) documents, in order, each
         process embedding its share."""
-        mine = self._embed_texts(validation.texts(docs)[process_share(len(docs))],
-                                 self.runner.first(), prompts.DOCUMENT, batch_size=batch_size,
-                                 show_progress_bar=show_progress_bar, desc="minicorpus")
-        return self.runner.gather(mine, len(docs))
+        docs = validation.texts(docs)
+        return self.embed_minicorpus_share(docs[process_share(len(docs))], len(docs), **kw)
+
+    def embed_minicorpus_share(self, mine: list[str], total: int, *,
+                               batch_size: int | None = None,
+                               show_progress_bar: bool | None = None) -> np.ndarray:
+        """`embed_minicorpus` when each process holds only its share (`runner.process_share`
+        of `total` documents): all `total` dataset embeddings, on every process."""
+        out = self._embed_texts(mine, self.runner.first(), prompts.DOCUMENT,
+                                batch_size=batch_size, show_progress_bar=show_progress_bar,
+                                desc="minicorpus")
+        return self.runner.gather(out, total)
 
     def dataset_embeddings_file(self, texts, *, seed: int = 0, **kw) -> DatasetEmbeddings:
         """`embed_dataset` with its provenance, ready to `.save(path)`."""
@@ -131,18 +141,20 @@ class CdeModel:
 
     def encode(self, texts, *, prompt_name: str | None = None, prompt: str | None = None,
                dataset_embeddings, batch_size: int | None = None,
-               normalize_embeddings: bool = True,
-               show_progress_bar: bool | None = None) -> np.ndarray:
+               normalize_embeddings: bool = True, show_progress_bar: bool | None = None,
+               progress: Callable[[int], object] | None = None) -> np.ndarray:
         """Embeddings (len(texts), d) float32 in input order; L2-normalized by default.
 
         prompt_name: "query" or "document" selects the task prefix; `prompt` gives one
-        directly (e.g. "clustering: "); neither: texts are used as they are.
+        directly (e.g. "clustering: "); neither: texts are used as they are. progress: called
+        with the number of texts done after each batch (an outer progress bar), instead of
+        this call's own bar.
         """
         prompt = prompts.by_name(prompt_name) if prompt is None else prompt
         prefix = self.prefix(dataset_embeddings)
         out = self._embed_texts(texts, self.runner.second(prefix), prompt, batch_size=batch_size,
                                 show_progress_bar=show_progress_bar, desc="encode",
-                                extra_len=prefix.embeds.shape[-2])
+                                extra_len=prefix.embeds.shape[-2], progress=progress)
         if normalize_embeddings:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out

@@ -17,10 +17,15 @@ import pytest
 from conftest import max_rel_err
 
 import cde_jax
-from cde_jax.commands.dataset_embeddings import sample_streamed
-from cde_jax.minicorpus import DatasetEmbeddings, fallback_minicorpus, sample_minicorpus
+from cde_jax.corpus import job, open_chunks
+from cde_jax.corpus.npy import ResumableArray
+from cde_jax.minicorpus import (
+    DatasetEmbeddings,
+    fallback_minicorpus,
+    sample_indices,
+    sample_minicorpus,
+)
 from cde_jax.prompts import DOCUMENT as DOCUMENT_PREFIX
-from cde_jax.stream import ResumableArray
 
 CHUNK = ("--chunk-size", "16", "--batch-size", "8")
 
@@ -119,12 +124,13 @@ def test_context_equals_python_api(cli, model, model_dir, random_docs, tmp_path,
 
 @pytest.mark.parametrize("count,size,seed", [(1000, 512, 0), (512, 512, 3), (700, 64, 42),
                                              (5, 16, 1)])
-def test_streaming_minicorpus_samples_like_the_api(count, size, seed):
+def test_chunked_minicorpus_samples_like_the_api(tmp_path, count, size, seed):
     texts = [f"t{i}" for i in range(count)]
+    source = open_chunks(write_txt(tmp_path / "in.txt", texts), 37)
+    chosen = job.read_rows(source, sample_indices(source.rows, size, seed))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # oversampling 5 texts
-        assert sample_streamed(iter(texts), count, size, seed) == \
-            sample_minicorpus(texts, size, seed)
+        assert chosen == sample_minicorpus(texts, size, seed)
 
 
 # --- embed ---------------------------------------------------------------------------------
@@ -142,7 +148,12 @@ def test_embed_txt_equals_encode_in_order(embedded_txt, documents_ref, texts):
     np.save(src.parent / "resaved.npy", got)
     assert out.read_bytes() == (src.parent / "resaved.npy").read_bytes()
     (src.parent / "resaved.npy").unlink()
-    assert sorted(p.name for p in src.parent.iterdir()) == ["emb.npy", "in.txt"]
+    # Ids beside it: the line numbers; nothing else left.
+    ids, values = cde_jax.read_embeddings(out)
+    np.testing.assert_array_equal(ids, np.arange(1, len(texts) + 1))
+    np.testing.assert_array_equal(values, got)
+    assert sorted(p.name for p in src.parent.iterdir()) == ["emb.npy", "emb.npy.ids.jsonl",
+                                                            "in.txt"]
 
 
 def test_embed_jsonl_field_random_context(cli, model, model_dir, texts, tmp_path):
@@ -191,7 +202,7 @@ def test_kill_9_then_resume_is_byte_identical(cli, model_dir, ctx_npz, embedded_
     assert done.returncode == 0, done.stderr
     assert f"resuming {out}: {finished}/{n_chunks} chunks already done" in done.stderr
     assert out.read_bytes() == uninterrupted.read_bytes()
-    assert not journal.exists() and not partial.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.ids.jsonl", "log"]
 
 
 def test_embed_cache_hits_on_a_repeated_run(cli, model_dir, ctx_npz, texts, tmp_path):
@@ -199,15 +210,19 @@ def test_embed_cache_hits_on_a_repeated_run(cli, model_dir, ctx_npz, texts, tmp_
     argv = ("embed", "--model", model_dir, "--input", src, "--role", "query",
             "--dataset-embeddings", ctx_npz, "--out", tmp_path / "q.npy", *CHUNK)
     assert cli(*argv).returncode == 0
+    first = (tmp_path / "q.npy").read_bytes()
+    again = cli(*argv)  # an existing output is kept unless --overwrite
+    assert again.returncode == 2 and "already exists (pass --overwrite" in again.stderr
     counting = ("import collections, json, sys, jax; from cde_jax import cli"
                 "; c = collections.Counter()"
                 "; jax.monitoring.register_event_listener(lambda e, **k: c.update([e]))"
                 "; rc = cli.main(sys.argv[1:]); print(json.dumps(c)); sys.exit(rc)")
-    done = cli(*argv, cmd=("-c", counting))
+    done = cli(*argv, "--overwrite", cmd=("-c", counting))
     assert done.returncode == 0, done.stderr
     events = json.loads(done.stdout.strip().splitlines()[-1])
     assert events.get("/jax/compilation_cache/cache_hits", 0) >= 2, events
     assert events.get("/jax/compilation_cache/cache_misses", 0) == 0, events
+    assert (tmp_path / "q.npy").read_bytes() == first
 
 
 # --- errors --------------------------------------------------------------------------------

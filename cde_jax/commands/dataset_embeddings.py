@@ -1,22 +1,36 @@
 """`cde-jax dataset-embeddings`: the dataset embeddings of a corpus file, saved as `.npz`
 for `cde-jax embed --dataset-embeddings`.
 
-Samples exactly what `model.dataset_embeddings_file(all_texts, seed=N)` samples, without
-holding the corpus: a counting pass, then a pass that keeps only the chosen texts.
+Samples exactly what `model.dataset_embeddings_file(all_texts, seed=N)` samples without any
+process holding the corpus: the file is indexed, checked line by line (each process its
+share), and each process reads and embeds only its share of the chosen texts.
+
+example:
+  cde-jax dataset-embeddings --model cde-small-v2-jax --input corpus.jsonl --out dataset.npz
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import argparse
+import warnings
+from pathlib import Path
 
-from .. import inputs, minicorpus
+from .. import distributed, minicorpus
+from ..corpus import job
+from ..corpus.source import InputError, open_chunks
+from ..io_utils import output_lock
+from ..runner import process_share
+from ..validation import UserError
 from . import runtime
+
+CHUNK_ROWS = 4096  # records per read; any value samples the same texts
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "dataset-embeddings", help="dataset embeddings (.npz) of a corpus, for `cde-jax embed "
-        "--dataset-embeddings`", description=__doc__, epilog=runtime.CACHE_HELP)
+        "--dataset-embeddings`", description=__doc__, epilog=runtime.CACHE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     runtime.add_input_args(parser)
     parser.add_argument("--out", required=True, help="the .npz to write (atomically)")
     parser.add_argument("--seed", type=int, default=0,
@@ -24,26 +38,30 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def sample_streamed(texts: Iterable[str], count: int, size: int, seed: int) -> list[str]:
-    """What `sample_minicorpus(all texts, size, seed)` returns, holding only the chosen texts
-    when the corpus is larger than the minicorpus."""
-    if count < size:
-        return minicorpus.sample_minicorpus(list(texts), size, seed)
-    chosen = minicorpus.sample_indices(count, size, seed)
-    wanted = set(chosen.tolist())
-    kept = {i: text for i, text in enumerate(texts) if i in wanted}
-    return [kept[i] for i in chosen]
+def check_out(args) -> None:
+    if Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"{args.out} already exists (pass --overwrite to replace it)")
 
 
 def run(args) -> int:
-    scanned = inputs.scan(args.input, args.field)
-    if scanned.count == 0:
-        raise inputs.InputError(f"{args.input}: no texts to sample a minicorpus from")
-    model = runtime.load_model(args.model)
-    docs = sample_streamed(inputs.iter_texts(args.input, args.field), scanned.count,
-                           model.config.transductive_corpus_size, args.seed)
-    inputs.check_unchanged(args.input, scanned)
-    embeddings_md = model.embed_minicorpus(docs, batch_size=args.batch_size,
-                                           show_progress_bar=True)
-    minicorpus.record(embeddings_md, model.fingerprint, args.seed).save(args.out)
+    runtime.start(args)
+    distributed.all_succeed(lambda: check_out(args), "checking --out")
+    source = distributed.all_succeed(lambda: open_chunks(args.input, CHUNK_ROWS,
+                                                         field=args.field), "indexing the input")
+    if source.rows == 0:
+        raise InputError(f"{args.input}: no texts to sample a minicorpus from")
+    job.validate(source)
+    model = runtime.load_model(args)
+    size = model.config.transductive_corpus_size
+    if source.rows < size:
+        warnings.warn(f"only {source.rows} texts for a minicorpus of {size}: oversampling "
+                      f"with replacement (seed {args.seed})", stacklevel=1)
+    chosen = minicorpus.sample_indices(source.rows, size, args.seed)
+    mine = job.read_rows(source, chosen[process_share(size)])
+    embeddings_md = model.embed_minicorpus_share(mine, size, batch_size=args.batch_size,
+                                                 show_progress_bar=True)
+    if distributed.is_main():
+        with output_lock(args.out):
+            minicorpus.record(embeddings_md, model.fingerprint, args.seed).save(args.out)
+    distributed.barrier("saved")
     return 0

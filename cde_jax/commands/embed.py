@@ -1,92 +1,84 @@
-"""`cde-jax embed`: L2-normalized query or document embeddings of every text in a file, as a
-float32 `.npy` of shape (texts, d) in input order.
+"""`cde-jax embed`: L2-normalized query or document embeddings of every text in a file, with
+their ids, as `.npy` (one process; ids in OUT.ids.jsonl), `.parquet` (id + embedding
+columns) or `.zarr` (tensorstore zarr v3, any tensorstore path such as gs://); read any of
+them back with `cde_jax.read_embeddings(OUT)`.
 
-Texts are read and embedded in chunks of --chunk-size (memory does not grow with the file).
-Each finished chunk is saved with a journal beside the output (`OUT.partial`,
-`OUT.journal`): a run that is killed continues, when started again with the same arguments,
-from the first unfinished chunk, and writes the same bytes as an uninterrupted run. Other
-arguments, another model or a changed input start over. OUT appears only when complete.
+The input is read in chunks of --chunk-size texts, the unit of work: each process of a run
+embeds its share of the chunks and commits each chunk atomically. A run that is killed
+continues, when started again with the same arguments (and any number of processes), from
+the committed chunks, and writes the same bytes as an uninterrupted run. Other arguments,
+another model or a changed input start over (.npy) or are refused (.parquet, .zarr). OUT
+appears only when complete.
+
+example:
+  cde-jax embed --model cde-small-v2-jax --input corpus.jsonl --id-field _id \\
+      --role document --dataset-embeddings dataset.npz --out corpus.parquet
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
-import itertools
 import json
-import sys
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from .. import inputs
+from ..corpus import job, sinks
+from ..corpus.source import Source, open_chunks
+from ..distributed import all_succeed
 from ..minicorpus import fallback_minicorpus
-from ..stream import ResumableArray
 from . import runtime
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "embed", help="embed the texts of a file (.npy, resumable)",
-        description=__doc__, epilog=runtime.CACHE_HELP)
+        "embed", help="embed the texts of a file (.npy / .parquet / .zarr, resumable)",
+        description=__doc__, epilog=runtime.CACHE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     runtime.add_input_args(parser)
+    parser.add_argument("--id-field", default=None,
+                        help="the JSONL field or parquet column holding each text's id "
+                             "(default: the 1-based line or row number)")
     parser.add_argument("--role", required=True, choices=("query", "document"),
                         help="the task prefix: search_query or search_document")
     parser.add_argument("--dataset-embeddings", required=True, metavar="NPZ|fallback",
                         help="dataset embeddings from `cde-jax dataset-embeddings` (.npz; must "
                              "come from this model), or 'fallback' for the generic fallback "
                              "minicorpus")
-    parser.add_argument("--out", required=True, help="the .npy to write")
+    parser.add_argument("--out", required=True, help="the .npy, .parquet or .zarr to write")
     parser.add_argument("--chunk-size", type=runtime.positive_int, default=4096,
                         help="texts per chunk, the unit of work a resumed run keeps "
                              "(default 4096)")
     parser.set_defaults(func=run)
 
 
-def chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    texts = iter(texts)
-    while chunk := list(itertools.islice(texts, size)):
-        yield chunk
-
-
-def run_key(args, scanned: inputs.Scan, fingerprint: str, dataset_md: np.ndarray) -> str:
-    """Everything the output bytes depend on: a journal with another key is not resumed."""
-    parts = {"input": scanned.sha256, "format": Path(args.input).suffix.lower(),
-             "field": args.field, "role": args.role, "model": fingerprint,
-             "context": hashlib.sha256(np.ascontiguousarray(dataset_md).tobytes()).hexdigest(),
-             "chunk_size": args.chunk_size, "batch_size": args.batch_size}
+def run_key(args, source: Source, fingerprint: str, dataset_md: np.ndarray) -> str:
+    """Everything the output bytes depend on (not the number of processes): a run with
+    another key does not resume this one."""
+    parts = {"input": source.sha256, "format": Path(args.input).suffix.lower(),
+             "field": args.field, "id_field": args.id_field, "role": args.role,
+             "model": fingerprint, "chunk_size": args.chunk_size, "batch_size": args.batch_size,
+             "dataset_embeddings": hashlib.sha256(
+                 np.ascontiguousarray(dataset_md).tobytes()).hexdigest()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def run(args) -> int:
-    scanned = inputs.scan(args.input, args.field)
-    model = runtime.load_model(args.model)
+    sinks.output_format(args.out)
+    runtime.start(args)
+    source = all_succeed(lambda: open_chunks(args.input, args.chunk_size, field=args.field,
+                                             id_field=args.id_field), "indexing the input")
+    model = runtime.load_model(args)
     if args.dataset_embeddings == "fallback":
         dataset_md = model.embed_dataset(fallback_minicorpus(), batch_size=args.batch_size)
     else:
         dataset_md = model.load_dataset_embeddings(args.dataset_embeddings).embeddings
-    key = run_key(args, scanned, model.fingerprint, dataset_md)
-    with ResumableArray(args.out, rows=scanned.count, width=model.hidden_size,
-                        chunk_rows=args.chunk_size, key=key) as out:
-        if out.state == "resumed":
-            print(f"cde-jax embed: resuming {args.out}: {len(out.done)}/{out.n_chunks} chunks "
-                  "already done", file=sys.stderr)
-        elif out.state == "restarted":
-            print(f"cde-jax embed: starting {args.out} over: the unfinished run there does not "
-                  "match (other arguments, input or model, or its .partial is gone)",
-                  file=sys.stderr)
-        with tqdm(total=scanned.count, initial=out.rows_done, unit="text", unit_scale=True,
-                  desc="embed", file=sys.stderr) as bar:
-            for chunk, texts in enumerate(chunks(inputs.iter_texts(args.input, args.field),
-                                                 args.chunk_size)):
-                if chunk in out.done:
-                    continue
-                out.write(chunk, model.encode(texts, prompt_name=args.role,
-                                              dataset_embeddings=dataset_md,
-                                              batch_size=args.batch_size,
-                                              show_progress_bar=False))
-                bar.update(len(texts))
-        inputs.check_unchanged(args.input, scanned)
-        out.finish()
+
+    def embed(texts, progress):
+        return model.encode(texts, prompt_name=args.role, dataset_embeddings=dataset_md,
+                            batch_size=args.batch_size, progress=progress)
+
+    job.embed_corpus(source, args.out, key=run_key(args, source, model.fingerprint, dataset_md),
+                     width=model.hidden_size, embed=embed, overwrite=args.overwrite)
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cde_jax
 
+from .. import distributed
 from ..evaluation.beir import load_beir
 from ..evaluation.retrieval import MINICORPUS_SEED, evaluate_retrieval
 from ..io_utils import atomic_file
@@ -47,6 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=runtime.positive_int, default=None,
                    help="fixed batch size (default: about 8192 tokens per batch)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    distributed.add_args(p)
     p.set_defaults(func=run)
 
 
@@ -54,8 +56,11 @@ def run(args) -> int:
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
     start = time.perf_counter()
-    dataset = load_beir(args.dataset, args.split)  # bad files fail before the model loads
-    model = runtime.load_model(args.model)
+    runtime.start(args)
+    # Bad files fail before the model loads (every process reads the dataset).
+    dataset = distributed.all_succeed(lambda: load_beir(args.dataset, args.split),
+                                      "reading the dataset")
+    model = runtime.load_model(args)
     metrics = evaluate_retrieval(model, dataset, args.k, seed=args.seed,
                                  batch_size=args.batch_size)
     result = {
@@ -70,8 +75,10 @@ def run(args) -> int:
         "seconds": round(time.perf_counter() - start, 3),
         "cde_jax_version": cde_jax.__version__,
     }
-    with atomic_file(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(json.dumps(metrics, indent=2))
+    if distributed.is_main():
+        with atomic_file(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        print(json.dumps(metrics, indent=2))
+    distributed.barrier("written")
     return 0

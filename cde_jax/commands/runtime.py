@@ -1,6 +1,6 @@
-"""What the commands that run the model share: their input options, the persistent XLA
-compilation cache (so that a repeated run loads its programs instead of compiling them) and
-loading the model."""
+"""What the commands that run the model share: their options, joining a multi-process run,
+the persistent XLA compilation cache (a repeated run loads its programs instead of compiling
+them) and loading the model."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 
+from .. import distributed
 from ..text_api import CdeModel, load
 
 CACHE_ENV = "CDE_JAX_CACHE_DIR"
@@ -25,17 +26,24 @@ def positive_int(value: str) -> int:
     return number
 
 
-def add_input_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="converted checkpoint dir, or a released one (config.json + "
                              "model.safetensors)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="texts per device batch (default: about 4096 tokens per batch)")
+    distributed.add_args(parser)
+
+
+def add_input_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
     parser.add_argument("--input", required=True,
                         help=".txt (one text per line, empty lines included), .jsonl (one "
                              "object per line) or .parquet (needs pyarrow)")
     parser.add_argument("--field", default="text",
                         help="the JSONL field or parquet column holding the text (default: text)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="texts per device batch (default: about 8192 tokens per batch)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out instead of refusing")
 
 
 def cache_dir() -> Path:
@@ -54,6 +62,12 @@ def enable_compilation_cache() -> Path:
     return path
 
 
-def load_model(path: str) -> CdeModel:
+def start(args: argparse.Namespace) -> None:
+    """Joins the multi-process run the flags describe (before JAX starts its backends) and
+    turns the compilation cache on."""
+    distributed.initialize(args)
     enable_compilation_cache()
-    return load(path)
+
+
+def load_model(args: argparse.Namespace) -> CdeModel:
+    return load(args.model)

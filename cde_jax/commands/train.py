@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import distributed
 from ..training import BatchConfig, StepConfig, TrainConfig, train
 from ..training.step import STAGES
 from . import runtime
@@ -54,6 +55,7 @@ def register(subparsers) -> None:
                    help="continue from the latest checkpoint in OUT (same settings)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
+    distributed.add_args(p)
     p.set_defaults(func=run)
 
 
@@ -75,8 +77,10 @@ def config_from_args(args) -> TrainConfig:
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    runtime.enable_compilation_cache()  # a resumed or repeated run skips the compile
+    runtime.start(args)  # joins a multi-process run; a resumed or repeated run skips the compile
     result = train(cfg, resume=args.resume, show_progress=args.progress)
+    if not distributed.is_main():
+        return 0
     if result.resumed_from is not None:
         print(f"resumed from step {result.resumed_from}")
     if result.history:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..inputs import lines
+from ..corpus.source import lines
 from ..validation import UserError
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from ..runner import process_share
 from .beir import BeirDataset
 from .metrics import MRR_DEPTH, ranking_metrics
 from .search import SearchPlan, exact_top_k
@@ -23,17 +24,22 @@ def rank_corpus(model, dataset: BeirDataset, depth: int, *, seed: int = MINICORP
                 batch_size: int | None = None, plan: SearchPlan = SearchPlan(),
                 show_progress_bar: bool | None = None) -> dict[str, dict[str, float]]:
     """{query id: {document id: cosine}} of the `depth` best documents, best first, for every
-    judged query (MTEB's run format, in rank order)."""
+    judged query (MTEB's run format, in rank order). With several processes, each embeds its
+    share of the documents and queries and searches its documents; all get the result."""
     dataset_md = model.embed_dataset(dataset.doc_texts, seed=seed, batch_size=batch_size,
-                                  show_progress_bar=show_progress_bar)
+                                     show_progress_bar=show_progress_bar)
     kw = dict(dataset_embeddings=dataset_md, batch_size=batch_size,
               show_progress_bar=show_progress_bar)
-    docs_nd = model.encode(dataset.doc_texts, prompt_name="document", **kw)
-    queries_qd = model.encode(dataset.query_texts, prompt_name="query", **kw)
+    docs = process_share(len(dataset.doc_texts))
+    docs_nd = model.encode(dataset.doc_texts[docs], prompt_name="document", **kw)
+    queries = process_share(len(dataset.query_texts))
+    queries_qd = model.runner.gather(
+        model.encode(dataset.query_texts[queries], prompt_name="query", **kw),
+        len(dataset.query_texts))
     with tqdm(total=len(docs_nd), desc="search", unit="doc",
               disable=None if show_progress_bar is None else not show_progress_bar) as bar:
         scores_qk, ids_qk = exact_top_k(queries_qd, docs_nd, depth, mesh=model.mesh,
-                                        plan=plan, progress=bar.update)
+                                        plan=plan, first_row=docs.start, progress=bar.update)
     return {q: {dataset.doc_ids[i]: float(s) for s, i in zip(srow, irow)}
             for q, srow, irow in zip(dataset.query_ids, scores_qk, ids_qk)}
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from .. import sharding, validation
+from .. import distributed, sharding, validation
 from ..validation import UserError
 
 
@@ -46,51 +46,56 @@ class SearchPlan:
 
 @functools.lru_cache(maxsize=8)
 def _merge_step(mesh, k: int):
-    """(best scores, best ids, queries, chunk, chunk start, n) -> the new (best, ids)."""
+    """(best scores, best ids, queries, chunk, chunk row ids) -> the new (best, ids)."""
 
-    def local_top_k(queries_qd, chunk_rd, start, n):
-        rows = chunk_rd.shape[0]
-        first = start + jax.lax.axis_index(sharding.DATA) * rows
-        ids_r = first + jnp.arange(rows, dtype=jnp.int32)
+    def local_top_k(queries_qd, chunk_rd, ids_r):
         scores_qr = jnp.matmul(queries_qd, chunk_rd.T, precision=jax.lax.Precision.HIGHEST)
-        scores_qr = jnp.where(ids_r[None, :] < n, scores_qr, -jnp.inf)  # padding rows
-        top_qk, pos_qk = jax.lax.top_k(scores_qr, k)
-        return top_qk, first + pos_qk
+        scores_qr = jnp.where(ids_r[None, :] >= 0, scores_qr, -jnp.inf)  # padding rows
+        top_qk, pos_qk = jax.lax.top_k(scores_qr, k)  # ties: the lower position = lower id
+        return top_qk, ids_r[pos_qk]
 
-    # Gathered along axis 1 in device order = corpus order, so ties keep the lower id.
     candidates = jax.shard_map(
-        local_top_k, mesh=mesh, in_specs=(P(), P(sharding.DATA, None), P(), P()),
+        local_top_k, mesh=mesh, in_specs=(P(), P(sharding.DATA, None), P(sharding.DATA)),
         out_specs=(P(None, sharding.DATA), P(None, sharding.DATA)))
 
-    def step(best_qk, best_ids_qk, queries_qd, chunk_nd, start, n):
-        top, ids = candidates(queries_qd, chunk_nd, start, n)
-        scores = jnp.concatenate([best_qk, top], axis=1)  # earlier chunks first: lower ids
+    def step(best_qk, best_ids_qk, queries_qd, chunk_nd, ids_n):
+        top, ids = candidates(queries_qd, chunk_nd, ids_n)
+        scores = jnp.concatenate([best_qk, top], axis=1)
         ids = jnp.concatenate([best_ids_qk, ids], axis=1)
-        best_qk, pos_qk = jax.lax.top_k(scores, k)
-        return best_qk, jnp.take_along_axis(ids, pos_qk, axis=1)
+        # Best first and, among equal scores, the lower corpus row, wherever it came from.
+        neg_scores, ids = jax.lax.sort((-scores, ids), dimension=1, num_keys=2)
+        return -neg_scores[:, :k], ids[:, :k]
 
     out = sharding.replicated(mesh)
     return jax.jit(step, out_shardings=(out, out), donate_argnums=(0, 1))
 
 
 def exact_top_k(queries_qd, corpus_nd, k: int, *, mesh=None, plan: SearchPlan = SearchPlan(),
-                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                first_row: int = 0, progress: Callable[[int], None] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """The k highest inner products of each query with the corpus: (scores (q, k) float32,
-    corpus row indices (q, k) int64), best first. k above the corpus size returns every row."""
+    corpus row indices (q, k) int64), best first. k above the corpus size returns every row.
+
+    With several processes, every process passes the same queries and its own rows of the
+    corpus, which start at row `first_row` of the whole; each gets the whole result.
+    """
     queries_qd = validation.embedding_rows(queries_qd, "queries")
     corpus_nd = np.asarray(corpus_nd, dtype=np.float32)  # a float32 memmap stays on disk
-    if corpus_nd.ndim != 2 or corpus_nd.shape[0] == 0:
-        raise UserError(f"corpus must be a non-empty 2-D array, got shape {corpus_nd.shape}")
-    if queries_qd.shape[1] != corpus_nd.shape[1]:
-        raise UserError(f"queries have width {queries_qd.shape[1]}, corpus "
-                        f"{corpus_nd.shape[1]}")
+    (q, d) = queries_qd.shape
+    if corpus_nd.ndim != 2:
+        raise UserError(f"corpus must be a 2-D array, got shape {corpus_nd.shape}")
+    if len(corpus_nd) and corpus_nd.shape[1] != d:
+        raise UserError(f"queries have width {d}, corpus {corpus_nd.shape[1]}")
     if k < 1:
         raise UserError(f"k must be positive, got {k}")
     mesh = mesh if mesh is not None else sharding.make_mesh()
-    (q, d), n = queries_qd.shape, len(corpus_nd)
+    n = int(distributed.sum_all(np.asarray(len(corpus_nd))))
+    if n == 0:
+        raise UserError("corpus must be a non-empty 2-D array, got 0 rows")
     k = min(k, n)
     shards = sharding.data_shards(mesh)
-    chunk = plan.chunk_rows(n, k, q, shards) * shards
+    local = plan.chunk_rows(n, k, q, shards) * shards // jax.process_count()
+    steps = int(distributed.max_all(np.asarray(-(-len(corpus_nd) // local))))
     block = min(plan.query_block, q)
     step = _merge_step(mesh, k)
     replicated, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
@@ -100,18 +105,18 @@ def exact_top_k(queries_qd, corpus_nd, k: int, *, mesh=None, plan: SearchPlan = 
     blocks = [sharding.place(b, replicated) for b in padded_queries.reshape(-1, block, d)]
     best = [(sharding.place(np.full((block, k), -np.inf, np.float32), replicated),
              sharding.place(np.full((block, k), -1, np.int32), replicated)) for _ in blocks]
-    n_dev = sharding.place(np.asarray(n, np.int32), replicated)
-    for start in range(0, n, chunk):
-        part = validation.finite_rows(corpus_nd[start:start + chunk], "corpus", start)
-        if len(part) < chunk:  # the last chunk: zero rows, masked out by index
-            part = np.concatenate([part, np.zeros((chunk - len(part), d), np.float32)])
+    for start in range(0, steps * local, local):
+        part = validation.finite_rows(corpus_nd[start:start + local], "corpus",
+                                      first_row + start)
+        ids = np.full(local, -1, np.int32)
+        ids[:len(part)] = first_row + start + np.arange(len(part))
+        part = np.concatenate([part, np.zeros((local - len(part), d), np.float32)])
         # Sent while the previous chunk is scored.
-        part_dev = sharding.place(np.ascontiguousarray(part), rows)
-        start_dev = sharding.place(np.asarray(start, np.int32), replicated)
+        part_dev, ids_dev = (jax.make_array_from_process_local_data(rows, x) for x in (part, ids))
         jax.block_until_ready(best)  # at most two chunks on the devices at a time
-        best = [step(*state, b, part_dev, start_dev, n_dev) for state, b in zip(best, blocks)]
+        best = [step(*state, b, part_dev, ids_dev) for state, b in zip(best, blocks)]
         if progress is not None:
-            progress(min(chunk, n - start))
+            progress(int((ids >= 0).sum()))
     scores = np.concatenate([np.asarray(s.addressable_data(0)) for s, _ in best])[:q]
     ids = np.concatenate([np.asarray(i.addressable_data(0)) for _, i in best])[:q]
     return scores, ids.astype(np.int64)

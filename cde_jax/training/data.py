@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import prompts
-from ..inputs import lines
+from ..corpus.source import lines
 from ..tokenization import TextTokenizer
 from ..validation import UserError
 

@@ -7,8 +7,10 @@ OUT is touched; an existing OUT is only reused with `resume`, and only with the 
 settings. A resumed run replays from its latest checkpoint and ends with exactly the
 parameters of an uninterrupted one (same programs, same inputs, same keys).
 
-One process drives all its devices (the batch is placed with `device_put`); multi-host
-training would feed each host's rows as `runner.StageRunner.place` does.
+With several processes (`cde_jax.distributed`), every process builds the same batches (they
+are a pure function of the data position) and feeds only its devices' rows; the step is one
+program over every device, so loss and gradients are those of one process. Orbax writes the
+checkpoints from all processes; process 0 alone writes the logs and the exported model.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from tqdm.auto import tqdm
 
-from .. import convert, loading, sharding
+from .. import convert, distributed, loading, sharding
 from ..io_utils import atomic_file
 from ..loading import read_checkpoint
 from ..tokenization import TextTokenizer, load_tokenizer
@@ -159,7 +161,7 @@ class _Session:
         accum = self.cfg.accum_steps
         host = data_lib.stack([self.tokenize(self.data.batch(state.data_position + i))
                                for i in range(accum)])
-        batches = {k: jax.device_put(v, sharding.stacked_batch_sharding(self.mesh, v.shape))
+        batches = {k: sharding.place(v, sharding.stacked_batch_sharding(self.mesh, v.shape))
                    for k, v in host.items()}
         params, opt_state, metrics = self.step_fn(state.params, state.opt_state, batches,
                                                   jnp.asarray(state.rng_key), state.step)
@@ -180,14 +182,16 @@ def _run_steps(session: _Session, state: TrainState, checkpoints: Checkpoints, m
     are read while the next one runs, and always before a checkpoint is saved."""
     cfg, history = session.cfg, []
     total = cfg.step.total_steps
-    with open(metrics_path, "a") as log_file, tqdm(total=total, initial=state.step,
-                                                   desc="train", unit="step",
-                                                   disable=not show) as bar:
+    main = distributed.is_main()
+    with open(metrics_path, "a") if main else contextlib.nullcontext() as log_file, \
+            tqdm(total=total, initial=state.step, desc="train", unit="step",
+                 disable=not show or not main) as bar:
         def record(step, metrics):
-            row = {"step": step, **{k: float(v) for k, v in metrics.items()},
+            row = {"step": step, **{k: float(v.addressable_data(0)) for k, v in metrics.items()},
                    "learning_rate": float(session.learning_rate(step - 1))}
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
+            if main:
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
             history.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}")
@@ -217,22 +221,27 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     out = Path(cfg.out)
     _check_out(out, cfg, resume)
     session = _Session(cfg, ckpt, data)
-    with atomic_file(out / CONFIG_FILE, "w") as f:
-        json.dump(cfg.to_json(), f, indent=2)
+    if distributed.is_main():
+        with atomic_file(out / CONFIG_FILE, "w") as f:
+            json.dump(cfg.to_json(), f, indent=2)
     state, resumed_from = session.initial, None
     checkpoints = Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
     try:
         restored = checkpoints.restore_latest(state) if resume else None
         if restored is not None:
             state, resumed_from = restored, restored.step
-        _keep_metrics_until(out / METRICS_FILE, state.step)
+        if distributed.is_main():
+            _keep_metrics_until(out / METRICS_FILE, state.step)
         show = sys.stderr.isatty() if show_progress is None else show_progress
         with _quiet_truncation():
             state, history = _run_steps(session, state, checkpoints, out / METRICS_FILE, show)
     finally:
         checkpoints.close()
     session.report_truncation()
-    trained = nnx.merge(session.graphdef, state.params)
-    model_dir = export_released(trained, ckpt, out / "model", overwrite=True, config_json={
-        **ckpt.config_json, "transductive_corpus_size": cfg.batch.corpus_size})
+    trained = nnx.merge(session.graphdef, jax.tree.map(sharding.to_host, state.params))
+    model_dir = out / "model"
+    if distributed.is_main():
+        export_released(trained, ckpt, model_dir, overwrite=True, config_json={
+            **ckpt.config_json, "transductive_corpus_size": cfg.batch.corpus_size})
+    distributed.barrier("exported")
     return TrainResult(state.step, history, model_dir, resumed_from)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io_utils import atomic_file
+from ..io_utils import atomic_file
 
 DTYPE = np.dtype("<f4")
 

@@ -1,0 +1,151 @@
+"""The corpus job, as every process of a run executes it:
+
+    validate: each process reads its share of the chunks; any bad line stops every process
+              before an output exists (and, with ids, no id may repeat in the file)
+    lock OUT (process 0), refuse a finished OUT unless --overwrite, open the sink
+    todo = chunks not committed yet (read by every process before any writes)
+    process p embeds todo[p::N], Grain reading the next chunks while the current one runs;
+    every process joins every round (the model is one program over all devices)
+    process 0 finishes the output once every chunk is committed
+
+The unit of work is the chunk, not the process: a run killed anywhere resumes from the
+committed chunks when started again, with the same or another number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..io_utils import output_lock
+from ..validation import UserError
+from . import sinks
+from .source import InputError, Source, id_hashes
+
+# texts, progress(n) -> (len(texts), d) float32; called by every process in every round.
+Embed = Callable[[list[str], Callable[[int], object]], np.ndarray]
+
+
+def my_chunks(n_chunks: int) -> range:
+    return range(jax.process_index(), n_chunks, jax.process_count())
+
+
+def validate(source: Source) -> None:
+    """Reads every chunk once (each process its share), so that bad input fails before any
+    output is created; with ids, checks that none repeats anywhere in the file."""
+    def check() -> np.ndarray:
+        hashes = [np.zeros(0, np.uint64)]
+        for i in my_chunks(len(source)):
+            chunk = source[i]  # parses and checks every record
+            if source.id_field:
+                hashes.append(id_hashes(chunk.ids))
+        return np.concatenate(hashes)
+
+    hashes = distributed.all_succeed(check, "reading the input")
+    if source.id_field:
+        distributed.all_succeed(lambda: _no_repeated_ids(source, hashes), "checking ids")
+
+
+def _gather(values: np.ndarray) -> np.ndarray:
+    """Every process's 1-D array, concatenated in process order."""
+    if jax.process_count() == 1:
+        return values
+    sizes = multihost_utils.process_allgather(np.asarray(len(values)))
+    padded = np.zeros(int(sizes.max()), values.dtype)
+    padded[:len(values)] = values
+    rows = multihost_utils.process_allgather(padded)
+    return np.concatenate([row[:size] for row, size in zip(rows, sizes)])
+
+
+def _no_repeated_ids(source: Source, my_hashes: np.ndarray) -> None:
+    """Compares 64-bit id digests across processes; only when two agree are the ids
+    themselves read again, so a repeat is reported by its lines and a digest collision of
+    different ids is not an error."""
+    digests, counts = np.unique(_gather(my_hashes), return_counts=True)
+    repeated = set(digests[counts > 1].tolist())
+    if not repeated:
+        return
+    rows = [i * source.chunk_rows + j for i in my_chunks(len(source))
+            for j, h in enumerate(id_hashes(source[i].ids).tolist()) if h in repeated]
+    first_row: dict = {}
+    for row in sorted(_gather(np.asarray(rows, np.int64)).tolist()):
+        record_id = source[row // source.chunk_rows].ids[row % source.chunk_rows]
+        earlier = first_row.setdefault(record_id, row)
+        if earlier != row:
+            raise InputError(f"{source.path}: {source.unit} {row + 1}: id {record_id!r} "
+                             f"repeats {source.unit} {earlier + 1}'s")
+
+
+@contextlib.contextmanager
+def writing(out: str, overwrite: bool):
+    """Process 0 holds OUT's lock (one run per output) for the block; a finished OUT is
+    refused unless `overwrite`, which deletes it first. Every process learns the outcome."""
+    lock = output_lock(out) if distributed.is_main() and "://" not in out else \
+        contextlib.nullcontext()
+    with contextlib.ExitStack() as stack:
+        def claim():
+            stack.enter_context(lock)
+            if distributed.is_main() and sinks.exists(out):
+                if not overwrite:
+                    raise UserError(f"{out} already exists (pass --overwrite to replace it)")
+                sinks.remove(out)
+        distributed.all_succeed(claim, "claiming the output")
+        distributed.barrier("claimed")
+        yield
+
+
+def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed,
+                 overwrite: bool = False, read_threads: int = 2, prefetch: int = 2,
+                 show_progress: bool = True) -> Path:
+    """Runs (or resumes) the job; every process calls it with the same arguments."""
+    if jax.process_count() > 1 and sinks.output_format(out) == ".npy":
+        raise UserError(f"{out}: a .npy is written by one process; with several, write "
+                        ".zarr or .parquet")
+    validate(source)
+    with writing(out, overwrite):
+        sink = distributed.all_succeed(lambda: sinks.open_sink(
+            out, rows=source.rows, width=width, chunk_rows=source.chunk_rows, key=key,
+            id_kind=source.id_kind), "opening the output")
+        done = sink.done_chunks()
+        if distributed.is_main() and 0 < len(done) < len(source):
+            print(f"cde-jax: resuming {out}: {len(done)}/{len(source)} chunks already done",
+                  file=sys.stderr)
+        distributed.barrier("planned")  # nobody writes before everyone has read `done`
+        todo = [i for i in range(len(source)) if i not in done]
+        mine = grain.MapDataset.source(todo)[jax.process_index()::jax.process_count()]
+        reader = iter(mine.map(source.__getitem__).to_iter_dataset(
+            grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)))
+        total = sum(min(source.chunk_rows, source.rows - i * source.chunk_rows)
+                    for i in todo[jax.process_index()::jax.process_count()])
+        with contextlib.closing(reader), tqdm(total=total, unit="text", unit_scale=True,
+                                              desc="embed", file=sys.stderr,
+                                              disable=not show_progress) as bar:
+            for _ in range(-(-len(todo) // jax.process_count())):
+                chunk = next(reader, None)
+                values = embed(chunk.texts if chunk else [], bar.update)
+                if chunk:
+                    sink.write_chunk(chunk.index, chunk.ids, values)
+        distributed.barrier("written")
+        if distributed.is_main():
+            sink.finish()
+        distributed.barrier("finished")
+    return Path(out)
+
+
+def read_rows(source: Source, rows: np.ndarray) -> list[str]:
+    """The texts at these 0-based record indices, in their order, reading each chunk once."""
+    chunks: dict[int, list[str]] = {}
+    for row in sorted(set(rows.tolist())):
+        index = row // source.chunk_rows
+        if index not in chunks:
+            chunks[index] = source[index].texts
+    return [chunks[r // source.chunk_rows][r % source.chunk_rows] for r in rows.tolist()]

@@ -1,0 +1,328 @@
+"""One embedding output written chunk by chunk, by any number of processes, resumable after
+any of them is killed (even with SIGKILL).
+
+Every sink has the same life: `open_sink(path, rows, width, chunk_rows, key, id_kind)`, then
+`done_chunks()` (exact: a chunk is listed only once its rows and ids are durable),
+`write_chunk(i, ids, values)` (atomic: a killed write leaves chunk i not done, and writing
+it again is harmless), `ids()` (all ids in row order, for the duplicate check) and
+`finish()` (one process, after every chunk is done). `key` names everything the bytes depend
+on (input, model, arguments); the process count is not part of it, so a run resumes with
+any number of processes. `read_embeddings(path)` reads a finished output of any format.
+
+- `.zarr` (tensorstore, zarr v3; `gs://` and `s3://` paths work the same): a group whose
+  attributes hold the run (`cde_jax`: key, shape, id kind), the (rows, width) float32 array
+  `embeddings` chunked by `chunk_rows` rows, so that each work chunk is one storage object
+  and processes never write the same one, `ids/<i>.json` per chunk and, once finished, an
+  object `complete`. The ids object is written after the chunk's rows and doubles as its
+  commit marker. Tensorstore 0.1.86's zarr3 has no string data type, hence JSON ids.
+  Every object is written with one value per run (whoever writes it): tensorstore's file
+  kvstore reuses a `<key>.__lock` temp file left by a killed writer without truncating it,
+  which is harmless only because the stale bytes are then a prefix of the same value.
+  A different key is refused, not overwritten: deleting the old run safely needs every
+  process to agree first (the real command can do it on process 0 before a barrier).
+- `.parquet` (local paths): one part file per chunk in `OUT.parts/` (temp + rename), then
+  `finish` concatenates them in chunk order into OUT (one row group per chunk; the key is in
+  the schema metadata) and removes the parts. A different key is refused, as for `.zarr`.
+- `.npy` (one process): `npy.ResumableArray` (its journal, its start-over on another key),
+  plus `OUT.ids.parts/<i>.json` during the run and `OUT.ids.jsonl` (one JSON id per line, in
+  row order) when finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..io_utils import atomic_file
+from ..validation import UserError
+from .npy import ResumableArray
+
+FORMATS = (".npy", ".parquet", ".zarr")
+GROUP_ATTR = "cde_jax"
+_COMMITTED = re.compile(r"(\d+)\.(?:json|parquet)")  # not temp or lock files
+
+
+class OutputError(UserError):
+    """An output that belongs to another run (or is unfinished) where this one was asked for."""
+
+
+def open_sink(path: str | Path, *, rows: int, width: int, chunk_rows: int, key: str,
+              id_kind: str):
+    """The sink for `path`'s suffix; every process of a run opens it with the same arguments."""
+    kind = output_format(path)
+    if "://" in str(path) and kind != ".zarr":
+        raise OutputError(f"{path}: only .zarr outputs may be remote (gs://, s3://)")
+    sink = {".zarr": ZarrSink, ".parquet": ParquetSink, ".npy": NpySink}[kind]
+    return sink(str(path), rows=rows, width=width, chunk_rows=chunk_rows, key=key,
+                id_kind=id_kind)
+
+
+def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, embeddings) of a finished output: ids int64 or object (str), float32 (rows, d)."""
+    kind = output_format(path)
+    if kind == ".zarr":
+        return ZarrSink.read(str(path))
+    if kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        width = table.schema.field("embedding").type.list_size
+        values = table.column("embedding").combine_chunks().flatten().to_numpy()
+        return _id_array(table.column("id").to_pylist()), values.reshape(-1, width)
+    ids_path = Path(str(path) + ".ids.jsonl")
+    with ids_path.open(encoding="utf-8") as f:
+        ids = [json.loads(line) for line in f]
+    return _id_array(ids), np.load(path)
+
+
+def output_format(path: str | Path) -> str:
+    """".npy", ".parquet" or ".zarr", from the path's suffix."""
+    suffix = Path(str(path).rstrip("/")).suffix.lower()
+    if suffix not in FORMATS:
+        raise OutputError(f"{path}: unknown output format {suffix or '(no suffix)'!r}; use "
+                          f"{', '.join(FORMATS)}")
+    return suffix
+
+
+def exists(path: str | Path) -> bool:
+    """Whether a finished output is at `path` (any format)."""
+    if output_format(path) == ".zarr":
+        import tensorstore as ts
+
+        kv = ts.KvStore.open(_kvstore_spec(str(path))).result()
+        return kv.read(b"complete").result().state != "missing"
+    return Path(path).exists()
+
+
+def remove(path: str | Path) -> None:
+    """Deletes an output and everything an unfinished run left beside it (local paths)."""
+    path = Path(path)
+    for p in (path, *(path.with_name(path.name + s) for s in SIDECARS)):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+# What a run leaves beside OUT while unfinished (`remove` deletes them too).
+SIDECARS = (".parts", ".ids.parts", ".ids.jsonl", ".partial", ".journal")
+
+
+def _id_array(ids: list) -> np.ndarray:
+    if ids and isinstance(ids[0], str):
+        out = np.empty(len(ids), object)
+        out[:] = ids
+        return out
+    return np.asarray(ids, np.int64)
+
+
+def _n_chunks(rows: int, chunk_rows: int) -> int:
+    return -(-rows // chunk_rows)
+
+
+def _run(rows: int, width: int, chunk_rows: int, key: str, id_kind: str) -> dict:
+    return {"key": key, "rows": rows, "width": width, "chunk_rows": chunk_rows,
+            "id_kind": id_kind}
+
+
+def _refuse(path: str) -> OutputError:
+    return OutputError(f"{path}: holds a run with other arguments, input or model; delete it "
+                       "or choose another output")
+
+
+class ZarrSink:
+    def __init__(self, path: str, *, rows: int, width: int, chunk_rows: int, key: str,
+                 id_kind: str):
+        import tensorstore as ts
+
+        self.path, self.rows, self.chunk_rows = path, rows, chunk_rows
+        self.n_chunks = _n_chunks(rows, chunk_rows)
+        self._kv = ts.KvStore.open(_kvstore_spec(path)).result()
+        run = _run(rows, width, chunk_rows, key, id_kind)
+        found = self._kv.read(b"zarr.json").result()
+        if found.state == "missing":  # any process may write it: the same bytes
+            group = {"zarr_format": 3, "node_type": "group", "attributes": {GROUP_ATTR: run}}
+            self._kv.write(b"zarr.json", json.dumps(group, sort_keys=True).encode()).result()
+        elif json.loads(found.value).get("attributes", {}).get(GROUP_ATTR) != run:
+            raise _refuse(path)
+        self.complete = self._kv.read(b"complete").result().state != "missing"
+        self._array = ts.open(
+            {"driver": "zarr3",
+             "metadata": {"shape": [rows, width], "data_type": "float32",
+                          "chunk_grid": {"name": "regular",
+                                         "configuration": {"chunk_shape": [chunk_rows, width]}}}},
+            kvstore=self._kv / "embeddings/", open=True, create=True).result()
+
+    def done_chunks(self) -> set[int]:
+        """One listing of `ids/` (the commit markers)."""
+        if self.complete:
+            return set(range(self.n_chunks))
+        import tensorstore as ts
+
+        keys = self._kv.list(ts.KvStore.KeyRange(b"ids/", b"ids0")).result()
+        found = (_COMMITTED.fullmatch(k.decode()[len("ids/"):]) for k in keys)
+        return {int(m[1]) for m in found if m} & set(range(self.n_chunks))
+
+    def write_chunk(self, chunk: int, ids: list, values: np.ndarray) -> None:
+        start = chunk * self.chunk_rows
+        self._array[start:start + len(values)].write(np.asarray(values, np.float32)).result()
+        # Only now, with the rows durable (tensorstore's file kvstore fsyncs and renames; an
+        # object store has completed the PUT), may the chunk be listed as done.
+        self._kv.write(f"ids/{chunk}.json".encode(), json.dumps(ids).encode()).result()
+
+    def ids(self) -> list:
+        reads = [self._kv.read(f"ids/{i}.json".encode()) for i in range(self.n_chunks)]
+        return [record_id for r in reads for record_id in json.loads(r.result().value)]
+
+    def finish(self) -> None:
+        """Writes the `complete` mark that readers check."""
+        _check_done(self.path, self.done_chunks(), self.n_chunks)
+        if not self.complete:
+            self._kv.write(b"complete", b"").result()
+            self.complete = True
+
+    @classmethod
+    def read(cls, path: str) -> tuple[np.ndarray, np.ndarray]:
+        import tensorstore as ts
+
+        kv = ts.KvStore.open(_kvstore_spec(path)).result()
+        group = kv.read(b"zarr.json").result()
+        if group.state == "missing":
+            raise FileNotFoundError(f"{path}: no such output")
+        sink = cls(path, **json.loads(group.value)["attributes"][GROUP_ATTR])
+        if not sink.complete:
+            raise OutputError(f"{path}: unfinished (run the same command again to finish it)")
+        return _id_array(sink.ids()), sink._array.read().result()
+
+
+def _kvstore_spec(path: str) -> dict | str:
+    """A tensorstore kvstore for a local path ("file" driver) or a gs:// or s3:// URL."""
+    if "://" in path:
+        return path.rstrip("/") + "/"
+    return {"driver": "file", "path": os.path.abspath(path) + "/"}
+
+
+class ParquetSink:
+    def __init__(self, path: str, *, rows: int, width: int, chunk_rows: int, key: str,
+                 id_kind: str):
+        import pyarrow as pa
+
+        self.path, self.width, self.chunk_rows = Path(path), width, chunk_rows
+        self.n_chunks = _n_chunks(rows, chunk_rows)
+        self.parts = Path(path + ".parts")
+        self._key = key
+        self._schema = pa.schema(
+            [("id", pa.int64() if id_kind == "int" else pa.string()),
+             ("embedding", pa.list_(pa.float32(), width))])
+        run = json.dumps(_run(rows, width, chunk_rows, key, id_kind), sort_keys=True)
+        self.complete = self.path.exists()
+        if self.complete:
+            if _parquet_key(self.path) != key:
+                raise _refuse(path)
+            return
+        try:
+            found = (self.parts / "run.json").read_text(encoding="utf-8")
+        except FileNotFoundError:
+            _atomic_write(self.parts / "run.json", run.encode())  # same bytes from any process
+            found = run
+        if found != run:
+            raise _refuse(str(self.parts))
+
+    def done_chunks(self) -> set[int]:
+        if self.complete:
+            return set(range(self.n_chunks))
+        found = (_COMMITTED.fullmatch(name) for name in os.listdir(self.parts))
+        return {int(m[1]) for m in found if m} & set(range(self.n_chunks))
+
+    def _part(self, chunk: int) -> Path:
+        return self.parts / f"{chunk}.parquet"
+
+    def write_chunk(self, chunk: int, ids: list, values: np.ndarray) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        flat = pa.array(np.ascontiguousarray(values, np.float32).ravel())
+        table = pa.Table.from_arrays(
+            [pa.array(ids, self._schema.field("id").type),
+             pa.FixedSizeListArray.from_arrays(flat, self.width)], schema=self._schema)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        _atomic_write(self._part(chunk), buffer.getvalue().to_pybytes())
+
+    def ids(self) -> list:
+        import pyarrow.parquet as pq
+
+        if self.complete:
+            return pq.read_table(self.path, columns=["id"]).column("id").to_pylist()
+        return [record_id for i in range(self.n_chunks)
+                for record_id in pq.read_table(self._part(i), columns=["id"])
+                .column("id").to_pylist()]
+
+    def finish(self) -> None:
+        """Parts -> OUT in chunk order (temp + rename), then the parts go. A kill in between
+        leaves OUT complete and the parts are removed by the next finish."""
+        import pyarrow.parquet as pq
+
+        if not self.complete:
+            _check_done(str(self.path), self.done_chunks(), self.n_chunks)
+            schema = self._schema.with_metadata({f"{GROUP_ATTR}.key": self._key})
+            with atomic_file(self.path) as f, pq.ParquetWriter(f, schema) as writer:
+                for i in range(self.n_chunks):
+                    writer.write_table(pq.read_table(self._part(i)))
+            self.complete = True
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+
+def _parquet_key(path: Path) -> str | None:
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    return metadata.get(f"{GROUP_ATTR}.key".encode(), b"").decode() or None
+
+
+class NpySink:
+    def __init__(self, path: str, *, rows: int, width: int, chunk_rows: int, key: str,
+                 id_kind: str):
+        self.path = Path(path)
+        self.id_parts = Path(path + ".ids.parts")
+        self.ids_path = Path(path + ".ids.jsonl")
+        self._array = ResumableArray(path, rows=rows, width=width, chunk_rows=chunk_rows,
+                                     key=key)
+        if self._array.state != "resumed":  # ids of another run must not be finished with ours
+            shutil.rmtree(self.id_parts, ignore_errors=True)
+        self.id_parts.mkdir(parents=True, exist_ok=True)
+
+    def done_chunks(self) -> set[int]:
+        return set(self._array.done)
+
+    def write_chunk(self, chunk: int, ids: list, values: np.ndarray) -> None:
+        """Ids first: the journal line that makes the chunk done implies both are durable."""
+        _atomic_write(self.id_parts / f"{chunk}.json", json.dumps(ids).encode())
+        self._array.write(chunk, values)
+
+    def ids(self) -> list:
+        return [record_id for i in range(self._array.n_chunks)
+                for record_id in json.loads((self.id_parts / f"{i}.json").read_bytes())]
+
+    def finish(self) -> None:
+        """OUT.ids.jsonl, then OUT (each atomic): OUT present means both are complete."""
+        _check_done(str(self.path), self.done_chunks(), self._array.n_chunks)
+        _atomic_write(self.ids_path, "".join(json.dumps(i) + "\n" for i in self.ids()).encode())
+        self._array.finish()
+        shutil.rmtree(self.id_parts, ignore_errors=True)
+
+
+def _check_done(path: str, done: set[int], n_chunks: int) -> None:
+    missing = sorted(set(range(n_chunks)) - done)
+    if missing:
+        raise OutputError(f"{path}: chunks {missing[:10]} not written yet")
+
+
+def _atomic_write(out: Path, data: bytes) -> None:
+    with atomic_file(out) as f:
+        f.write(data)

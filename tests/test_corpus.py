@@ -1,0 +1,252 @@
+"""The corpus job: chunked sources with ids, the three sinks, and every command under 1, 2
+and 3 processes joined by jax.distributed on localhost (gloo), killed and restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import max_rel_err
+
+import cde_jax
+from cde_jax.corpus import InputError, job, lines, open_chunks, sinks
+
+# Bytes that exercise line splitting: a BOM, CRLF, empty lines, no final newline.
+TRICKY = b"\xef\xbb\xbffirst\r\nsecond\n\n\nfifth \xc3\xa9\r\n\nlast"
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3, 7, 100])
+def test_chunks_read_what_lines_reads(tmp_path, chunk_rows):
+    path = tmp_path / "in.txt"
+    path.write_bytes(TRICKY)
+    source = open_chunks(path, chunk_rows)
+    want = [text for _, text in lines(path)]
+    assert source.rows == len(want) == 7
+    got = [(record_id, text) for i in range(len(source)) for record_id, text
+           in zip(source[i].ids, source[i].texts)]
+    assert got == list(zip(range(1, 8), want))
+    assert want[0] == "first" and want[4] == "fifth é" and want[-1] == "last"
+
+
+def test_ids_from_a_field_and_repeats_named_by_line(tmp_path):
+    rows = [{"_id": f"d{i % 5}", "text": f"t{i}"} for i in range(8)]  # d0 repeats on line 6
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = open_chunks(path, 3, id_field="_id")
+    assert source[0].ids == ["d0", "d1", "d2"] and source[1].texts == ["t3", "t4", "t5"]
+    with pytest.raises(InputError, match=r"in.jsonl: line 6: id 'd0' repeats line 1's"):
+        job.validate(source)
+    rows[6]["_id"] = 7  # an integer among strings
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError, match=r"line 7: id 7 is a number, but line 1's is a string"):
+        open_chunks(path, 3, id_field="_id")[2]
+
+
+# --- processes ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run_cli(tmp_path_factory):
+    """run_cli(n, *args) -> the n processes' (returncode, stderr), each joined by jax.distributed
+    when n > 1; `popen=True` returns the running processes."""
+    env = {**os.environ, "CDE_JAX_CACHE_DIR": str(tmp_path_factory.mktemp("xla-cache")),
+           "JAX_PLATFORMS": "cpu"}
+
+    def run(n, *args, popen=False):
+        port = free_port()
+        procs = []
+        for i in range(n):
+            extra = () if n == 1 else ("--coordinator", f"127.0.0.1:{port}",
+                                       "--num-processes", n, "--process-id", i)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "cde_jax.cli", *map(str, args + extra)], env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        if popen:
+            return procs
+        outs = [p.communicate(timeout=600) for p in procs]
+        return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
+
+    return run
+
+
+def ok(results):
+    for code, err in results:
+        assert code == 0, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def corpus(synthetic, random_docs, tmp_path_factory):
+    """(model dir, dataset-embeddings file, a 60-line .jsonl with string ids)."""
+    tmp = tmp_path_factory.mktemp("corpus")
+    model = cde_jax.load(synthetic()[1])
+    rng = random.Random(1)
+    texts = [" ".join(d.split()[:rng.randint(1, 30)]) for d in random_docs[:60]]
+    path = tmp / "in.jsonl"
+    path.write_text("".join(json.dumps({"_id": f"doc-{i}", "text": t}) + "\n"
+                            for i, t in enumerate(texts)))
+    dataset = model.dataset_embeddings_file(texts, seed=0, batch_size=8).save(tmp / "ds.npz")
+    return synthetic()[1], dataset, path
+
+
+def embed_args(corpus, out, chunk_size=8):
+    model, dataset, path = corpus
+    return ("embed", "--model", model, "--input", path, "--id-field", "_id", "--role",
+            "document", "--dataset-embeddings", dataset, "--out", out, "--chunk-size",
+            chunk_size, "--batch-size", 8)
+
+
+def output_bytes(out) -> dict[str, bytes]:
+    out = str(out)
+    if not os.path.isdir(out):
+        return {"": open(out, "rb").read()}
+    return {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(out) for f in files}
+
+
+@pytest.fixture(scope="module")
+def single(corpus, run_cli, tmp_path_factory):
+    """One process: .npy (with ids) and .zarr."""
+    tmp = tmp_path_factory.mktemp("single")
+    for fmt in ("npy", "zarr"):
+        ok(run_cli(1, *embed_args(corpus, tmp / f"one.{fmt}")))
+    return tmp
+
+
+@pytest.mark.parametrize("n,fmt", [(2, "zarr"), (3, "parquet")])
+def test_processes_write_one_output_with_ids(corpus, run_cli, single, tmp_path, n, fmt):
+    out = tmp_path / f"many.{fmt}"
+    ok(run_cli(n, *embed_args(corpus, out)))
+    want_ids, want = cde_jax.read_embeddings(single / "one.npy")
+    ids, got = cde_jax.read_embeddings(out)
+    assert list(ids) == [f"doc-{i}" for i in range(60)] == list(want_ids)
+    err = max_rel_err(got, want)
+    print(f"1 vs {n} processes ({fmt}): max rel err {err:.2e}")
+    assert err <= 1e-6
+    assert sorted(os.listdir(tmp_path)) == [f"many.{fmt}"]  # no parts, locks or temp files
+
+
+def test_seven_rows_on_three_processes(corpus, run_cli, tmp_path):
+    model, dataset, path = corpus
+    short = tmp_path / "seven.jsonl"
+    short.write_text("".join(path.read_text().splitlines(keepends=True)[:7]))
+    corpus7 = (model, dataset, short)
+    ok(run_cli(1, *embed_args(corpus7, tmp_path / "one.zarr", chunk_size=4)))
+    # Chunks of 4: two chunks, so the third process has nothing to embed but joins every step.
+    ok(run_cli(3, *embed_args(corpus7, tmp_path / "three.zarr", chunk_size=4)))
+    (ids1, one), (ids3, three) = (cde_jax.read_embeddings(tmp_path / f"{k}.zarr")
+                                  for k in ("one", "three"))
+    assert list(ids3) == list(ids1) == [f"doc-{i}" for i in range(7)]
+    assert max_rel_err(three, one) <= 1e-6
+
+
+def committed(out) -> int:
+    ids = os.path.join(out, "ids")
+    return len([f for f in os.listdir(ids) if f.endswith(".json")]) if os.path.isdir(ids) else 0
+
+
+def kill_mid_run(run_cli, args, out, n):
+    """Starts n processes, SIGKILLs one once 2 chunks are committed, then the others (they
+    would wait for it in their next collective)."""
+    procs = run_cli(n, *args, popen=True)
+    deadline = time.monotonic() + 300
+    while committed(out) < 2:
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    procs[-1].send_signal(signal.SIGKILL)
+    time.sleep(0.2)
+    for p in procs:
+        p.kill()
+        p.communicate()
+    return committed(out)
+
+
+@pytest.mark.parametrize("first,then", [(2, 2), (2, 3)])
+def test_kill_9_then_restart_resumes(corpus, run_cli, single, tmp_path, first, then):
+    out = tmp_path / "emb.zarr"
+    args = embed_args(corpus, out, chunk_size=4)  # 15 chunks
+    done = kill_mid_run(run_cli, args, out, first)
+    assert 2 <= done < 15 and not sinks.exists(out)
+    results = run_cli(then, *args)
+    ok(results)
+    assert f"resuming {out}" in results[0][1]
+    uninterrupted = tmp_path / "uninterrupted.zarr"
+    ok(run_cli(then, *embed_args(corpus, uninterrupted, chunk_size=4)))
+    if first == then:
+        assert output_bytes(out) == output_bytes(uninterrupted)
+    ids, got = cde_jax.read_embeddings(out)
+    assert list(ids) == [f"doc-{i}" for i in range(60)]
+    assert max_rel_err(got, cde_jax.read_embeddings(single / "one.npy")[1]) <= 1e-6
+
+
+def test_dataset_embeddings_and_eval_on_two_processes(corpus, run_cli, tmp_path, random_docs):
+    model, _, path = corpus
+    for n in (1, 2):
+        ok(run_cli(n, "dataset-embeddings", "--model", model, "--input", path, "--seed", 3,
+                   "--out", tmp_path / f"ds{n}.npz", "--batch-size", 8))
+    one, two = (np.load(tmp_path / f"ds{n}.npz")["embeddings"] for n in (1, 2))
+    assert one.shape == (512, 64) and max_rel_err(two, one) <= 1e-6
+
+    from test_evaluation import write_beir
+    write_beir(tmp_path / "beir", random_docs)
+    for n in (1, 2):
+        ok(run_cli(n, "eval", "--model", model, "--dataset", tmp_path / "beir", "--out",
+                   tmp_path / f"r{n}.json", "--k", "1,5", "--batch-size", 8))
+    one, two = (json.loads((tmp_path / f"r{n}.json").read_text())["metrics"] for n in (1, 2))
+    assert one == two and one["ndcg@5"] > 0
+
+
+def test_training_on_two_processes_equals_one_and_resumes(synthetic, random_docs, run_cli,
+                                                          tmp_path):
+    from test_training import retrieval_examples, write_jsonl
+
+    released = synthetic()[0]
+    data = write_jsonl(tmp_path / "train.jsonl", retrieval_examples(random_docs, 48))
+
+    def args(out):
+        return ("train", "--model", released, "--data", data, "--out", out, "--steps", 4,
+                "--batch-size", 8, "--lr", "1e-3", "--query-length", 24, "--document-length",
+                48, "--checkpoint-every", 2, "--seed", 1)
+
+    ok(run_cli(1, *args(tmp_path / "one")))
+    # Two processes, process 1 SIGKILLed when it asks for the 4th batch (after the step-2
+    # checkpoint, which both wait for); then both restarted with --resume.
+    port, killed = free_port(), tmp_path / "two"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "train_killed.py"),
+         str(3 if i == 1 else 10 ** 9), *map(str, args(killed)), "--coordinator",
+         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    assert procs[1].wait(timeout=600) == -signal.SIGKILL, procs[1].communicate()[1][-3000:]
+    procs[0].kill()
+    procs[0].communicate()
+    results = run_cli(2, *args(killed), "--resume")
+    ok(results)
+    logs = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            for out in (tmp_path / "one", killed)]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    for one, two in zip(*logs):
+        assert abs(one["loss"] - two["loss"]) <= 1e-5 * one["loss"], (one, two)
+        assert abs(one["grad_norm"] - two["grad_norm"]) <= 1e-4 * one["grad_norm"], (one, two)
+    from safetensors.numpy import load_file
+    a, b = (load_file(str(out / "model" / "model.safetensors")) for out in (tmp_path / "one",
+                                                                           killed))
+    # AdamW divides each update by the root of its squared-gradient average, so an element
+    # whose gradient is ~0 moves by up to the learning rate either way on summation-order
+    # noise: parameters agree to ~lr, not to float precision (loss and gradients do).
+    worst = max(float(np.abs(a[k] - b[k]).max() / np.abs(a[k]).max()) for k in a)
+    print(f"trained 1 vs 2 processes (killed and resumed): worst tensor rel diff {worst:.2e}")
+    assert worst <= 2e-3
