@@ -1,0 +1,129 @@
+"""Hardening (issue #10): one writer per output, nothing left behind by a failed or killed
+run, and one clear line (exit 2) for every error a user can fix. Each case runs the real
+command in a subprocess (`python -m cde_jax.cli ...`, `scripts/convert_weights.py`) or the
+real API call, checks the exact message and exit code, and lists the directory afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cde_jax import io_utils
+from cde_jax.io_utils import atomic_dir, atomic_file, output_lock
+from cde_jax.validation import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+CONVERT = REPO / "scripts" / "convert_weights.py"
+NOT_WRITTEN_BY_AN_ERROR = ("Traceback", "Event loop is closed", "Exception ignored")
+
+# Holds `output_lock(OUT)` until its stdin closes: a second process that owns the output.
+HOLD_LOCK = ("import sys\nfrom cde_jax.io_utils import output_lock\n"
+             "with output_lock(sys.argv[1]):\n"
+             "    print('locked', flush=True)\n"
+             "    sys.stdin.read()\n")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return {**os.environ, "CDE_JAX_CACHE_DIR": str(tmp_path_factory.mktemp("xla"))}
+
+
+@pytest.fixture(scope="module")
+def python(env):
+    """python(*argv) -> CompletedProcess of `python argv` in the repo (text output)."""
+    def run(*argv):
+        return subprocess.run([sys.executable, *map(str, argv)], capture_output=True,
+                              text=True, timeout=600, cwd=REPO, env=env)
+    return run
+
+
+@pytest.fixture(scope="module")
+def cli(python):
+    return lambda *args: python("-m", "cde_jax.cli", *args)
+
+
+def listing(directory: Path) -> list[str]:
+    """Every entry, hidden ones (temp dirs and files) included."""
+    return sorted(p.name for p in directory.iterdir())
+
+
+def one_line(done: subprocess.CompletedProcess) -> str:
+    """The whole of stderr, which must be a single line."""
+    assert done.stderr.count("\n") == 1, done.stderr[-3000:]
+    return done.stderr.rstrip("\n")
+
+
+@contextlib.contextmanager
+def lock_holder(out: Path):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "locked\n"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def write_train_data(path: Path, n: int = 8) -> Path:
+    path.write_text("".join(json.dumps({"query": f"question {i}", "positive": f"document {i}"})
+                            + "\n" for i in range(n)))
+    return path
+
+
+def write_beir(root: Path, judged: dict[str, dict[str, int]] | None = None) -> Path:
+    """Three documents and two queries; `judged` replaces the qrels."""
+    judged = judged or {"q0": {"d0": 1}, "q1": {"d2": 1}}
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": f"d{i}", "text": f"document number {i}"}) + "\n" for i in range(3)))
+    (root / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n" for i in range(2)))
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t{s}\n" for q, docs in judged.items() for d, s in docs.items()))
+    return root
+
+
+# --- 1. one writer per output ------------------------------------------------------------
+def test_output_lock_in_process(tmp_path):
+    out = tmp_path / "deep" / "er" / "out.npy"
+    with output_lock(out) as lock:
+        assert lock == tmp_path / "deep" / "er" / "out.npy.lock"
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(UserError, match=rf"^{out} is being written by another run "
+                                            rf"\(pid {os.getpid()}\)$"), output_lock(out):
+            pass
+    assert listing(tmp_path) == []  # the lock and the directories made for it are gone
+
+
+# --- 2. temp data of killed runs ---------------------------------------------------------
+def test_atomic_writes_remove_only_dead_processes_temps(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = io_utils._HOST
+    kept = {f".d.tmp-{os.getpid()}-{host}-x4",     # a live process's (this one)
+            f".e.tmp-{dead.pid}-another_host-x5",  # another host's: its pid means nothing here
+            ".f.tmp-abcd1234"}                     # no owner in the name
+    removed = {f".a.tmp-{dead.pid}-{host}-x1", f".b.npy.tmp-{dead.pid}-{host}-x2",
+               f".c.old-{dead.pid}-{host}-x3"}
+    for name in kept | removed:
+        if ".npy" in name or name.startswith(".f"):
+            (tmp_path / name).write_bytes(b"partial")
+        else:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "data").write_bytes(b"partial")
+    with atomic_file(tmp_path / "out.json", "w") as f:
+        f.write("{}")
+    assert set(listing(tmp_path)) == kept | {"out.json"}
+    with atomic_dir(tmp_path / "out") as tmp:
+        assert tmp.name.startswith(f".out.tmp-{os.getpid()}-{host}-")
+    assert set(listing(tmp_path)) == kept | {"out.json", "out"}
