@@ -21,7 +21,7 @@ import numpy as np
 
 from cde_jax import sharding
 from cde_jax.config import CdeConfig, ModernBertConfig
-from cde_jax.io_utils import atomic_dir
+from cde_jax.io_utils import atomic_dir, output_lock
 from cde_jax.params import abstract_model, flat_shapes, flatten, unflatten
 from cde_jax.tokenization import instruction_end_id, load_tokenizer
 
@@ -159,7 +159,16 @@ def read_converted(path: str | Path, *, mesh=None) -> Checkpoint:
 
 def convert(source_name: str | Path, out: str | Path, *, param_dtype: str = "float32",
             backbone_config: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Released checkpoint (dir or hub id) -> converted dir, written atomically."""
+    """Released checkpoint (dir or hub id) -> converted dir, written atomically, by one
+    writer at a time (`output_lock`)."""
+    with output_lock(out):
+        return _convert(source_name, out, param_dtype=param_dtype,
+                        backbone_config=backbone_config, overwrite=overwrite)
+
+
+def _convert(source_name, out, *, param_dtype, backbone_config, overwrite) -> Path:
+    if Path(out).exists() and not overwrite:  # before the download and the reading
+        raise FileExistsError(f"{out} already exists (refusing to overwrite it)")
     ckpt_dir = source.local_checkpoint(source_name)
     ckpt = read_released(ckpt_dir, backbone_config=backbone_config, param_dtype=param_dtype)
     if ckpt.tokenizer_dir is None:  # released cde checkpoints may lack the tokenizer files

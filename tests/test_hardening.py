@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cde_jax import io_utils
+from cde_jax.convert import read_converted
 from cde_jax.io_utils import atomic_dir, atomic_file, output_lock
 from cde_jax.validation import UserError
 
@@ -106,6 +109,54 @@ def test_output_lock_in_process(tmp_path):
 
 
 # --- 2. temp data of killed runs ---------------------------------------------------------
+def test_killed_conversion_temp_is_removed_by_the_next_atomic_write(synthetic, tmp_path,
+                                                                    python):
+    """Two conversions pause mid-way (parameters written to their temp dir); one is
+    SIGKILLed. A third conversion in the same directory removes the dead one's temp dir, not
+    the live one's, which then finishes."""
+    released, converted = synthetic()
+    parent = tmp_path / "models"
+    paused = {}
+    try:
+        _pause_kill_and_convert(released, parent, paused, python)
+    finally:
+        for proc, _ in paused.values():
+            proc.kill()
+            proc.wait()
+    # The killed run's released lock stays until a run on that output takes it over.
+    assert listing(parent) == ["alive", "killed.lock", "next"]
+    want = read_converted(converted).fingerprint
+    assert read_converted(parent / "alive").fingerprint == want
+    assert read_converted(parent / "next").fingerprint == want
+
+
+def _pause_kill_and_convert(released: Path, parent: Path, paused: dict, python) -> None:
+    for name in ("killed", "alive"):
+        proc = subprocess.Popen([sys.executable, TESTS / "convert_paused.py", released,
+                                 parent / name], cwd=REPO, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        paused[name] = (proc, None)
+        line = proc.stdout.readline()
+        assert line.startswith("paused "), proc.communicate()[1][-3000:]
+        temp = Path(line.split(" ", 1)[1].strip())
+        assert temp.parent == parent and temp.name.startswith(f".{name}.tmp-{proc.pid}-")
+        assert (temp / "params").is_dir()  # partial data: the parameters, no configs yet
+        paused[name] = (proc, temp)
+    killed, killed_temp = paused["killed"]
+    alive, alive_temp = paused["alive"]
+    os.kill(killed.pid, signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    assert killed_temp.exists()  # what kill -9 leaves
+
+    done = python(CONVERT, released, parent / "next")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not killed_temp.exists()
+    assert alive_temp.exists()  # a live process's temp is never touched
+
+    _, err = alive.communicate("\n", timeout=600)
+    assert alive.returncode == 0, err[-3000:]
+
+
 def test_atomic_writes_remove_only_dead_processes_temps(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -127,3 +178,43 @@ def test_atomic_writes_remove_only_dead_processes_temps(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp:
         assert tmp.name.startswith(f".out.tmp-{os.getpid()}-{host}-")
     assert set(listing(tmp_path)) == kept | {"out.json", "out"}
+
+
+# --- 5. messages, not tracebacks -------------------------------------------------------------
+def test_converter_output_in_a_read_only_directory(synthetic, tmp_path):
+    """The tests may run as root, for whom a directory's mode blocks nothing: then the
+    converter runs under `setpriv` without CAP_DAC_OVERRIDE (and DAC_READ_SEARCH), i.e. as a
+    root that the permission bits apply to, exactly as they apply to any other user."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    prefix = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("root without setpriv: cannot make a directory read-only for root")
+        prefix = [setpriv, "--inh-caps=-dac_override,-dac_read_search",
+                  "--bounding-set=-dac_override,-dac_read_search", "--"]
+        probe = subprocess.run([*prefix, "touch", str(ro / "probe")], capture_output=True)
+        if probe.returncode == 0 or b"Permission denied" not in probe.stderr:
+            pytest.skip(f"setpriv could not drop CAP_DAC_OVERRIDE: {probe.stderr!r}")
+    try:
+        done = subprocess.run([*prefix, sys.executable, str(CONVERT), str(synthetic()[0]),
+                               str(ro / "out")], capture_output=True, text=True, timeout=600,
+                              cwd=REPO)
+    finally:
+        ro.chmod(0o755)
+    assert done.returncode == 2
+    assert one_line(done) == f"error: cannot write {ro / 'out'}: {ro} is not writable " \
+                             "(Permission denied)"
+    assert listing(ro) == []
+
+
+def test_converter_output_under_a_file(synthetic, tmp_path, python):
+    (tmp_path / "models").write_text("a file where a directory should be")
+    out = tmp_path / "models" / "cde" / "out"
+    done = python(CONVERT, synthetic()[0], out)
+    assert done.returncode == 2
+    assert one_line(done) == (f"error: cannot write {out}: {tmp_path / 'models'} is a file, "
+                              "not a directory")
+    assert listing(tmp_path) == ["models"]
