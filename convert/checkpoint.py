@@ -77,9 +77,12 @@ def read_released(ckpt_dir: str | Path, *, backbone_config: str | Path | None = 
     plan = released.validate(specs, expected)
     h, flat = hashlib.sha256(), {}
     for name, tensor in released.read_tensors(files, sorted(plan)):
+        released.check_finite(files[name], name, tensor)
         released.fingerprint_update(h, name, tensor)
         path, transform = plan[name]
         flat[path] = transform.to_jax(tensor, expected[path]).astype(param_dtype)
+        if param_dtype != tensor.dtype:  # a float32 value past bfloat16's range becomes inf
+            released.check_finite(files[name], name, flat[path], f"as {param_dtype}")
     return Checkpoint(flat, backbone.replace(param_dtype=param_dtype), cde, config_json,
                       h.hexdigest()[:16], tok_dir)
 

@@ -15,10 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from cde_jax import io_utils
-from cde_jax.convert import read_converted
+from cde_jax.convert import CheckpointError, convert, read_converted
 from cde_jax.io_utils import atomic_dir, atomic_file, output_lock
 from cde_jax.validation import UserError
 
@@ -178,6 +180,36 @@ def test_atomic_writes_remove_only_dead_processes_temps(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp:
         assert tmp.name.startswith(f".out.tmp-{os.getpid()}-{host}-")
     assert set(listing(tmp_path)) == kept | {"out.json", "out"}
+
+
+# --- 3. non-finite weights ------------------------------------------------------------------
+def with_bad_value(released: Path, dst: Path, name: str, index, value) -> Path:
+    shutil.copytree(released, dst)
+    tensors = load_file(dst / "model.safetensors")
+    tensors[name][index] = value
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_a_nan_weight_is_refused_by_name(synthetic, tmp_path, python):
+    name = "second_stage_model.backbone.layers.2.mlp.Wi.weight"
+    src = with_bad_value(synthetic()[0], tmp_path / "src", name, (3, 5), np.nan)
+    out = tmp_path / "models" / "out"
+    done = python(CONVERT, src, out)
+    assert done.returncode == 2
+    assert one_line(done) == (f"error: {src}/model.safetensors: tensor '{name}' has 1 "
+                              "non-finite value(s) (NaN; the first at index (3, 5))")
+    assert listing(tmp_path) == ["src"]  # no output, temp, lock, nor the parent made for it
+
+
+def test_an_inf_weight_is_refused_by_name(synthetic, tmp_path):
+    name = "first_stage_model.mlp.0.bias"
+    src = with_bad_value(synthetic()[0], tmp_path / "src", name, 7, -np.inf)
+    with pytest.raises(CheckpointError, match=rf"^{src}/model.safetensors: tensor '{name}' has "
+                                              r"1 non-finite value\(s\) \(inf; the first at "
+                                              r"index \(7,\)\)$"):
+        convert(src, tmp_path / "out")
+    assert listing(tmp_path) == ["src"]
 
 
 # --- 5. messages, not tracebacks -------------------------------------------------------------
