@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 from cde_jax import io_utils
 from cde_jax.convert import CheckpointError, convert, read_converted
 from cde_jax.io_utils import atomic_dir, atomic_file, output_lock
+from cde_jax.training.checkpoint import checkpoint_steps
 from cde_jax.validation import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,6 +211,39 @@ def test_an_inf_weight_is_refused_by_name(synthetic, tmp_path):
                                               r"index \(7,\)\)$"):
         convert(src, tmp_path / "out")
     assert listing(tmp_path) == ["src"]
+
+
+# --- 4. --resume with nothing to resume -------------------------------------------------------
+def test_resume_needs_a_checkpoint(synthetic, tmp_path, python, cli):
+    """Nothing in OUT, or a run killed before its first checkpoint: `--resume` is an error
+    that touches nothing; a run without it starts over."""
+    data = write_train_data(tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    args = ("train", "--model", synthetic()[0], "--data", data, "--out", out, "--steps", 2,
+            "--batch-size", 4, "--query-length", 16, "--document-length", 16,
+            "--corpus-size", 8, "--checkpoint-every", 100)
+    message = f"cde-jax train: error: nothing to resume in {out}; run without --resume to start"
+    done = cli(*args, "--resume")
+    assert done.returncode == 2 and one_line(done) == message
+    assert listing(tmp_path) == ["train.jsonl"]
+
+    killed = python(TESTS / "train_killed.py", 1, *args)  # SIGKILLed in step 2
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert checkpoint_steps(out / "checkpoints") == []
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert out / "train_config.json" in before
+
+    done = cli(*args, "--resume")
+    assert done.returncode == 2 and one_line(done) == message
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{out} holds a run that never reached a checkpoint: starting over" in done.stderr
+    assert [json.loads(line)["step"] for line in
+            (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert checkpoint_steps(out / "checkpoints") == [2]
+    assert listing(tmp_path) == ["run", "train.jsonl"]
 
 
 # --- 5. messages, not tracebacks -------------------------------------------------------------

@@ -29,6 +29,11 @@ class TrainState(NamedTuple):
     rng_key: np.ndarray  # uint32 (2,), `jax.random.PRNGKey`
 
 
+def checkpoint_steps(directory: str | Path) -> list[int]:
+    """The steps of the finished checkpoints in `directory` (none if it does not exist)."""
+    return sorted(ocp.path.step.checkpoint_steps(Path(directory).absolute()))
+
+
 class Checkpoints:
     def __init__(self, directory: str | Path, *, keep: int = 2):
         self.manager = ocp.CheckpointManager(
