@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from cde_jax import io_utils
 from cde_jax.convert import CheckpointError, convert, read_converted
+from cde_jax.evaluation import load_beir
 from cde_jax.io_utils import atomic_dir, atomic_file, output_lock
 from cde_jax.training.checkpoint import checkpoint_steps
 from cde_jax.validation import UserError
@@ -100,6 +101,56 @@ def write_beir(root: Path, judged: dict[str, dict[str, int]] | None = None) -> P
 
 
 # --- 1. one writer per output ------------------------------------------------------------
+@pytest.mark.parametrize("command", ["convert", "train", "eval"])
+def test_second_writer_fails_at_once_and_a_killed_writer_is_taken_over(
+        command, synthetic, tmp_path, python, cli):
+    released, _ = synthetic()
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / {"convert": "converted", "train": "run", "eval": "results.json"}[command]
+    if command == "convert":
+        prog, args = (CONVERT,), (released, out)
+        error = f"error: {out} is being written by another run"
+    elif command == "train":
+        data = write_train_data(tmp_path / "train.jsonl")
+        prog = ("-m", "cde_jax.cli")
+        args = ("train", "--model", released, "--data", data, "--out", out, "--steps", 2,
+                "--batch-size", 4, "--resume")
+        error = f"cde-jax train: error: {out} is being written by another run"
+    else:
+        dataset = write_beir(tmp_path / "beir", {"q0": {"gone": 1}})
+        prog = ("-m", "cde_jax.cli")
+        args = ("eval", "--model", released, "--dataset", dataset, "--out", out)
+        error = f"cde-jax eval: error: {out} is being written by another run"
+    lock = work / f"{out.name}.lock"
+    with lock_holder(out) as holder:
+        assert lock.read_text() == f"{holder.pid}\n"
+        done = python(*prog, *args)
+        assert done.returncode == 2
+        assert one_line(done) == f"{error} (pid {holder.pid})"
+        assert listing(work) == [lock.name]  # the holder's lock, nothing else
+        os.kill(holder.pid, signal.SIGKILL)
+        assert holder.wait() == -signal.SIGKILL
+    assert lock.read_text() == f"{holder.pid}\n"  # left by the killed run, its lock released
+
+    done = python(*prog, *args)  # takes the lock over
+    if command == "convert":
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert listing(work) == ["converted"]
+        assert read_converted(out).fingerprint == read_converted(synthetic()[1]).fingerprint
+    else:  # past the lock, these stop at the next check (cases 4 and 6 below)
+        assert done.returncode == 2
+        message = one_line(done)
+        assert "being written by another run" not in message
+        assert message == (
+            f"cde-jax train: error: nothing to resume in {out}; run without --resume to start"
+            if command == "train" else
+            f"cde-jax eval: error: {dataset}/qrels/test.tsv: none of its 1 judged corpus-id(s) "
+            "is in corpus.jsonl (e.g. 'gone'): every metric would be 0; check that the qrels "
+            "belong to this corpus")
+        assert listing(work) == []  # the lock file is gone with the run that took it over
+
+
 def test_output_lock_in_process(tmp_path):
     out = tmp_path / "deep" / "er" / "out.npy"
     with output_lock(out) as lock:
@@ -284,3 +335,24 @@ def test_converter_output_under_a_file(synthetic, tmp_path, python):
     assert one_line(done) == (f"error: cannot write {out}: {tmp_path / 'models'} is a file, "
                               "not a directory")
     assert listing(tmp_path) == ["models"]
+
+
+# --- 6. evaluation that could only score 0 ----------------------------------------------------
+def test_eval_with_no_judged_document_in_the_corpus(tmp_path, cli):
+    """Refused before the model is read: here the model path does not even exist."""
+    dataset = write_beir(tmp_path / "beir", {"q0": {"gone0": 1}, "q1": {"gone1": 1}})
+    done = cli("eval", "--model", tmp_path / "no-such-model", "--dataset", dataset,
+               "--out", tmp_path / "r.json")
+    assert done.returncode == 2
+    assert one_line(done) == (
+        f"cde-jax eval: error: {dataset}/qrels/test.tsv: none of its 2 judged corpus-id(s) is "
+        "in corpus.jsonl (e.g. 'gone0'): every metric would be 0; check that the qrels belong "
+        "to this corpus")
+    assert listing(tmp_path) == ["beir"]
+
+
+def test_beir_with_no_relevant_judgement_in_the_corpus(tmp_path):
+    dataset = write_beir(tmp_path / "beir", {"q0": {"d0": 0, "gone": 2}})
+    with pytest.raises(UserError, match=r"test.tsv: no judgement with a score above 0 names a "
+                                        r"document in corpus.jsonl: every metric would be 0$"):
+        load_beir(dataset)

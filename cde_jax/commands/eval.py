@@ -3,8 +3,9 @@
     cde-jax eval --model PATH --dataset DIR --out results.json [--split test] [--k 10,100]
                  [--seed 42] [--batch-size N] [--overwrite]
 
-Writes (atomically) a JSON object: the model's path and fingerprint, the dataset's path,
-split and sizes, the minicorpus seed, the k values and the metrics.
+Writes (atomically; one run per output at a time) a JSON object: the model's path and
+fingerprint, the dataset's path, split and sizes, the minicorpus seed, the k values and the
+metrics.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import cde_jax
 
 from ..evaluation.beir import load_beir
 from ..evaluation.retrieval import MINICORPUS_SEED, evaluate_retrieval
-from ..io_utils import atomic_file
+from ..io_utils import atomic_file, output_lock
 from . import runtime
 
 
@@ -51,6 +52,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    with output_lock(args.out):
+        return _run(args)
+
+
+def _run(args) -> int:
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
     start = time.perf_counter()
