@@ -15,6 +15,7 @@ and no temp data left behind by a run that was killed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -208,3 +209,35 @@ def atomic_file(out: str | Path, mode: str = "wb"):
             os.unlink(tmp)
         raise
 
+
+class _SettlingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first lets the tasks still on it finish."""
+
+    def close(self) -> None:
+        if not self.is_closed() and not self.is_running():
+            pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+            if pending:
+                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _SettlingEventLoop()
+
+
+@contextlib.contextmanager
+def settled_event_loops():
+    """Event loops created in the block finish their pending tasks before they close.
+
+    Orbax runs a restore on a fresh loop and closes it as soon as one array fails, with the
+    other arrays' reads still pending: tensorstore then calls back into the closed loop
+    ("RuntimeError: Event loop is closed", printed from its threads) and the abandoned
+    coroutines fail again at interpreter exit. Settling the loop ends them properly.
+    """
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_SettlingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)

@@ -100,6 +100,18 @@ def write_beir(root: Path, judged: dict[str, dict[str, int]] | None = None) -> P
     return root
 
 
+def corrupt_copy(converted: Path, dst: Path, how: str) -> tuple[Path, Path]:
+    """A copy of a converted dir with one array's data file truncated or deleted."""
+    shutil.copytree(converted, dst)
+    array = dst / "params" / "first_stage_model.mlp.fc1.kernel"
+    (chunk,) = [p for p in array.iterdir() if not p.name.startswith(".")]
+    if how == "truncated":
+        chunk.write_bytes(chunk.read_bytes()[:10])
+    else:
+        chunk.unlink()
+    return dst, chunk
+
+
 # --- 1. one writer per output ------------------------------------------------------------
 @pytest.mark.parametrize("command", ["convert", "train", "eval"])
 def test_second_writer_fails_at_once_and_a_killed_writer_is_taken_over(
@@ -335,6 +347,37 @@ def test_converter_output_under_a_file(synthetic, tmp_path, python):
     assert one_line(done) == (f"error: cannot write {out}: {tmp_path / 'models'} is a file, "
                               "not a directory")
     assert listing(tmp_path) == ["models"]
+
+
+def test_converted_dir_without_its_metadata(synthetic, tmp_path, cli):
+    model = tmp_path / "model"
+    shutil.copytree(synthetic()[1], model)
+    (model / "cde_jax.json").unlink()
+    dataset = write_beir(tmp_path / "beir")
+    done = cli("eval", "--model", model, "--dataset", dataset, "--out", tmp_path / "r.json")
+    assert done.returncode == 2
+    assert one_line(done) == (f"cde-jax eval: error: {model}: incomplete converted checkpoint "
+                              "(missing cde_jax.json); convert it again")
+    assert listing(tmp_path) == ["beir", "model"]
+
+
+@pytest.mark.parametrize("how,detail", [
+    ("truncated", 'FAILED_PRECONDITION: Error reading local file "{chunk}": Truncated '
+                  "Zstd-compressed stream; at byte 10; at uncompressed byte 0"),
+    ("deleted", 'NOT_FOUND: chunk {{0, 0}} stored at local file "{chunk}" is missing'),
+])
+def test_corrupt_orbax_checkpoint_is_one_line(synthetic, tmp_path, cli, how, detail):
+    """One line, and none of the asyncio noise orbax left behind at exit ("Event loop is
+    closed" from tensorstore's threads, abandoned coroutines)."""
+    model, chunk = corrupt_copy(synthetic()[1], tmp_path / "model", how)
+    dataset = write_beir(tmp_path / "beir")
+    done = cli("eval", "--model", model, "--dataset", dataset, "--out", tmp_path / "r.json")
+    assert done.returncode == 2
+    for noise in NOT_WRITTEN_BY_AN_ERROR:
+        assert noise not in done.stderr, done.stderr[-3000:]
+    assert one_line(done) == (f"cde-jax eval: error: {model}/params: corrupt or incomplete "
+                              f"checkpoint ({detail.format(chunk=chunk)}); convert it again")
+    assert listing(tmp_path) == ["beir", "model"]
 
 
 # --- 6. evaluation that could only score 0 ----------------------------------------------------
