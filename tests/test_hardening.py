@@ -349,6 +349,24 @@ def test_converter_output_under_a_file(synthetic, tmp_path, python):
     assert listing(tmp_path) == ["models"]
 
 
+@pytest.mark.parametrize("kind,what", [("text", "not an .npz archive"),
+                                       ("npy", "a .npy array")])
+def test_dataset_embeddings_file_that_is_not_one(synthetic, tmp_path, cli, kind, what):
+    path = tmp_path / "dataset.npz"
+    if kind == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros((512, 64), np.float32))
+    else:
+        path.write_text("these are not embeddings\n")
+    (tmp_path / "in.txt").write_text("a query\n")
+    done = cli("embed", "--model", synthetic()[1], "--input", tmp_path / "in.txt", "--role",
+               "query", "--dataset-embeddings", path, "--out", tmp_path / "q.npy")
+    assert done.returncode == 2
+    assert one_line(done) == (f"cde-jax embed: error: {path}: not a dataset-embeddings file "
+                              f"({what}; make one with `cde-jax dataset-embeddings`)")
+    assert listing(tmp_path) == ["dataset.npz", "in.txt"]
+
+
 def test_converted_dir_without_its_metadata(synthetic, tmp_path, cli):
     model = tmp_path / "model"
     shutil.copytree(synthetic()[1], model)
