@@ -11,14 +11,17 @@ writes what only one process may write.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from .io_utils import output_lock
 from .validation import UserError
 
 T = TypeVar("T")
@@ -98,3 +101,15 @@ def max_all(values: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return values
     return multihost_utils.process_allgather(values).max(axis=0)
+
+
+@contextlib.contextmanager
+def main_writes(out: str | Path):
+    """For the block, process 0 holds `output_lock(out)` (one run per output; a remote
+    path has no local lock). If it cannot, every process fails, naming the holder."""
+    with contextlib.ExitStack() as stack:
+        def claim():
+            if is_main() and "://" not in str(out):
+                stack.enter_context(output_lock(out))
+        all_succeed(claim, "claiming the output")
+        yield

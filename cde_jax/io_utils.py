@@ -1,15 +1,161 @@
-"""Atomic outputs: a failed or killed run never leaves a partial file or directory behind."""
+"""Outputs that are whole or absent: one writer per output, atomic files and directories,
+and no temp data left behind by a run that was killed.
+
+- `output_lock(out)`: an OS lock (`flock`) on `OUT.lock` beside the output for the whole
+  run, so a second run on the same output fails at once naming the first one's pid. The
+  kernel drops the lock when its process dies, even by SIGKILL, so a killed run's lock is
+  taken over by the next run; a clean exit removes the lock file.
+- `atomic_dir(out)` / `atomic_file(out)`: write under a hidden temp name beside `out`
+  (`.OUT.tmp-<pid>-<host>-<random>`) and rename on success. The name carries its owner, so
+  the next atomic write in the same directory removes the temps of processes that are gone
+  (never a live process's, nor one from another host).
+- Creating anything in a directory that cannot be written (read-only, not a directory) is a
+  `UserError` naming that directory, not a raw `OSError`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import fcntl
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 from .validation import UserError
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+# `.NAME.tmp-PID-HOST-RANDOM` (or `.old-`): tempfile's random part has no "-".
+_TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)-(?P<host>.+)-[a-z0-9_]+$")
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_NOT_A_DIR = (errno.ENOTDIR, errno.EEXIST)  # mkdir over a file: EEXIST, or ENOTDIR below it
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _creating_in(directory: Path, out: Path):
+    """Turns the OSError of creating an entry in `directory` (for `out`) into one line
+    naming the directory at fault."""
+    try:
+        yield
+    except OSError as e:
+        # The directory the failed entry was to be created in.
+        where = Path(e.filename).parent if e.filename else directory
+        if e.errno in _NOT_WRITABLE:
+            raise UserError(f"cannot write {out}: {where} is not writable ({e.strerror})") \
+                from None
+        if e.errno in _NOT_A_DIR:
+            blocker = next((p for p in (directory, *directory.parents)
+                            if p.exists() and not p.is_dir()), None)
+            if blocker is not None:
+                raise UserError(f"cannot write {out}: {blocker} is a file, not a directory") \
+                    from None
+        if e.errno in _FULL:
+            raise UserError(f"cannot write {out}: {where}: {e.strerror}") from None
+        raise
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Creates `out`'s missing parent directories; returns them, deepest first."""
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    with _creating_in(out.parent, out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _temp_prefix(out: Path, kind: str = "tmp") -> str:
+    return f".{out.name}.{kind}-{os.getpid()}-{_HOST}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_orphans(directory: str | Path) -> list[Path]:
+    """Removes the temp files and dirs in `directory` that atomic writes of processes of this
+    host that are gone left behind (killed mid-write); returns what it removed."""
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            match = _TEMP_NAME.match(entry.name)
+            if not match or match["host"] != _HOST or _alive(int(match["pid"])):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path):
+    """Holds an exclusive OS lock on `OUT.lock` (beside `out`) while the block runs.
+
+    Another run holding it: `UserError("OUT is being written by another run (pid N)")`, at
+    once. A lock left by a killed run is free again (the kernel released it) and is taken
+    over. The lock file holds the owner's pid and is removed when the block ends. Not
+    reentrant: a process locks each output once.
+    """
+    out = Path(out).absolute()
+    lock = out.parent / f"{out.name}.lock"
+    made = _make_parents(out)
+    while True:
+        with _creating_in(out.parent, out):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise UserError(f"{out} is being written by another run "
+                            f"(pid {holder or 'unknown'})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The previous owner may have removed the file between our open and flock: then
+        # this lock guards nothing; start again on the path's current file.
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # while still locked: no one can hold a lock on this file
+        os.close(fd)
+        for parent in made:  # directories made only for this output, if it left none
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+def _read_pid(fd: int) -> str:
+    """The pid in a lock file another process holds (it writes it right after locking)."""
+    for _ in range(50):
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.01)
+    return ""
 
 
 @contextlib.contextmanager
@@ -18,8 +164,10 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False):
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (refusing to overwrite it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _make_parents(out)
+    remove_orphans(out.parent)
+    with _creating_in(out.parent, out):
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give what mkdir would
     try:
         yield tmp
@@ -27,7 +175,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=out.parent))
         os.replace(out, old / out.name)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -45,8 +193,10 @@ def _umask() -> int:
 def atomic_file(out: str | Path, mode: str = "wb"):
     """Yields a file object on a temp name beside `out`; fsynced and renamed on success."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    _make_parents(out)
+    remove_orphans(out.parent)
+    with _creating_in(out.parent, out):
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
     try:
         with os.fdopen(fd, mode) as f:
@@ -60,26 +210,34 @@ def atomic_file(out: str | Path, mode: str = "wb"):
         raise
 
 
+class _SettlingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first lets the tasks still on it finish."""
+
+    def close(self) -> None:
+        if not self.is_closed() and not self.is_running():
+            pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+            if pending:
+                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _SettlingEventLoop()
+
+
 @contextlib.contextmanager
-def output_lock(out: str | Path):
-    """One run per output: an exclusive `flock` on `OUT.lock` for the block. A second run on
-    the same output fails at once naming the holder's pid; a lock left by a killed run is
-    free again (flock locks die with their process)."""
-    path = Path(out).with_name(Path(out).name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+def settled_event_loops():
+    """Event loops created in the block finish their pending tasks before they close.
+
+    Orbax runs a restore on a fresh loop and closes it as soon as one array fails, with the
+    other arrays' reads still pending: tensorstore then calls back into the closed loop
+    ("RuntimeError: Event loop is closed", printed from its threads) and the abandoned
+    coroutines fail again at interpreter exit. Settling the loop ends them properly.
+    """
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_SettlingPolicy())
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(f"{out} is being written by another run (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        yield
     finally:
-        os.close(fd)
+        asyncio.set_event_loop_policy(previous)

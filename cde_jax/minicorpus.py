@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -64,19 +65,38 @@ class DatasetEmbeddings:
 
     @classmethod
     def load(cls, path: str | Path, *, fingerprint: str, width: int) -> DatasetEmbeddings:
-        """Refuses embeddings made by other weights, of another width, or non-finite."""
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"embeddings", "fingerprint", "prefix", "seed"} - set(z.files)
-            if missing:
-                raise UserError(f"{path}: not a dataset-embeddings file (missing "
-                                f"{sorted(missing)})")
-            out = cls(np.asarray(z["embeddings"], np.float32), str(z["fingerprint"]),
-                      str(z["prefix"]), int(z["seed"]))
+        """Refuses a file that is not one, and embeddings made by other weights, of another
+        width, or non-finite."""
+        try:
+            out = cls._read(path)
+        except UserError:
+            raise
+        except (IsADirectoryError, PermissionError) as e:
+            raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+        except (ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            detail = f"{type(e).__name__}: {e}".splitlines()[0]
+            raise UserError(f"{path}: not a dataset-embeddings file ({detail})") from None
         if out.fingerprint != fingerprint:
             raise UserError(f"{path}: made by model {out.fingerprint}, this model is "
                             f"{fingerprint}")
         validation.embedding_rows(out.embeddings, f"{path}: dataset embeddings", width)
         return out
+
+    @classmethod
+    def _read(cls, path: str | Path) -> DatasetEmbeddings:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if not head.startswith(b"PK\x03\x04"):  # np.savez writes a zip archive
+            what = "a .npy array" if head == b"\x93NUMPY" else "not an .npz archive"
+            raise UserError(f"{path}: not a dataset-embeddings file ({what}; make one with "
+                            "`cde-jax dataset-embeddings`)")
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"embeddings", "fingerprint", "prefix", "seed"} - set(z.files)
+            if missing:
+                raise UserError(f"{path}: not a dataset-embeddings file (missing "
+                                f"{sorted(missing)})")
+            return cls(np.asarray(z["embeddings"], np.float32), str(z["fingerprint"]),
+                       str(z["prefix"]), int(z["seed"]))
 
 
 def record(embeddings_md: np.ndarray, fingerprint: str, seed: int) -> DatasetEmbeddings:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -21,13 +22,16 @@ import numpy as np
 
 from cde_jax import sharding
 from cde_jax.config import CdeConfig, ModernBertConfig
-from cde_jax.io_utils import atomic_dir
+from cde_jax.io_utils import atomic_dir, output_lock, settled_event_loops
 from cde_jax.params import abstract_model, flat_shapes, flatten, unflatten
 from cde_jax.tokenization import instruction_end_id, load_tokenizer
 
 from . import keymap, released, source
 
 META_FILE = "cde_jax.json"
+PARAMS_DIR = "params"
+# What every converted dir holds (the tokenizer files are optional).
+CONVERTED_FILES = (META_FILE, "config.json", source.BACKBONE_FILE, PARAMS_DIR)
 FORMAT_VERSION = 1
 NULL_EMBEDDING_KEY = "second_stage_model.sequence_dropout_null_embedding"
 
@@ -49,7 +53,8 @@ class Checkpoint:
 
 
 def is_converted(path: str | Path) -> bool:
-    return (Path(path) / META_FILE).exists()
+    """A converted dir, or what is left of one (`params/` without `cde_jax.json`)."""
+    return (Path(path) / META_FILE).exists() or (Path(path) / PARAMS_DIR).is_dir()
 
 
 def _with_tokenizer(ckpt_dir: Path, cde: CdeConfig) -> tuple[CdeConfig, Path | None]:
@@ -77,9 +82,12 @@ def read_released(ckpt_dir: str | Path, *, backbone_config: str | Path | None = 
     plan = released.validate(specs, expected)
     h, flat = hashlib.sha256(), {}
     for name, tensor in released.read_tensors(files, sorted(plan)):
+        released.check_finite(files[name], name, tensor)
         released.fingerprint_update(h, name, tensor)
         path, transform = plan[name]
         flat[path] = transform.to_jax(tensor, expected[path]).astype(param_dtype)
+        if param_dtype != tensor.dtype:  # a float32 value past bfloat16's range becomes inf
+            released.check_finite(files[name], name, flat[path], f"as {param_dtype}")
     return Checkpoint(flat, backbone.replace(param_dtype=param_dtype), cde, config_json,
                       h.hexdigest()[:16], tok_dir)
 
@@ -138,6 +146,11 @@ def read_converted(path: str | Path, *, mesh=None) -> Checkpoint:
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()  # orbax refuses relative paths
+    missing = [name for name in CONVERTED_FILES if not (path / name).exists()]
+    if missing:
+        raise released.CheckpointError(
+            f"{path}: incomplete converted checkpoint (missing {', '.join(missing)}); convert "
+            "it again")
     meta = source.read_json(path / META_FILE)
     if meta.get("format_version") != FORMAT_VERSION:
         raise released.CheckpointError(f"{path / META_FILE}: format_version "
@@ -152,14 +165,49 @@ def read_converted(path: str | Path, *, mesh=None) -> Checkpoint:
     target = unflatten({p: jax.ShapeDtypeStruct(s, np.dtype(meta["param_dtype"]),
                                                 sharding=shardings.get(p))
                         for p, s in shapes.items()})
-    flat = flatten(ocp.StandardCheckpointer().restore(path / "params", target))
+    with settled_event_loops(), ocp.StandardCheckpointer() as checkpointer:
+        try:
+            restored = checkpointer.restore(path / PARAMS_DIR, target)
+        except Exception as e:
+            raise restore_error(path / PARAMS_DIR, e, "convert it again") from e
+    flat = flatten(restored)
     tok_dir = path if (path / "tokenizer.json").exists() else None
     return Checkpoint(flat, backbone, cde, config_json, meta["fingerprint"], tok_dir)
 
 
+# tensorstore's errors start with an absl status code; a stored shape that is not the
+# model's comes from orbax.
+_ORBAX_READ_ERROR = re.compile(r"[A-Z_]+: |Requested shape: .* is not compatible")
+
+
+def restore_error(path: Path, error: Exception, hint: str = "") -> Exception:
+    """A failed orbax restore of `path`: unreadable files (missing, truncated, not what
+    orbax wrote) become one `CheckpointError` naming the first file at fault; anything
+    else is returned as it is (a bug)."""
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if not (isinstance(cause, (OSError, json.JSONDecodeError))
+            or isinstance(cause, ValueError) and _ORBAX_READ_ERROR.match(str(cause))):
+        return error
+    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    detail = detail.split(" [tensorstore_spec=")[0]
+    return released.CheckpointError(f"{path}: corrupt or incomplete checkpoint ({detail})"
+                                    + (f"; {hint}" if hint else ""))
+
+
 def convert(source_name: str | Path, out: str | Path, *, param_dtype: str = "float32",
             backbone_config: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Released checkpoint (dir or hub id) -> converted dir, written atomically."""
+    """Released checkpoint (dir or hub id) -> converted dir, written atomically, by one
+    writer at a time (`output_lock`)."""
+    with output_lock(out):
+        return _convert(source_name, out, param_dtype=param_dtype,
+                        backbone_config=backbone_config, overwrite=overwrite)
+
+
+def _convert(source_name, out, *, param_dtype, backbone_config, overwrite) -> Path:
+    if Path(out).exists() and not overwrite:  # before the download and the reading
+        raise FileExistsError(f"{out} already exists (refusing to overwrite it)")
     ckpt_dir = source.local_checkpoint(source_name)
     ckpt = read_released(ckpt_dir, backbone_config=backbone_config, param_dtype=param_dtype)
     if ckpt.tokenizer_dir is None:  # released cde checkpoints may lack the tokenizer files

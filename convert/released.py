@@ -118,6 +118,20 @@ def read_tensors(files: dict[str, Path], names: Iterable[str]):
             yield name, f.get_tensor(name)
 
 
+def check_finite(path: Path, name: str, tensor: np.ndarray, how: str = "") -> None:
+    """Refuses a tensor with NaN or inf values, naming it: converted, they would turn every
+    embedding that touches them into NaN without any error."""
+    finite = np.isfinite(tensor)
+    if finite.all():
+        return
+    bad = np.argwhere(~finite)
+    first = tuple(int(i) for i in bad[0])
+    kinds = " and ".join(k for k, present in (("NaN", np.isnan(tensor).any()),
+                                               ("inf", np.isinf(tensor).any())) if present)
+    raise CheckpointError(f"{path}: tensor {name!r}{' ' + how if how else ''} has {len(bad)} "
+                          f"non-finite value(s) ({kinds}; the first at index {first})")
+
+
 def fingerprint_update(h: hashlib._Hash, name: str, array: np.ndarray) -> None:
     h.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
     h.update(np.ascontiguousarray(array).tobytes())

@@ -8,7 +8,8 @@
 import argparse
 import sys
 
-from cde_jax.convert import CheckpointError, convert
+from cde_jax.convert import convert
+from cde_jax.validation import UserError
 
 
 def main(argv=None) -> int:
@@ -23,7 +24,7 @@ def main(argv=None) -> int:
     try:
         out = convert(args.source, args.out, param_dtype=args.dtype,
                       backbone_config=args.backbone_config, overwrite=args.overwrite)
-    except (CheckpointError, FileExistsError) as e:
+    except (UserError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -18,7 +18,6 @@ from pathlib import Path
 from .. import distributed, minicorpus
 from ..corpus import job
 from ..corpus.source import InputError, open_chunks
-from ..io_utils import output_lock
 from ..runner import process_share
 from ..validation import UserError
 from . import runtime
@@ -45,6 +44,11 @@ def check_out(args) -> None:
 
 def run(args) -> int:
     runtime.start(args)
+    with distributed.main_writes(args.out):
+        return _run(args)
+
+
+def _run(args) -> int:
     distributed.all_succeed(lambda: check_out(args), "checking --out")
     source = distributed.all_succeed(lambda: open_chunks(args.input, CHUNK_ROWS,
                                                          field=args.field), "indexing the input")
@@ -61,7 +65,6 @@ def run(args) -> int:
     embeddings_md = model.embed_minicorpus_share(mine, size, batch_size=args.batch_size,
                                                  show_progress_bar=True)
     if distributed.is_main():
-        with output_lock(args.out):
-            minicorpus.record(embeddings_md, model.fingerprint, args.seed).save(args.out)
+        minicorpus.record(embeddings_md, model.fingerprint, args.seed).save(args.out)
     distributed.barrier("saved")
     return 0

@@ -3,8 +3,9 @@
     cde-jax eval --model PATH --dataset DIR --out results.json [--split test] [--k 10,100]
                  [--seed 42] [--batch-size N] [--overwrite]
 
-Writes (atomically) a JSON object: the model's path and fingerprint, the dataset's path,
-split and sizes, the minicorpus seed, the k values and the metrics.
+Writes (atomically; one run per output at a time) a JSON object: the model's path and
+fingerprint, the dataset's path, split and sizes, the minicorpus seed, the k values and the
+metrics.
 """
 
 from __future__ import annotations
@@ -53,10 +54,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
     start = time.perf_counter()
     runtime.start(args)
+    with distributed.main_writes(args.out):
+        return _run(args, start)
+
+
+def _run(args, start: float) -> int:
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
     # Bad files fail before the model loads (every process reads the dataset).
     dataset = distributed.all_succeed(lambda: load_beir(args.dataset, args.split),
                                       "reading the dataset")

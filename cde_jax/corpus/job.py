@@ -26,7 +26,6 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..io_utils import output_lock
 from ..validation import UserError
 from . import sinks
 from .source import InputError, Source, id_hashes
@@ -89,11 +88,8 @@ def _no_repeated_ids(source: Source, my_hashes: np.ndarray) -> None:
 def writing(out: str, overwrite: bool):
     """Process 0 holds OUT's lock (one run per output) for the block; a finished OUT is
     refused unless `overwrite`, which deletes it first. Every process learns the outcome."""
-    lock = output_lock(out) if distributed.is_main() and "://" not in out else \
-        contextlib.nullcontext()
-    with contextlib.ExitStack() as stack:
+    with distributed.main_writes(out):
         def claim():
-            stack.enter_context(lock)
             if distributed.is_main() and sinks.exists(out):
                 if not overwrite:
                     raise UserError(f"{out} already exists (pass --overwrite to replace it)")

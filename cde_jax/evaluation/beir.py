@@ -8,7 +8,9 @@ Documents are embedded as MTEB does (`mteb._create_dataloaders._corpus_to_dict`)
 `(title + " " + text).strip()` when the title is non-empty, else `text.strip()`. Only queries
 that have judgements in the split are kept (as BEIR does). Every malformed line is an error
 naming the file and line; judgements for documents missing from the corpus are kept (they
-count as relevant-but-unretrieved, as in BEIR and MTEB) with one warning giving their count.
+count as relevant-but-unretrieved, as in BEIR and MTEB) with one warning giving their count,
+but a split where no relevant judgement names a document of the corpus is an error: every
+metric would be 0 (the wrong corpus, split or id column).
 """
 
 from __future__ import annotations
@@ -119,6 +121,18 @@ def read_qrels(path: Path, query_ids) -> dict[str, dict[str, int]]:
     return qrels
 
 
+def _check_some_relevant_in_corpus(qrels_path: Path, qrels, corpus, unknown) -> None:
+    judged = {d for docs in qrels.values() for d in docs}
+    if judged <= unknown:
+        raise UserError(f"{qrels_path}: none of its {len(judged)} judged corpus-id(s) is in "
+                        f"corpus.jsonl (e.g. {sorted(judged)[0]!r}): every metric would be 0; "
+                        "check that the qrels belong to this corpus")
+    if not any(score > 0 and d in corpus for docs in qrels.values()
+               for d, score in docs.items()):
+        raise UserError(f"{qrels_path}: no judgement with a score above 0 names a document "
+                        "in corpus.jsonl: every metric would be 0")
+
+
 def load_beir(path: str | Path, split: str = "test") -> BeirDataset:
     path = Path(path)
     if not path.is_dir():
@@ -132,6 +146,7 @@ def load_beir(path: str | Path, split: str = "test") -> BeirDataset:
     queries = read_jsonl(path / "queries.jsonl", title=False)
     qrels = read_qrels(qrels_path, queries)
     unknown = {d for judged in qrels.values() for d in judged if d not in corpus}
+    _check_some_relevant_in_corpus(qrels_path, qrels, corpus, unknown)
     if unknown:
         warnings.warn(f"{qrels_path}: {len(unknown)} judged corpus-id(s) are not in "
                       f"corpus.jsonl (e.g. {sorted(unknown)[0]!r}); they count as relevant "

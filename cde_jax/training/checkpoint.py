@@ -18,6 +18,8 @@ from flax import nnx
 
 from .. import convert
 from ..convert import released
+from ..convert.checkpoint import restore_error
+from ..io_utils import settled_event_loops
 from ..params import flat_params
 
 
@@ -27,6 +29,11 @@ class TrainState(NamedTuple):
     opt_state: object
     data_position: int
     rng_key: np.ndarray  # uint32 (2,), `jax.random.PRNGKey`
+
+
+def checkpoint_steps(directory: str | Path) -> list[int]:
+    """The steps of the finished checkpoints in `directory` (none if it does not exist)."""
+    return sorted(ocp.path.step.checkpoint_steps(Path(directory).absolute()))
 
 
 class Checkpoints:
@@ -51,10 +58,14 @@ class Checkpoints:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             (like.params, like.opt_state))
-        got = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract[0]),
-            opt_state=ocp.args.StandardRestore(abstract[1]),
-            meta=ocp.args.JsonRestore()))
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract[0]),
+                                  opt_state=ocp.args.StandardRestore(abstract[1]),
+                                  meta=ocp.args.JsonRestore())
+        with settled_event_loops():
+            try:
+                got = self.manager.restore(step, args=args)
+            except Exception as e:
+                raise restore_error(Path(str(self.manager.directory)) / str(step), e) from e
         meta = got.meta
         return TrainState(meta["step"], got.params, got.opt_state, meta["data_position"],
                           np.asarray(meta["rng_key"], np.uint32))

@@ -2,10 +2,12 @@
 
 OUT holds `train_config.json` (the resolved settings), `metrics.jsonl` (one line per step),
 `checkpoints/` (orbax, every `checkpoint_every` steps and at the end) and, once the last
-step is done, `model/` (the released layout). Everything the run reads is validated before
-OUT is touched; an existing OUT is only reused with `resume`, and only with the same
-settings. A resumed run replays from its latest checkpoint and ends with exactly the
-parameters of an uninterrupted one (same programs, same inputs, same keys).
+step is done, `model/` (the released layout). One run at a time writes OUT (`output_lock`).
+Everything the run reads is validated before OUT is touched; an existing OUT is only reused
+with `resume`, and only with the same settings, or when it holds a run that never reached a
+checkpoint (nothing to resume: a new run starts over). A resumed run replays from its latest
+checkpoint and ends with exactly the parameters of an uninterrupted one (same programs, same
+inputs, same keys).
 
 With several processes (`cde_jax.distributed`), every process builds the same batches (they
 are a pure function of the data position) and feeds only its devices' rows; the step is one
@@ -19,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -35,12 +38,12 @@ from ..loading import read_checkpoint
 from ..tokenization import TextTokenizer, load_tokenizer
 from ..validation import UserError
 from . import data as data_lib
-from .checkpoint import Checkpoints, TrainState, export_released
+from .checkpoint import Checkpoints, TrainState, checkpoint_steps, export_released
 from .step import StepConfig, init_opt_state, learning_rate, make_optimizer, make_train_step
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, METRICS_FILE = "train_config.json", "metrics.jsonl"
+CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR = "train_config.json", "metrics.jsonl", "checkpoints"
 # Settings that do not change the result: a resumed run may use other values.
 RESUMABLE_CHANGES = ("out", "checkpoint_every", "keep_checkpoints")
 
@@ -69,10 +72,21 @@ class TrainResult(NamedTuple):
     resumed_from: int | None  # the checkpoint's step, when `resume` found one
 
 
+def _has_checkpoint(out: Path) -> bool:
+    return bool(checkpoint_steps(out / CHECKPOINTS_DIR))
+
+
+def _check_resumable(out: Path) -> None:
+    """`resume` needs a checkpoint in OUT (checked before anything is read)."""
+    if not ((out / CONFIG_FILE).exists() and _has_checkpoint(out)):
+        raise UserError(f"nothing to resume in {out}; run without --resume to start")
+
+
 def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
-    """OUT must be new or empty, or (resume) hold a run with the same settings."""
+    """OUT must be new or empty, or (resume) hold a run with the same settings. A run that
+    never reached a checkpoint has nothing to resume: a new run replaces its files."""
     saved = out / CONFIG_FILE
-    if resume and saved.exists():
+    if resume:
         old, new = (traverse_util.flatten_dict(c, sep=".")
                     for c in (json.loads(saved.read_text()), cfg.to_json()))
         diff = sorted(k for k in set(old) | set(new)
@@ -80,8 +94,22 @@ def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
         if diff:
             raise UserError(f"--resume: settings differ from {saved}: " + ", ".join(
                 f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
-    elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty (pass --resume to continue the run in it)")
+        return
+    if not out.exists() or not any(out.iterdir()):
+        return
+    names = {p.name for p in out.iterdir()}
+    if CONFIG_FILE in names and names <= {CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR} \
+            and not _has_checkpoint(out):
+        if distributed.is_main():
+            log.warning("%s holds a run that never reached a checkpoint: starting over", out)
+            for name in names:
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                else:
+                    (out / name).unlink()
+        return
+    raise FileExistsError(f"{out} is not empty (pass --resume to continue the run in it)"
+                          if _has_checkpoint(out) else f"{out} is not empty")
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
@@ -211,7 +239,16 @@ def _run_steps(session: _Session, state: TrainState, checkpoints: Checkpoints, m
 
 def train(cfg: TrainConfig, *, resume: bool = False,
           show_progress: bool | None = None) -> TrainResult:
-    """Runs (or with `resume` continues) the fine-tuning described by `cfg`."""
+    """Runs (or with `resume` continues) the fine-tuning described by `cfg`, process 0
+    holding `output_lock(cfg.out)` throughout."""
+    with distributed.main_writes(cfg.out):
+        return _train(cfg, resume=resume, show_progress=show_progress)
+
+
+def _train(cfg: TrainConfig, *, resume: bool, show_progress: bool | None) -> TrainResult:
+    if resume:
+        distributed.all_succeed(lambda: _check_resumable(Path(cfg.out).absolute()),
+                                "checking --resume")
     examples = data_lib.read_examples(cfg.data)
     ckpt = read_checkpoint(cfg.model)
     if ckpt.tokenizer_dir is None:
@@ -219,13 +256,14 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     cfg, data = resolve(cfg, ckpt, examples)
     ckpt.cde = ckpt.cde.replace(transductive_corpus_size=cfg.batch.corpus_size)
     out = Path(cfg.out)
-    _check_out(out, cfg, resume)
+    distributed.all_succeed(lambda: _check_out(out, cfg, resume), "checking --out")
+    distributed.barrier("out checked")  # before process 0 writes into OUT
     session = _Session(cfg, ckpt, data)
     if distributed.is_main():
         with atomic_file(out / CONFIG_FILE, "w") as f:
             json.dump(cfg.to_json(), f, indent=2)
     state, resumed_from = session.initial, None
-    checkpoints = Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
+    checkpoints = Checkpoints(out / CHECKPOINTS_DIR, keep=cfg.keep_checkpoints)
     try:
         restored = checkpoints.restore_latest(state) if resume else None
         if restored is not None:
