@@ -39,8 +39,9 @@ def hub(request):
 
 
 def similarity_matrix(model, answers: list[str], queries: list[str]) -> np.ndarray:
-    """docs/model.md §10's procedure: the last 512 answers as the minicorpus, embedded in their order
-    (the reference does not resample them), then cosine of the first 2 queries x 5 answers."""
+    """docs/model.md §10's procedure: the last 512 answers as the minicorpus, embedded in
+    their order (the reference does not resample them), then cosine of the first 2 queries x 5
+    answers."""
     dataset_embeddings = model.embed_minicorpus(answers[-model.config.transductive_corpus_size:])
     docs = model.encode(answers[:5], prompt_name="document",
                         dataset_embeddings=dataset_embeddings)
