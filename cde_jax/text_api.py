@@ -7,7 +7,7 @@ mask)` -> dataset embeddings (m, d) and `second_stage(ids, mask, dataset_embeddi
 `encode` (one str in: one (d,) vector out), `encode_query` / `embed_queries`,
 `encode_document` / `embed_documents`, `similarity`, `max_seq_length`. With several processes
 each passes and gets back its own rows, except for dataset embeddings, which every process
-gets whole.
+gets whole. Hub methods (`save_pretrained`, `push_to_hub`) come from `hub.HubMixin`.
 
 `None` as dataset embeddings means one thing everywhere: null-dataset mode (the checkpoint's
 null embedding in every row). A corpus with nothing known about it takes the generic
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import loading, minicorpus, pipeline, prompts, sharding, validation
+from . import hub, loading, minicorpus, pipeline, prompts, sharding, validation
 from .minicorpus import DatasetEmbeddings
 from .model import Prefix
 from .runner import Stage, StageRunner, process_share
@@ -31,16 +31,20 @@ from .tokenization import MAX_LENGTH, TextTokenizer, load_tokenizer
 from .validation import UserError
 
 
-def load(path: str | Path, *, dtype: str | None = None, param_dtype: str | None = None,
-         attention: str = "auto", backbone_config: str | Path | None = None, mesh=None,
+def load(path: str | Path, *, revision: str | None = None, dtype: str | None = None,
+         param_dtype: str | None = None, attention: str = "auto",
+         backbone_config: str | Path | None = None, mesh=None,
          plan: pipeline.BucketPlan | None = None) -> CdeModel:
-    """Loads a converted dir or a released-layout dir (config.json + model.safetensors).
+    """Loads a converted dir, a released-layout dir (config.json + model.safetensors), or a
+    hub id ("jxm/cde-small-v2") at `revision` (branch, tag or commit), converted once into
+    a cache dir and reused (`hub.converted_dir`).
 
     dtype: compute dtype ("float32" default; "bfloat16" for accelerators). param_dtype:
     defaults to the stored one. attention: a kernel from `attention.names()`; "auto" picks
     the best for the platform. mesh: defaults to every device on a (data, model=1) mesh.
     """
     mesh = mesh if mesh is not None else sharding.make_mesh()
+    path = hub.local_path(path, revision, backbone_config=backbone_config)
     ckpt = loading.read_checkpoint(path, backbone_config=backbone_config, mesh=mesh)
     backbone = loading.runtime_backbone(ckpt, mesh, dtype=dtype, param_dtype=param_dtype,
                                         attention_name=attention)
@@ -50,7 +54,7 @@ def load(path: str | Path, *, dtype: str | None = None, param_dtype: str | None 
     return CdeModel(runner, ckpt, backbone, tokenizer, plan or pipeline.BucketPlan())
 
 
-class CdeModel:
+class CdeModel(hub.HubMixin):
     """A loaded cde checkpoint: configs, tokenizer and the stage runner on the mesh."""
 
     def __init__(self, runner: StageRunner, ckpt, backbone, tokenizer: TextTokenizer | None,
@@ -58,7 +62,7 @@ class CdeModel:
         self.runner, self.mesh, self.plan = runner, runner.mesh, plan
         self.backbone_config, self.config = backbone, ckpt.cde
         self.fingerprint, self.config_json = ckpt.fingerprint, ckpt.config_json
-        self.tokenizer = tokenizer
+        self.tokenizer, self.tokenizer_dir = tokenizer, ckpt.tokenizer_dir
         self.hidden_size, self.max_seq_length = backbone.hidden_size, MAX_LENGTH
         self._cached_prefix: tuple[str, Prefix] | None = None
 

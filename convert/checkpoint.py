@@ -158,12 +158,15 @@ def read_converted(path: str | Path, *, mesh=None) -> Checkpoint:
 
 
 def convert(source_name: str | Path, out: str | Path, *, param_dtype: str = "float32",
-            backbone_config: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Released checkpoint (dir or hub id) -> converted dir, written atomically."""
-    ckpt_dir = source.local_checkpoint(source_name)
+            backbone_config: str | Path | None = None, overwrite: bool = False,
+            revision: str | None = None) -> Path:
+    """Released checkpoint (dir, or hub id at `revision`) -> converted dir, written
+    atomically."""
+    ckpt_dir = source.local_checkpoint(source_name, revision)
     ckpt = read_released(ckpt_dir, backbone_config=backbone_config, param_dtype=param_dtype)
     if ckpt.tokenizer_dir is None:  # released cde checkpoints may lack the tokenizer files
         ckpt.tokenizer_dir = source.embedder_tokenizer(ckpt.cde.embedder)
         if ckpt.tokenizer_dir is not None:
             ckpt.cde, _ = _with_tokenizer(ckpt.tokenizer_dir, ckpt.cde)
-    return write_converted(ckpt, out, source_name=str(source_name), overwrite=overwrite)
+    name = str(source_name) if revision is None else f"{source_name}@{revision}"
+    return write_converted(ckpt, out, source_name=name, overwrite=overwrite)
