@@ -169,6 +169,19 @@ def test_revision_errors(fake_hub, synthetic):
     assert fake_hub.calls == []
 
 
+def test_convert_command_from_the_hub(fake_hub, tmp_path, capsys):
+    from cde_jax import cli
+
+    out = tmp_path / "cde-tiny-v1"
+    assert cli.main(["convert", "owner/cde-tiny", str(out), "--revision", "v1"]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    assert fake_hub.downloads() == [("snapshot_download", "owner/cde-tiny", "v1",
+                                     tuple(HUB_PATTERNS))]
+    assert json.loads((out / "cde_jax.json").read_text())["source"] == "owner/cde-tiny@v1"
+    assert cde_jax.load(out).fingerprint == cde_jax.load("owner/cde-tiny", revision="v1"
+                                                         ).fingerprint
+
+
 def test_save_pretrained_round_trip(synthetic, reference, tmp_path):
     """save_pretrained -> the released layout: cde_jax loads it to the same embeddings
     (exactly), the PyTorch reference to within 1e-5, and the tensors are the original's."""
