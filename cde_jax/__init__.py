@@ -4,8 +4,9 @@ Layout: `text_api` (load, CdeModel: texts in, embeddings out) on `runner` (the s
 compiled on the mesh, batches in and rows out) on `model` / `encoder` (the two stages, the
 ModernBERT encoder), with `attention` (the kernel registry), `sharding` (the rules table),
 `pipeline` (length buckets), `minicorpus` (sampling, dataset-embeddings files), `prompts`,
-`validation`; `convert` (the key map and checkpoint formats), `training`, `evaluation`,
-`commands` (the CLI).
+`validation`; `convert` (the key map and checkpoint formats), `hub` (hub ids converted once
+into a cache, `save_pretrained`, `push_to_hub`), `training`, `evaluation`, `commands` (the
+CLI).
 
 Dimension key: array names end in their shape, one letter per axis, the same everywhere:
   b batch rows          s sequence (key) positions   t query positions
