@@ -3,21 +3,39 @@
 Each command module defines `register(subparsers)`, which adds its parser and sets
 `func(args) -> int`. Errors the user can fix (`validation.UserError`, a missing or existing
 file) exit with status 2 and one clear line; anything else is a bug and keeps its traceback.
+absl's and orbax's log lines below ERROR are silenced at start.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
+from . import __version__
 from .validation import UserError
 
-COMMANDS = ("dataset_embeddings", "embed", "train", "eval")  # modules of cde_jax.commands
+# modules of cde_jax.commands
+COMMANDS = ("convert", "dataset_embeddings", "embed", "train", "eval")
+QUIET_LOGGERS = ("absl", "orbax")
+
+
+def quiet_logs() -> None:
+    """Keeps absl's and orbax's INFO and WARNING lines out of the CLI's output (orbax logs
+    every save and restore, and warns about its own internals on each, e.g. "Skipping merge
+    of OCDBT checkpoints"); their errors still show."""
+    from absl import logging as absl_logging  # installed with optax and orbax
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    absl_logging.set_stderrthreshold("error")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cde-jax", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"cde_jax.commands.{name}").register(sub)
@@ -25,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    quiet_logs()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from . import validation
 from .validation import UserError
 
 
@@ -44,6 +45,7 @@ class BucketPlan:
         """A plan with one fixed batch size for every bucket (None: keep this plan)."""
         if batch_size is None:
             return self
+        batch_size = validation.int_in_range(batch_size, "batch_size")
         return dataclasses.replace(self, tokens_per_batch=batch_size * self.lengths[-1],
                                    max_batch=batch_size, min_batch=batch_size)
 

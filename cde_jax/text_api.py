@@ -4,8 +4,10 @@
 tokenizer, length buckets and the prefix cache. Array API (stable names): `first_stage(ids,
 mask)` -> dataset embeddings (m, d) and `second_stage(ids, mask, dataset_embeddings)` ->
 (b, d), float32 numpy, unnormalized. Text API (sentence-transformers style): `embed_dataset`,
-`encode`, `embed_queries`, `embed_documents`. With several processes each passes and gets
-back its own rows, except for dataset embeddings, which every process gets whole.
+`encode` (one str in: one (d,) vector out), `encode_query` / `embed_queries`,
+`encode_document` / `embed_documents`, `similarity`, `max_seq_length`. With several processes
+each passes and gets back its own rows, except for dataset embeddings, which every process
+gets whole. Hub methods (`save_pretrained`, `push_to_hub`) come from `hub.HubMixin`.
 
 `None` as dataset embeddings means one thing everywhere: null-dataset mode (the checkpoint's
 null embedding in every row). A corpus with nothing known about it takes the generic
@@ -22,24 +24,28 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import loading, minicorpus, pipeline, prompts, sharding, validation
+from . import hub, loading, minicorpus, pipeline, prompts, sharding, validation
 from .minicorpus import DatasetEmbeddings
 from .model import Prefix
 from .runner import Stage, StageRunner, process_share
-from .tokenization import TextTokenizer, load_tokenizer
+from .tokenization import MAX_LENGTH, TextTokenizer, load_tokenizer
 from .validation import UserError
 
 
-def load(path: str | Path, *, dtype: str | None = None, param_dtype: str | None = None,
-         attention: str = "auto", backbone_config: str | Path | None = None, mesh=None,
+def load(path: str | Path, *, revision: str | None = None, dtype: str | None = None,
+         param_dtype: str | None = None, attention: str = "auto",
+         backbone_config: str | Path | None = None, mesh=None,
          plan: pipeline.BucketPlan | None = None) -> CdeModel:
-    """Loads a converted dir or a released-layout dir (config.json + model.safetensors).
+    """Loads a converted dir, a released-layout dir (config.json + model.safetensors), or a
+    hub id ("jxm/cde-small-v2") at `revision` (branch, tag or commit), converted once into
+    a cache dir and reused (`hub.converted_dir`).
 
     dtype: compute dtype ("float32" default; "bfloat16" for accelerators). param_dtype:
     defaults to the stored one. attention: a kernel from `attention.names()`; "auto" picks
     the best for the platform. mesh: defaults to every device on a (data, model=1) mesh.
     """
     mesh = mesh if mesh is not None else sharding.make_mesh()
+    path = hub.local_path(path, revision, backbone_config=backbone_config)
     ckpt = loading.read_checkpoint(path, backbone_config=backbone_config, mesh=mesh)
     backbone = loading.runtime_backbone(ckpt, mesh, dtype=dtype, param_dtype=param_dtype,
                                         attention_name=attention)
@@ -49,7 +55,7 @@ def load(path: str | Path, *, dtype: str | None = None, param_dtype: str | None 
     return CdeModel(runner, ckpt, backbone, tokenizer, plan or pipeline.BucketPlan())
 
 
-class CdeModel:
+class CdeModel(hub.HubMixin):
     """A loaded cde checkpoint: configs, tokenizer and the stage runner on the mesh."""
 
     def __init__(self, runner: StageRunner, ckpt, backbone, tokenizer: TextTokenizer | None,
@@ -57,8 +63,8 @@ class CdeModel:
         self.runner, self.mesh, self.plan = runner, runner.mesh, plan
         self.backbone_config, self.config = backbone, ckpt.cde
         self.fingerprint, self.config_json = ckpt.fingerprint, ckpt.config_json
-        self.tokenizer = tokenizer
-        self.hidden_size = backbone.hidden_size
+        self.tokenizer, self.tokenizer_dir = tokenizer, ckpt.tokenizer_dir
+        self.hidden_size, self.max_seq_length = backbone.hidden_size, MAX_LENGTH
         self._cached_prefix: tuple[str, Prefix] | None = None
 
     # --- array API -----------------------------------------------------------------------
@@ -91,12 +97,23 @@ class CdeModel:
         return self._cached_prefix[1]
 
     # --- text API ------------------------------------------------------------------------
+    @property
+    def max_seq_length(self) -> int:
+        """Tokens per text, [CLS] and [SEP] and the prompt included (2..512, default 512).
+        Longer texts are cut; each call warns with the number of its texts that were cut."""
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self._max_seq_length = validation.int_in_range(value, "max_seq_length", 2, MAX_LENGTH)
+
     def _embed_texts(self, texts: list[str], stage: Stage, prompt: str, *, batch_size,
                      show_progress_bar, desc: str, extra_len: int = 0,
                      progress: Callable[[int], object] | None = None) -> np.ndarray:
         if self.tokenizer is None:
             raise UserError("this checkpoint has no tokenizer files (tokenizer.json); "
                             "convert it again or copy them into the checkpoint dir")
+        self.tokenizer.max_length = self.max_seq_length
         token_ids = self.tokenizer.encode([prompt + t for t in validation.texts(texts)])
         show = sys.stderr.isatty() if show_progress_bar is None else show_progress_bar
         with tqdm(total=len(texts), desc=desc, unit="text",
@@ -143,26 +160,49 @@ class CdeModel:
                dataset_embeddings, batch_size: int | None = None,
                normalize_embeddings: bool = True, show_progress_bar: bool | None = None,
                progress: Callable[[int], object] | None = None) -> np.ndarray:
-        """Embeddings (len(texts), d) float32 in input order; L2-normalized by default.
-
-        prompt_name: "query" or "document" selects the task prefix; `prompt` gives one
-        directly (e.g. "clustering: "); neither: texts are used as they are. progress: called
-        with the number of texts done after each batch (an outer progress bar), instead of
-        this call's own bar.
+        """Embeddings (len(texts), d) float32 in input order, or one (d,) vector for one
+        str; L2-normalized by default. prompt_name: "query" or "document" selects the task
+        prefix; `prompt` gives one directly (e.g. "clustering: "); neither: texts as they are.
+        progress: called with the number of texts done after each batch (an outer progress
+        bar), instead of this call's own bar.
         """
         prompt = prompts.by_name(prompt_name) if prompt is None else prompt
         prefix = self.prefix(dataset_embeddings)
-        out = self._embed_texts(texts, self.runner.second(prefix), prompt, batch_size=batch_size,
-                                show_progress_bar=show_progress_bar, desc="encode",
-                                extra_len=prefix.embeds.shape[-2], progress=progress)
+        one = isinstance(texts, str)
+        out = self._embed_texts([texts] if one else texts, self.runner.second(prefix), prompt,
+                                batch_size=batch_size, show_progress_bar=show_progress_bar,
+                                desc="encode", extra_len=prefix.embeds.shape[-2],
+                                progress=progress)
         if normalize_embeddings:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
+        return out[0] if one else out
 
-    def embed_queries(self, texts, dataset_embeddings, **kw) -> np.ndarray:
+    def encode_query(self, texts, *, dataset_embeddings, **kw) -> np.ndarray:
         return self.encode(texts, prompt_name="query", dataset_embeddings=dataset_embeddings,
                            **kw)
 
-    def embed_documents(self, texts, dataset_embeddings, **kw) -> np.ndarray:
+    def encode_document(self, texts, *, dataset_embeddings, **kw) -> np.ndarray:
         return self.encode(texts, prompt_name="document", dataset_embeddings=dataset_embeddings,
                            **kw)
+
+    def embed_queries(self, texts, dataset_embeddings, **kw) -> np.ndarray:
+        return self.encode_query(texts, dataset_embeddings=dataset_embeddings, **kw)
+
+    def embed_documents(self, texts, dataset_embeddings, **kw) -> np.ndarray:
+        return self.encode_document(texts, dataset_embeddings=dataset_embeddings, **kw)
+
+    @staticmethod
+    def similarity(a, b) -> np.ndarray:
+        """Cosine similarity matrix (n, m) of embeddings a (n, d) and b (m, d); a single
+        (d,) vector counts as one row."""
+        return cosine_similarity(a, b)
+
+
+def cosine_similarity(a, b) -> np.ndarray:
+    a_nd, b_md = (np.atleast_2d(np.asarray(x, np.float32)) for x in (a, b))
+    if a_nd.ndim != 2 or a_nd.shape[1:] != b_md.shape[1:]:
+        raise UserError(f"similarity needs (n, d) and (m, d) embeddings, got shapes "
+                        f"{np.shape(a)} and {np.shape(b)}")
+    a_nd, b_md = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+                  for x in (a_nd, b_md))
+    return a_nd @ b_md.T

@@ -55,17 +55,29 @@ class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer, *, pad_id: int, max_length: int = MAX_LENGTH):
         self.tokenizer = Tokenizer.from_str(tokenizer.to_str())  # own copy: settings below
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_length)
         self.pad_id, self.max_length = pad_id, max_length
-        self.truncated = 0  # texts cut at max_length so far
+        self.truncated = 0       # texts cut at max_length, all calls together (training)
+        self.last_truncated = 0  # texts cut by the last `encode` call
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per text, [CLS] and [SEP] included; longer texts are cut."""
+        return self._max_length
+
+    @max_length.setter
+    def max_length(self, value: int) -> None:
+        self._max_length = value
+        self.tokenizer.enable_truncation(value)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids ([CLS] ... [SEP]) per text; a warning per call counts the texts of
+        this call that were cut at `max_length`."""
         encodings = self.tokenizer.encode_batch(validation.texts(texts))
-        cut = sum(1 for e in encodings if e.overflowing)
-        if cut:
-            self.truncated += cut
-            log.warning("%d text(s) truncated to %d tokens (%d so far)", cut, self.max_length,
-                        self.truncated)
+        self.last_truncated = sum(1 for e in encodings if e.overflowing)
+        if self.last_truncated:
+            self.truncated += self.last_truncated
+            log.warning("%d of %d text(s) truncated to %d tokens", self.last_truncated,
+                        len(encodings), self.max_length)
         return [e.ids for e in encodings]
 
     def pad(self, ids: list[list[int]], length: int | None = None):

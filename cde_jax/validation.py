@@ -26,6 +26,17 @@ def texts(values, what: str = "text") -> list[str]:
     return values
 
 
+def int_in_range(value, what: str, low: int = 1, high: int | None = None) -> int:
+    """`value` as an int in [low, high] (no upper bound when high is None); a bool, a float
+    or a value outside the range is refused, naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UserError(f"{what} must be an integer, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise UserError(f"{what} must be {bounds}, got {value}")
+    return int(value)
+
+
 def finite_rows(rows_nd: np.ndarray, what: str, first: int = 0) -> np.ndarray:
     """`rows_nd` unchanged when every value is finite; else the first bad rows (offset by
     `first`, for a chunk of a larger array) are named."""

@@ -197,21 +197,24 @@ def restore_error(path: Path, error: Exception, hint: str = "") -> Exception:
 
 
 def convert(source_name: str | Path, out: str | Path, *, param_dtype: str = "float32",
-            backbone_config: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Released checkpoint (dir or hub id) -> converted dir, written atomically, by one
-    writer at a time (`output_lock`)."""
+            backbone_config: str | Path | None = None, overwrite: bool = False,
+            revision: str | None = None) -> Path:
+    """Released checkpoint (dir, or hub id at `revision`) -> converted dir, written
+    atomically, by one writer at a time (`output_lock`)."""
     with output_lock(out):
         return _convert(source_name, out, param_dtype=param_dtype,
-                        backbone_config=backbone_config, overwrite=overwrite)
+                        backbone_config=backbone_config, overwrite=overwrite,
+                        revision=revision)
 
 
-def _convert(source_name, out, *, param_dtype, backbone_config, overwrite) -> Path:
+def _convert(source_name, out, *, param_dtype, backbone_config, overwrite, revision) -> Path:
     if Path(out).exists() and not overwrite:  # before the download and the reading
         raise FileExistsError(f"{out} already exists (refusing to overwrite it)")
-    ckpt_dir = source.local_checkpoint(source_name)
+    ckpt_dir = source.local_checkpoint(source_name, revision)
     ckpt = read_released(ckpt_dir, backbone_config=backbone_config, param_dtype=param_dtype)
     if ckpt.tokenizer_dir is None:  # released cde checkpoints may lack the tokenizer files
         ckpt.tokenizer_dir = source.embedder_tokenizer(ckpt.cde.embedder)
         if ckpt.tokenizer_dir is not None:
             ckpt.cde, _ = _with_tokenizer(ckpt.tokenizer_dir, ckpt.cde)
-    return write_converted(ckpt, out, source_name=str(source_name), overwrite=overwrite)
+    name = str(source_name) if revision is None else f"{source_name}@{revision}"
+    return write_converted(ckpt, out, source_name=name, overwrite=overwrite)

@@ -19,26 +19,40 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt"]
 
 
-def local_checkpoint(source: str | Path) -> Path:
-    """A local directory as is; otherwise `owner/name` from the Hugging Face hub."""
+def is_hub_id(source: str | Path) -> bool:
+    """`owner/name` that is not an existing path: a Hugging Face hub repository id."""
+    text = str(source)
+    return (not Path(source).exists() and text.count("/") == 1
+            and not text.startswith((".", "/", "~")) and all(text.split("/")))
+
+
+def local_checkpoint(source: str | Path, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise `owner/name` from the Hugging Face hub (at
+    `revision`: a branch, tag or commit; default main)."""
     path = Path(source)
     if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"{source}: a local directory has no revision (revision= "
+                                  "applies to hub ids only)")
         return path
     if path.exists():
         raise CheckpointError(f"{source}: expected a checkpoint directory, got a file")
-    if str(source).count("/") != 1 or str(source).startswith((".", "/")):
+    if not is_hub_id(source):
         raise CheckpointError(f"{source}: no such directory, and not a hub id (owner/name)")
-    return hub_download(str(source))
+    return hub_download(str(source), revision=revision)
 
 
-def hub_download(repo_id: str, patterns=HUB_PATTERNS) -> Path:
+def hub_download(repo_id: str, patterns=HUB_PATTERNS, revision: str | None = None) -> Path:
+    """The repository's files matching `patterns` (configs, safetensors, tokenizer files:
+    never code) in huggingface_hub's cache; the path's name is the commit."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:  # offline, missing repo, auth: all end the same way for the user
+        at = "" if revision is None else f" at revision {revision!r}"
         raise CheckpointError(
-            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
+            f"could not download {repo_id!r}{at} from the Hugging Face hub ({type(e).__name__}: "
             f"{e}). Offline? Pass a local checkpoint directory instead.") from e
 
 

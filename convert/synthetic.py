@@ -19,6 +19,15 @@ from cde_jax.io_utils import atomic_dir
 from . import released, source
 
 MODERNBERT_BASE = "answerdotai/ModernBERT-base"
+# The config.json key that marks a synthetic checkpoint (kept through conversion, save and
+# fine-tuning, which copy config.json), so that anything printing scores can say that they
+# come from random weights.
+SYNTHETIC_KEY = "cde_jax_synthetic"
+
+
+def is_synthetic(config_json: dict) -> bool:
+    """Whether a checkpoint's config.json marks it as random-weight synthetic."""
+    return bool(config_json.get(SYNTHETIC_KEY))
 
 
 def released_shapes(cfg: ModernBertConfig, *, null_embedding: bool,
@@ -108,6 +117,8 @@ def make_synthetic_checkpoint(out: str | Path, *, preset: str = "tiny", seed: in
     tensors = random_tensors(released_shapes(cfg, null_embedding=null_embedding), seed)
     config = cde_config_json(corpus_size=corpus_size, null_embedding=null_embedding,
                              ignore_instruction_tokens=ignore_instruction_tokens)
+    config[SYNTHETIC_KEY] = {"weights": "random", "preset": None if backbone else preset,
+                             "seed": seed}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         released.write_weights(tmp / released.WEIGHTS, tensors)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

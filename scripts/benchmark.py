@@ -41,14 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from cde_jax.convert import convert, released
-from cde_jax.convert.synthetic import make_synthetic_checkpoint
 from flax import nnx
 
 import cde_jax
 from cde_jax import flops
 from cde_jax.commands.runtime import CACHE_ENV
 from cde_jax.config import PRESETS
+from cde_jax.convert import convert, released
+from cde_jax.convert.synthetic import make_synthetic_checkpoint
 from cde_jax.io_utils import atomic_file
 from cde_jax.minicorpus import fallback_minicorpus, sample_minicorpus
 from cde_jax.profiling import count_compiles

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# The main job, end to end: install cde-jax, get a checkpoint (the real jxm/cde-small-v2 when
-# the Hugging Face hub is reachable, else a random-weight synthetic one), sample a minicorpus
-# from a corpus, embed the corpus and some queries with the CLI, and search.
+# The main job, end to end: install cde-jax (inference only: no PyTorch, no test tools), get a
+# checkpoint (the real jxm/cde-small-v2 when the Hugging Face hub is reachable, else a
+# random-weight synthetic one), sample a minicorpus from a corpus, embed the corpus and some
+# queries with the CLI, and search.
 #
 #   bash scripts/quickstart.sh                 # outputs in artifacts/quickstart/
 #   QUICKSTART_PRESET=base bash scripts/quickstart.sh   # full-size synthetic fallback
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q -e .
 
 work=${QUICKSTART_DIR:-artifacts/quickstart}
 mkdir -p "$work"
 if [[ -d "$work/cde-small-v2-jax" ]]; then
   model="$work/cde-small-v2-jax"
-elif python3 scripts/convert_weights.py jxm/cde-small-v2 "$work/cde-small-v2-jax"; then
+elif cde-jax convert jxm/cde-small-v2 "$work/cde-small-v2-jax"; then
   model="$work/cde-small-v2-jax"
 else
   preset=${QUICKSTART_PRESET:-tiny}
@@ -22,7 +23,7 @@ else
   if [[ ! -d "$model" ]]; then
     python3 scripts/make_synthetic_checkpoint.py "$work/synthetic-$preset" --preset "$preset" \
       --overwrite
-    python3 scripts/convert_weights.py "$work/synthetic-$preset" "$model"
+    cde-jax convert "$work/synthetic-$preset" "$model"
   fi
 fi
 
@@ -36,7 +37,7 @@ cde-jax embed --model "$model" --input "$work/corpus.txt" --role document \
 cde-jax embed --model "$model" --input "$work/queries.txt" --role query \
   --dataset-embeddings "$work/dataset.npz" --out "$work/queries.npy"
 
-python3 - "$work" <<'PY'
+python3 - "$work" "$model" <<'PY'
 import sys
 from pathlib import Path
 
@@ -52,4 +53,6 @@ for query, row in zip(queries, scores):
     for i in best:
         print(f"  {row[i]:.3f}  {docs[i][:90]}")
 print(f"\nembeddings: {work}/corpus.npy {np.load(work / 'corpus.npy').shape}")
+if "synthetic" in sys.argv[2]:
+    print("(random weights, a synthetic checkpoint: these scores mean nothing)")
 PY

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cde_jax.convert import CheckpointError, convert, read_converted, read_released, write_released
 from conftest import TOKENIZER_DIR
 from safetensors.numpy import load_file, save_file
 
 import cde_jax
+from cde_jax.convert import CheckpointError, convert, read_converted, read_released, write_released
 
 REPO = Path(__file__).resolve().parents[1]
 

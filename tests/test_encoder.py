@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 import torch
-from cde_jax.convert import keymap
 from conftest import max_rel_err
 from flax import nnx
 
 from cde_jax.config import ModernBertConfig, modernbert_base
+from cde_jax.convert import keymap
 from cde_jax.encoder import ModernBert
 from cde_jax.params import with_params
 from cde_jax.testing.torch_reference import hf_config

@@ -507,7 +507,7 @@ def test_mteb_similarity_and_bad_arguments(model):
                                [[24 / 25, 4 / 5]], atol=1e-7)
     np.testing.assert_allclose(wrapper.similarity_pairwise([[3, 4], [1, 0]], [[4, 3], [0, 1]]),
                                [24 / 25, 0.0], atol=1e-7)
-    with pytest.raises(ValueError, match="revision is not supported"):
+    with pytest.raises(ValueError, match="revision applies to a hub id"):  # tests/test_hub.py
         CdeMtebModel(model, "abc123")
     with pytest.raises(TypeError, match="got one str"):
         wrapper.encode("one text", task_metadata=MockSTSTask.metadata, hf_split="test",

@@ -67,10 +67,9 @@ def test_two_stage_parity(loaded, tokenize, tokenize_docs, random_docs, corpus_s
 def test_local_last_layer(tmp_path, tokenize, random_docs):
     """A backbone whose last layer is local: the text-only queries of the last layer go
     through the dense windowed mask with query positions offset by the prefix."""
+    from cde_jax.config import modernbert_tiny
     from cde_jax.convert import convert
     from cde_jax.convert.synthetic import make_synthetic_checkpoint
-
-    from cde_jax.config import modernbert_tiny
 
     released = make_synthetic_checkpoint(tmp_path / "released", tokenizer_dir=TOKENIZER_DIR,
                                          backbone=modernbert_tiny().replace(num_hidden_layers=5),

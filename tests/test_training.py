@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from cde_jax.convert import keymap
 from conftest import max_rel_err
 from jax.sharding import PartitionSpec
 from safetensors.numpy import load_file
@@ -33,6 +32,7 @@ from safetensors.numpy import load_file
 import cde_jax
 from cde_jax import cli, sharding
 from cde_jax.commands import runtime
+from cde_jax.convert import keymap
 from cde_jax.loading import read_checkpoint
 from cde_jax.testing.torch_reference import TorchCde
 from cde_jax.training import BatchConfig, Example, Stages, StepConfig, TrainData, data, step

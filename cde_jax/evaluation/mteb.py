@@ -74,20 +74,22 @@ def _unit(x) -> np.ndarray:
 
 
 class CdeMtebModel:
-    """A `CdeModel` (or a checkpoint path, loaded) behind MTEB's model protocols."""
+    """A `CdeModel` (or a checkpoint dir or hub id at `revision`, loaded) behind MTEB's
+    model protocols. The metadata's revision is the weights' fingerprint."""
 
     def __init__(self, model: CdeModel | str | Path, revision: str | None = None, *,
                  device: str | None = None, tasks=(), model_prompts: dict | None = None,
                  seed: int = MINICORPUS_SEED, batch_size: int | None = None,
                  name: str | None = None, mesh=None, plan: SearchPlan = SearchPlan()):
-        if revision is not None:
-            raise ValueError("revision is not supported: pass a local checkpoint directory")
         if device is not None:
             raise ValueError("device is not supported: JAX places the model on `mesh`")
-        if not isinstance(model, CdeModel):
+        if isinstance(model, CdeModel):
+            if revision is not None:
+                raise ValueError("revision applies to a hub id given by name, not to a loaded "
+                                 "CdeModel (pass revision= to cde_jax.load)")
+        else:  # a checkpoint dir, or a hub id at `revision` (converted once, then cached)
             name = name or f"cde-jax/{Path(model).name}"
-            local = Path(model)  # else a hub id
-            model = load(local if local.exists() else model, mesh=mesh)
+            model = load(model, revision=revision, mesh=mesh)
         self.model, self.seed, self.batch_size, self.plan = model, seed, batch_size, plan
         self.name = name or f"cde-jax/{model.fingerprint[:16]}"
         self.model_prompts = dict(CDE_PROMPTS if model_prompts is None else model_prompts)

@@ -1,0 +1,119 @@
+"""examples/: each script run as a user runs it (a subprocess) on the tiny synthetic
+checkpoint, its output checked against the same computation through the library, and the
+random-weights note on stdout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cde_jax
+from cde_jax.convert.synthetic import SYNTHETIC_KEY
+from cde_jax.evaluation import evaluate_retrieval, load_beir
+from cde_jax.tokenization import packaged_data
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+NOTE = "NOTE: random weights (a synthetic checkpoint)"
+
+
+def example(name: str, *args) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(EXAMPLES / name), *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def converted(synthetic):
+    return synthetic()[1]
+
+
+def test_search(converted, tmp_path):
+    queries = ["who is Jason Voorhees?", "macdonald polynomials"]
+    out = tmp_path / "hits.json"
+    done = example("search.py", converted, "--limit", 24, "--top-k", 3, "--json", out,
+                   *(a for q in queries for a in ("--query", q)))
+    assert NOTE in done.stdout and "24 documents, 64-dimensional embeddings" in done.stdout
+    hits = json.loads(out.read_text())
+
+    model = cde_jax.load(converted)
+    lines = packaged_data("random_docs.txt").read_text(encoding="utf-8").splitlines()
+    corpus = [line for line in lines if line.strip()][:24]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 24 texts for a minicorpus of 512: oversampled
+        dataset = model.embed_dataset(corpus, seed=0)
+    docs = model.encode_document(corpus, dataset_embeddings=dataset)
+    for query in queries:
+        scores = docs @ model.encode_query(query, dataset_embeddings=dataset)
+        best = np.argsort(-scores)[:3]
+        assert [h["doc"] for h in hits[query]] == best.tolist()
+        np.testing.assert_allclose([h["score"] for h in hits[query]], scores[best], atol=1e-5)
+        assert [h["text"] for h in hits[query]] == [corpus[i] for i in best]
+        assert f"  {scores[best[0]]:.3f}  [{best[0]}] {corpus[best[0]][:90]}" in done.stdout
+
+
+def test_search_without_the_synthetic_mark_has_no_note(synthetic, tmp_path):
+    released = shutil.copytree(synthetic()[0], tmp_path / "unmarked")
+    config = json.loads((released / "config.json").read_text())
+    del config[SYNTHETIC_KEY]
+    (released / "config.json").write_text(json.dumps(config))
+    done = example("search.py", released, "--limit", 8, "--top-k", 1, "--query", "a query")
+    assert "8 documents" in done.stdout and "random weights" not in done.stdout
+
+
+def test_finetune_and_evaluate(converted, tmp_path):
+    out, report_file = tmp_path / "ft", tmp_path / "report.json"
+    done = example("finetune_and_evaluate.py", converted, out, "--steps", 2, "--examples", 16,
+                   "--test", 16, "--batch-size", 8, "--json", report_file)
+    assert NOTE in done.stdout
+    report = json.loads(report_file.read_text())
+    logged = [json.loads(line)["loss"] for line in
+              (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(report["losses"]) == 2 and np.allclose(report["losses"], logged, atol=1e-6)
+    assert f"trained 2 steps, loss {logged[0]:.4f} -> {logged[-1]:.4f}" in done.stdout
+
+    heldout = load_beir(out / "heldout")
+    assert len(heldout.query_ids) == 16 and len(heldout.doc_ids) == 16
+    base, tuned = cde_jax.load(converted), cde_jax.load(report["model_dir"])
+    assert tuned.fingerprint != base.fingerprint  # the weights moved
+    assert tuned.config_json[SYNTHETIC_KEY]  # still marked: still random weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, model in (("base", base), ("fine-tuned", tuned)):
+            want = evaluate_retrieval(model, heldout, [1, 10], show_progress_bar=False)
+            assert report["metrics"][name] == pytest.approx(want, abs=1e-6)
+            assert f"{report['metrics'][name]['ndcg@10']:11.4f}" in done.stdout
+
+
+def test_mteb_evaluate(converted, tmp_path):
+    import mteb
+    from mteb.mocks.mock_tasks import MockRetrievalTask
+
+    from cde_jax.evaluation.mteb import CdeMtebModel
+
+    out = tmp_path / "scores.json"
+    done = example("mteb_evaluate.py", converted, "--batch-size", 8, "--json", out)
+    assert NOTE in done.stdout
+    scores = json.loads(out.read_text())
+    assert {task: sorted(splits) for task, splits in scores.items()} == {
+        "MockRetrievalTask": ["test", "val"], "MockClassificationTask": ["test"],
+        "MockSTSTask": ["test"]}
+
+    task = MockRetrievalTask()
+    wrapper = CdeMtebModel(cde_jax.load(converted), tasks=[task], batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (result,) = mteb.evaluate(wrapper, [task], cache=None,
+                                  show_progress_bar=False).task_results
+    for split, subsets in result.scores.items():
+        assert scores["MockRetrievalTask"][split] == pytest.approx(subsets[0]["main_score"],
+                                                                   abs=1e-9)
+    assert f"MockRetrievalTask            test   main score " \
+           f"{scores['MockRetrievalTask']['test']:.4f}" in done.stdout
