@@ -261,8 +261,9 @@ def test_a_nan_weight_is_refused_by_name(synthetic, tmp_path, python):
     out = tmp_path / "models" / "out"
     done = python(CONVERT, src, out)
     assert done.returncode == 2
-    assert one_line(done) == (f"cde-jax convert: error: {src}/model.safetensors: tensor '{name}' has 1 "
-                              "non-finite value(s) (NaN; the first at index (3, 5))")
+    assert one_line(done) == (f"cde-jax convert: error: {src}/model.safetensors: tensor "
+                              f"'{name}' has 1 non-finite value(s) (NaN; the first at index "
+                              "(3, 5))")
     assert listing(tmp_path) == ["src"]  # no output, temp, lock, nor the parent made for it
 
 
@@ -334,8 +335,8 @@ def test_converter_output_in_a_read_only_directory(synthetic, tmp_path):
     finally:
         ro.chmod(0o755)
     assert done.returncode == 2
-    assert one_line(done) == f"cde-jax convert: error: cannot write {ro / 'out'}: {ro} is not writable " \
-                             "(Permission denied)"
+    assert one_line(done) == (f"cde-jax convert: error: cannot write {ro / 'out'}: {ro} is not "
+                              "writable (Permission denied)")
     assert listing(ro) == []
 
 
@@ -344,8 +345,8 @@ def test_converter_output_under_a_file(synthetic, tmp_path, python):
     out = tmp_path / "models" / "cde" / "out"
     done = python(CONVERT, synthetic()[0], out)
     assert done.returncode == 2
-    assert one_line(done) == (f"cde-jax convert: error: cannot write {out}: {tmp_path / 'models'} is a file, "
-                              "not a directory")
+    assert one_line(done) == (f"cde-jax convert: error: cannot write {out}: "
+                              f"{tmp_path / 'models'} is a file, not a directory")
     assert listing(tmp_path) == ["models"]
 
 
