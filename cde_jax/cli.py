@@ -1,9 +1,12 @@
 """`cde-jax` console script: one subcommand per module in `cde_jax.commands`.
 
-Each command module defines `register(subparsers)`, which adds its parser and sets
-`func(args) -> int`. Errors the user can fix (`validation.UserError`, a missing or existing
-file) exit with status 2 and one clear line; anything else is a bug and keeps its traceback.
-absl's and orbax's log lines below ERROR are silenced at start.
+Each command module defines `register(subparsers)`, which adds its parser (through
+`commands.runtime.add_command`) and sets `func(args) -> int`. Errors the user can fix
+(`validation.UserError`, a missing or existing file) exit with status 2 and one clear line;
+anything else is a bug and keeps its traceback. Warnings (cde_jax's log and Python's
+`warnings`) print as "cde-jax: warning: ..." above the progress bars, not into them;
+--quiet keeps errors only, --verbose adds informational lines; absl's and orbax's lines
+below ERROR are silenced.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import __version__
 from .validation import UserError
@@ -42,11 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(quiet: bool, verbose: bool) -> None:
+    """One stderr handler for cde_jax's loggers and Python warnings, at the level asked for."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("cde-jax: %(levelname)s: %(message)s"))
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    for name in ("cde_jax", "py.warnings"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+    logging.captureWarnings(True)
+    warnings.formatwarning = lambda message, *_: str(message)  # the text, not the source line
+
+
 def main(argv=None) -> int:
     quiet_logs()
     args = build_parser().parse_args(argv)
+    configure_logging(args.quiet, args.verbose)
     try:
-        return int(args.func(args) or 0)
+        with logging_redirect_tqdm(loggers=[logging.getLogger("cde_jax"),
+                                            logging.getLogger("py.warnings")]):
+            return int(args.func(args) or 0)
     except (UserError, FileNotFoundError, FileExistsError) as e:
         print(f"cde-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -318,3 +318,37 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     monkeypatch.setattr(embed, "run", bug)
     with pytest.raises(TypeError, match="NoneType"):
         cli.main(argv)
+
+
+def test_every_option_has_help_and_every_command_an_example():
+    from cde_jax import cli
+
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"convert", "dataset-embeddings", "embed", "train", "eval"}
+    for name, sub in commands.items():
+        assert "example:\n  cde-jax " + name in sub.description, name
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings}: no help"
+        text = sub.format_help()
+        assert "--quiet" in text and "--verbose" in text
+    embed_help = commands["embed"].format_help()
+    assert "(default: 4096)" in embed_help and "(default: text)" in embed_help
+    assert "8192" not in embed_help
+
+
+def test_quiet_and_warnings_above_the_bar(cli, model_dir, texts, tmp_path):
+    src = write_txt(tmp_path / "in.txt", texts[:12])
+    args = ("dataset-embeddings", "--model", model_dir, "--input", src, "--batch-size", 8)
+    loud = cli(*args, "--out", tmp_path / "a.npz")
+    assert loud.returncode == 0, loud.stderr
+    # The oversampling warning is a line of its own, before the bar starts drawing.
+    first = loud.stderr.split("\n")[0]
+    assert first == "cde-jax: WARNING: only 12 texts for a minicorpus of 512: oversampling " \
+                    "with replacement (seed 0)", loud.stderr
+    assert "minicorpus:" in loud.stderr
+    quiet = cli(*args, "--out", tmp_path / "b.npz", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["embeddings"],
+                                  np.load(tmp_path / "b.npz")["embeddings"])

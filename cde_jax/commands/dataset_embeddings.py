@@ -11,7 +11,6 @@ example:
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
@@ -26,14 +25,13 @@ CHUNK_ROWS = 4096  # records per read; any value samples the same texts
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "dataset-embeddings", help="dataset embeddings (.npz) of a corpus, for `cde-jax embed "
-        "--dataset-embeddings`", description=__doc__, epilog=runtime.CACHE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runtime.add_command(
+        subparsers, "dataset-embeddings", __doc__,
+        help="dataset embeddings (.npz) of a corpus, for `cde-jax embed --dataset-embeddings`")
     runtime.add_input_args(parser)
     parser.add_argument("--out", required=True, help="the .npz to write (atomically)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="minicorpus sampling seed (default 0; MTEB setups use 42)")
+                        help="minicorpus sampling seed (MTEB setups use 42)")
     parser.set_defaults(func=run)
 
 
@@ -63,7 +61,7 @@ def _run(args) -> int:
     chosen = minicorpus.sample_indices(source.rows, size, args.seed)
     mine = job.read_rows(source, chosen[process_share(size)])
     embeddings_md = model.embed_minicorpus_share(mine, size, batch_size=args.batch_size,
-                                                 show_progress_bar=True)
+                                                 show_progress_bar=not args.quiet)
     if distributed.is_main():
         minicorpus.record(embeddings_md, model.fingerprint, args.seed).save(args.out)
     distributed.barrier("saved")

@@ -17,7 +17,6 @@ example:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -32,10 +31,9 @@ from . import runtime
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "embed", help="embed the texts of a file (.npy / .parquet / .zarr, resumable)",
-        description=__doc__, epilog=runtime.CACHE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runtime.add_command(
+        subparsers, "embed", __doc__,
+        help="embed the texts of a file (.npy / .parquet / .zarr, resumable)")
     runtime.add_input_args(parser)
     parser.add_argument("--id-field", default=None,
                         help="the JSONL field or parquet column holding each text's id "
@@ -48,8 +46,7 @@ def register(subparsers) -> None:
                              "minicorpus")
     parser.add_argument("--out", required=True, help="the .npy, .parquet or .zarr to write")
     parser.add_argument("--chunk-size", type=runtime.positive_int, default=4096,
-                        help="texts per chunk, the unit of work a resumed run keeps "
-                             "(default 4096)")
+                        help="texts per chunk, the unit of work a resumed run keeps")
     parser.set_defaults(func=run)
 
 
@@ -80,5 +77,6 @@ def run(args) -> int:
                             batch_size=args.batch_size, progress=progress)
 
     job.embed_corpus(source, args.out, key=run_key(args, source, model.fingerprint, dataset_md),
-                     width=model.hidden_size, embed=embed, overwrite=args.overwrite)
+                     width=model.hidden_size, embed=embed, overwrite=args.overwrite,
+                     show_progress=not args.quiet)
     return 0

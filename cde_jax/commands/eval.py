@@ -1,11 +1,12 @@
-"""`cde-jax eval`: retrieval metrics of a checkpoint on a local BEIR-layout dataset.
-
-    cde-jax eval --model PATH --dataset DIR --out results.json [--split test] [--k 10,100]
-                 [--seed 42] [--batch-size N] [--overwrite]
+"""`cde-jax eval`: retrieval metrics of a checkpoint on a local BEIR-layout dataset
+(corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv): nDCG@k, Recall@k, MAP@k and MRR@10.
 
 Writes (atomically; one run per output at a time) a JSON object: the model's path and
 fingerprint, the dataset's path, split and sizes, the minicorpus seed, the k values and the
 metrics.
+
+example:
+  cde-jax eval --model cde-small-v2-jax --dataset beir/scifact --out scifact.json --k 10,100
 """
 
 from __future__ import annotations
@@ -36,20 +37,18 @@ def k_values(text: str) -> tuple[int, ...]:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="retrieval metrics on a BEIR-layout dataset",
-                              description=__doc__.splitlines()[0], epilog=runtime.CACHE_HELP)
-    p.add_argument("--model", required=True, help="converted or released checkpoint dir")
+    p = runtime.add_command(subparsers, "eval", __doc__,
+                            help="retrieval metrics on a BEIR-layout dataset")
+    runtime.add_model_args(p)
     p.add_argument("--dataset", required=True, type=Path,
                    help="dir with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     p.add_argument("--out", required=True, type=Path, help="results JSON file")
-    p.add_argument("--split", default="test")
-    p.add_argument("--k", type=k_values, default=(10, 100), help="e.g. 10,100")
+    p.add_argument("--split", default="test", help="the qrels file to score (qrels/SPLIT.tsv)")
+    p.add_argument("--k", type=k_values, default=(10, 100),
+                   help="cutoffs, comma-separated (default: 10,100)")
     p.add_argument("--seed", type=int, default=MINICORPUS_SEED,
                    help="minicorpus sampling seed (docs/model.md §7: 42)")
-    p.add_argument("--batch-size", type=runtime.positive_int, default=None,
-                   help="fixed batch size (default: about 8192 tokens per batch)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    distributed.add_args(p)
     p.set_defaults(func=run)
 
 
@@ -68,7 +67,8 @@ def _run(args, start: float) -> int:
                                       "reading the dataset")
     model = runtime.load_model(args)
     metrics = evaluate_retrieval(model, dataset, args.k, seed=args.seed,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size,
+                                 show_progress_bar=False if args.quiet else None)
     result = {
         "model": {"path": str(Path(args.model).absolute()), "fingerprint": model.fingerprint},
         "dataset": {"path": str(args.dataset.resolve()), "name": args.dataset.resolve().name,

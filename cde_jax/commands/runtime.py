@@ -19,6 +19,33 @@ CACHE_HELP = (f"Compiled XLA programs are cached on disk so that repeated runs d
               f"(default ~/.cache/cde-jax/xla).")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written; every option's default shown, unless its help
+    already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or "%(default)" in text
+                or action.default in (None, False, [], argparse.SUPPRESS)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def add_command(subparsers, name: str, doc: str, *, help: str, cache: bool = True
+                ) -> argparse.ArgumentParser:
+    """A subcommand's parser: `doc` (the module docstring, with its example) as description,
+    the compile-cache note as epilog, and the output options every command has."""
+    parser = subparsers.add_parser(name, help=help, description=doc,
+                                   epilog=CACHE_HELP if cache else None,
+                                   formatter_class=HelpFormatter)
+    chatter = parser.add_mutually_exclusive_group()
+    chatter.add_argument("-q", "--quiet", action="store_true",
+                         help="no progress bars; errors only")
+    chatter.add_argument("-v", "--verbose", action="store_true",
+                         help="also informational messages (what is loaded, resumed, written)")
+    return parser
+
+
 def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -31,7 +58,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="converted checkpoint dir, or a released one (config.json + "
                              "model.safetensors)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="texts per device batch (default: about 4096 tokens per batch)")
+                        help="texts per batch, every bucket (default: a per-bucket size of "
+                             "about 4096 tokens)")
     distributed.add_args(parser)
 
 
@@ -41,7 +69,7 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
                         help=".txt (one text per line, empty lines included), .jsonl (one "
                              "object per line) or .parquet (needs pyarrow)")
     parser.add_argument("--field", default="text",
-                        help="the JSONL field or parquet column holding the text (default: text)")
+                        help="the JSONL field or parquet column holding the text")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out instead of refusing")
 

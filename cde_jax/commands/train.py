@@ -1,6 +1,11 @@
 """`cde-jax train`: fine-tune a cde checkpoint on JSONL (query, positive[, negatives, cluster])
 with the two-stage contrastive loss; writes checkpoints, metrics.jsonl and the trained model
-(released layout) into OUT."""
+(released layout) into OUT. A run killed anywhere continues with --resume.
+
+example:
+  cde-jax train --model cde-small-v2-jax --data pairs.jsonl --out run --steps 1000 \
+      --batch-size 32 --lr 2e-5 --warmup-steps 100
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ from . import runtime
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="fine-tune a cde model (contrastive, both stages)",
-                              description=__doc__, epilog=runtime.CACHE_HELP)
+    p = runtime.add_command(subparsers, "train", __doc__,
+                            help="fine-tune a cde model (contrastive, both stages)")
     count = runtime.positive_int
     p.add_argument("--model", required=True, help="converted or released-layout checkpoint dir")
     p.add_argument("--data", required=True, help="training JSONL")
@@ -23,8 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=count, required=True,
                    help="examples per contrastive batch (global, over all devices)")
     p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW)")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="steps of linear warmup from 0 to --lr (then linear decay to 0)")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay, on kernels and embeddings")
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient norm limit")
     p.add_argument("--freeze", choices=("first", "second"), action="append", default=[],
                    help="keep a stage's parameters fixed (repeatable)")
@@ -47,10 +54,14 @@ def register(subparsers) -> None:
                         "transductive_sequence_dropout_prob)")
     p.add_argument("--no-permute", action="store_true",
                    help="keep the minicorpus order instead of shuffling it per row")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=count, default=100)
-    p.add_argument("--keep-checkpoints", type=count, default=2)
-    p.add_argument("--model-parallel", type=count, default=1)
+    p.add_argument("--seed", type=int, default=0,
+                   help="data order, negatives, minicorpus and the model's random keys")
+    p.add_argument("--checkpoint-every", type=count, default=100,
+                   help="steps between orbax checkpoints (and at the end)")
+    p.add_argument("--keep-checkpoints", type=count, default=2,
+                   help="checkpoints kept on disk (the newest)")
+    p.add_argument("--model-parallel", type=count, default=1,
+                   help="devices that split heads and MLP units (tensor parallelism)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in OUT (same settings)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -78,7 +89,8 @@ def config_from_args(args) -> TrainConfig:
 def run(args) -> int:
     cfg = config_from_args(args)
     runtime.start(args)  # joins a multi-process run; a resumed or repeated run skips the compile
-    result = train(cfg, resume=args.resume, show_progress=args.progress)
+    result = train(cfg, resume=args.resume,
+                   show_progress=False if args.quiet else args.progress)
     if not distributed.is_main():
         return 0
     if result.resumed_from is not None:
