@@ -55,19 +55,17 @@ def load(path: str | Path, *, revision: str | None = None, dtype: str | None = N
     return CdeModel(runner, ckpt, backbone, tokenizer, plan or pipeline.BucketPlan())
 
 
-class CdeModel(hub.HubMixin):
-    """A loaded cde checkpoint: configs, tokenizer and the stage runner on the mesh."""
+class ArrayModel:
+    """The array API of a loaded checkpoint: token ids in (validated), float32 rows out, and
+    the second stage's prefix computed once per set of dataset embeddings."""
 
-    def __init__(self, runner: StageRunner, ckpt, backbone, tokenizer: TextTokenizer | None,
-                 plan: pipeline.BucketPlan):
-        self.runner, self.mesh, self.plan = runner, runner.mesh, plan
+    def __init__(self, runner: StageRunner, ckpt, backbone):
+        self.runner, self.mesh = runner, runner.mesh
         self.backbone_config, self.config = backbone, ckpt.cde
         self.fingerprint, self.config_json = ckpt.fingerprint, ckpt.config_json
-        self.tokenizer, self.tokenizer_dir = tokenizer, ckpt.tokenizer_dir
-        self.hidden_size, self.max_seq_length = backbone.hidden_size, MAX_LENGTH
+        self.hidden_size = backbone.hidden_size
         self._cached_prefix: tuple[str, Prefix] | None = None
 
-    # --- array API -----------------------------------------------------------------------
     def first_stage(self, input_ids, attention_mask) -> np.ndarray:
         """Dataset embeddings (m, d) float32 of tokenized minicorpus documents."""
         return self.runner.run(self.runner.first(), *self._tokens(input_ids, attention_mask))
@@ -96,7 +94,16 @@ class CdeModel(hub.HubMixin):
             self._cached_prefix = (key, self.runner.prefix(rows_md))
         return self._cached_prefix[1]
 
-    # --- text API ------------------------------------------------------------------------
+
+class CdeModel(ArrayModel, hub.HubMixin):
+    """A loaded cde checkpoint: the array API plus texts (prompts, tokenizer, buckets)."""
+
+    def __init__(self, runner: StageRunner, ckpt, backbone, tokenizer: TextTokenizer | None,
+                 plan: pipeline.BucketPlan):
+        super().__init__(runner, ckpt, backbone)
+        self.tokenizer, self.tokenizer_dir, self.plan = tokenizer, ckpt.tokenizer_dir, plan
+        self.max_seq_length = MAX_LENGTH
+
     @property
     def max_seq_length(self) -> int:
         """Tokens per text, [CLS] and [SEP] and the prompt included (2..512, default 512).
@@ -107,16 +114,29 @@ class CdeModel(hub.HubMixin):
     def max_seq_length(self, value: int) -> None:
         self._max_seq_length = validation.int_in_range(value, "max_seq_length", 2, MAX_LENGTH)
 
-    def _embed_texts(self, texts: list[str], stage: Stage, prompt: str, *, batch_size,
-                     show_progress_bar, desc: str, extra_len: int = 0,
-                     progress: Callable[[int], object] | None = None) -> np.ndarray:
+    def tokenize(self, texts, prompt: str = "") -> list[list[int]]:
+        """Token ids of `prompt + text` for each text, cut at `max_seq_length`. Safe to call
+        from several threads (the corpus job tokenizes the next chunks in its readers)."""
         if self.tokenizer is None:
             raise UserError("this checkpoint has no tokenizer files (tokenizer.json); "
                             "convert it again or copy them into the checkpoint dir")
-        self.tokenizer.max_length = self.max_seq_length
-        token_ids = self.tokenizer.encode([prompt + t for t in validation.texts(texts)])
+        if self.tokenizer.max_length != self.max_seq_length:  # no change while others encode
+            self.tokenizer.max_length = self.max_seq_length
+        return self.tokenizer.encode([prompt + t for t in validation.texts(texts)])
+
+    def _embed_texts(self, texts, stage: Stage, prompt: str, *, batch_size, show_progress_bar,
+                     desc: str, extra_len: int = 0,
+                     progress: Callable[[int], object] | None = None) -> np.ndarray:
+        """`texts`: strings, or token id lists from `tokenize` (which hold their prompt)."""
+        if texts and isinstance(texts[0], list):
+            if prompt:
+                raise UserError("token ids from `tokenize` already hold their prompt: pass "
+                                "no prompt_name or prompt with them")
+            token_ids = texts
+        else:
+            token_ids = self.tokenize(texts, prompt)
         show = sys.stderr.isatty() if show_progress_bar is None else show_progress_bar
-        with tqdm(total=len(texts), desc=desc, unit="text",
+        with tqdm(total=len(token_ids), desc=desc, unit="text",
                   disable=not show or progress is not None) as bar:
             return self.runner.run_buckets(
                 token_ids, stage, plan=self.plan.with_batch_size(batch_size),
@@ -163,8 +183,9 @@ class CdeModel(hub.HubMixin):
         """Embeddings (len(texts), d) float32 in input order, or one (d,) vector for one
         str; L2-normalized by default. prompt_name: "query" or "document" selects the task
         prefix; `prompt` gives one directly (e.g. "clustering: "); neither: texts as they are.
-        progress: called with the number of texts done after each batch (an outer progress
-        bar), instead of this call's own bar.
+        `texts` may also be the token id lists of `tokenize(texts, prompt)` (tokenized ahead,
+        e.g. in other threads). progress: called with the number of texts done after each
+        batch (an outer progress bar), instead of this call's own bar.
         """
         prompt = prompts.by_name(prompt_name) if prompt is None else prompt
         prefix = self.prefix(dataset_embeddings)

@@ -113,3 +113,20 @@ def test_max_seq_length_truncates_and_counts_per_call(synthetic, dataset, random
     model.max_seq_length = 512
     full = model.encode_query(long[0], dataset_embeddings=dataset)
     assert np.abs(full - got[0]).max() > 1e-3
+
+
+def test_tokenized_ahead_in_threads_equals_texts(model, dataset):
+    """What the corpus job does: tokenize in reader threads, then encode the token ids."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompt = "search_document: "
+    with ThreadPoolExecutor(4) as pool:
+        token_ids = [ids for part in pool.map(lambda t: model.tokenize([t], prompt), TEXTS * 4)
+                     for ids in part]
+    assert token_ids[:3] == model.tokenize(TEXTS, prompt)
+    got = model.encode(token_ids, dataset_embeddings=dataset, batch_size=BATCH)
+    want = model.encode(TEXTS * 4, prompt_name="document", dataset_embeddings=dataset,
+                        batch_size=BATCH)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(UserError, match="already hold their prompt"):
+        model.encode(token_ids, prompt_name="document", dataset_embeddings=dataset)

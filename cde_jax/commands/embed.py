@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import prompts
 from ..corpus import job, sinks
 from ..corpus.source import Source, open_chunks
 from ..distributed import all_succeed
@@ -47,6 +48,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="the .npy, .parquet or .zarr to write")
     parser.add_argument("--chunk-size", type=runtime.positive_int, default=4096,
                         help="texts per chunk, the unit of work a resumed run keeps")
+    parser.add_argument("--read-threads", type=runtime.positive_int, default=2,
+                        help="threads reading and tokenizing the next chunks while one is "
+                             "embedded (scripts/host_benchmark.py measures what they reach)")
     parser.set_defaults(func=run)
 
 
@@ -72,11 +76,13 @@ def run(args) -> int:
     else:
         dataset_md = model.load_dataset_embeddings(args.dataset_embeddings).embeddings
 
-    def embed(texts, progress):
-        return model.encode(texts, prompt_name=args.role, dataset_embeddings=dataset_md,
+    def embed(token_ids, progress):
+        return model.encode(token_ids, dataset_embeddings=dataset_md,
                             batch_size=args.batch_size, progress=progress)
 
     job.embed_corpus(source, args.out, key=run_key(args, source, model.fingerprint, dataset_md),
-                     width=model.hidden_size, embed=embed, overwrite=args.overwrite,
+                     width=model.hidden_size, embed=embed,
+                     prepare=lambda texts: model.tokenize(texts, prompts.by_name(args.role)),
+                     read_threads=args.read_threads, overwrite=args.overwrite,
                      show_progress=not args.quiet)
     return 0

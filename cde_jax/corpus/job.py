@@ -30,8 +30,10 @@ from ..validation import UserError
 from . import sinks
 from .source import InputError, Source, id_hashes
 
-# texts, progress(n) -> (len(texts), d) float32; called by every process in every round.
-Embed = Callable[[list[str], Callable[[int], object]], np.ndarray]
+# prepare(texts) -> what `embed` takes (e.g. token ids), run in Grain's reader threads;
+# embed(prepared, progress(n)) -> (rows, d) float32, called by every process in every round.
+Prepare = Callable[[list[str]], object]
+Embed = Callable[[object, Callable[[int], object]], np.ndarray]
 
 
 def my_chunks(n_chunks: int) -> range:
@@ -100,9 +102,11 @@ def writing(out: str, overwrite: bool):
 
 
 def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed,
-                 overwrite: bool = False, read_threads: int = 2, prefetch: int = 2,
-                 show_progress: bool = True) -> Path:
-    """Runs (or resumes) the job; every process calls it with the same arguments."""
+                 prepare: Prepare = lambda texts: texts, overwrite: bool = False,
+                 read_threads: int = 2, prefetch: int = 4, show_progress: bool = True) -> Path:
+    """Runs (or resumes) the job; every process calls it with the same arguments.
+    `read_threads` Grain threads read, check and `prepare` the next `prefetch` chunks while
+    the current one is embedded (tokenizing is most of a host's work: threads scale it)."""
     if jax.process_count() > 1 and sinks.output_format(out) == ".npy":
         raise UserError(f"{out}: a .npy is written by one process; with several, write "
                         ".zarr or .parquet")
@@ -118,16 +122,17 @@ def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed
         distributed.barrier("planned")  # nobody writes before everyone has read `done`
         todo = [i for i in range(len(source)) if i not in done]
         mine = grain.MapDataset.source(todo)[jax.process_index()::jax.process_count()]
-        reader = iter(mine.map(source.__getitem__).to_iter_dataset(
-            grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)))
+        reader = iter(mine.map(source.__getitem__).map(lambda c: (c, prepare(c.texts)))
+                      .to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                         prefetch_buffer_size=prefetch)))
         total = sum(min(source.chunk_rows, source.rows - i * source.chunk_rows)
                     for i in todo[jax.process_index()::jax.process_count()])
         with contextlib.closing(reader), tqdm(total=total, unit="text", unit_scale=True,
                                               desc="embed", file=sys.stderr,
                                               disable=not show_progress) as bar:
             for _ in range(-(-len(todo) // jax.process_count())):
-                chunk = next(reader, None)
-                values = embed(chunk.texts if chunk else [], bar.update)
+                chunk, prepared = next(reader, (None, prepare([])))
+                values = embed(prepared, bar.update)
                 if chunk:
                     sink.write_chunk(chunk.index, chunk.ids, values)
         distributed.barrier("written")
