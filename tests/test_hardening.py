@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -113,14 +114,22 @@ def corrupt_copy(converted: Path, dst: Path, how: str) -> tuple[Path, Path]:
 
 
 # --- 1. one writer per output ------------------------------------------------------------
-@pytest.mark.parametrize("command", ["convert", "train", "eval"])
+@pytest.mark.parametrize("command", ["convert", "train", "eval", "embed"])
 def test_second_writer_fails_at_once_and_a_killed_writer_is_taken_over(
         command, synthetic, tmp_path, python, cli):
     released, _ = synthetic()
     work = tmp_path / "work"
     work.mkdir()
-    out = work / {"convert": "converted", "train": "run", "eval": "results.json"}[command]
-    if command == "convert":
+    out = work / {"convert": "converted", "train": "run", "eval": "results.json",
+                  "embed": "q.npy"}[command]
+    if command == "embed":
+        texts = tmp_path / "in.txt"
+        texts.write_text("one\ntwo\n")
+        prog = ("-m", "cde_jax.cli")
+        args = ("embed", "--model", synthetic()[1], "--input", texts, "--role", "query",
+                "--dataset-embeddings", "fallback", "--out", out, "--batch-size", 4)
+        error = f"cde-jax embed: error: {out} is being written by another run"
+    elif command == "convert":
         prog, args = (CONVERT,), (released, out)
         error = f"cde-jax convert: error: {out} is being written by another run"
     elif command == "train":
@@ -146,7 +155,10 @@ def test_second_writer_fails_at_once_and_a_killed_writer_is_taken_over(
     assert lock.read_text() == f"{holder.pid}\n"  # left by the killed run, its lock released
 
     done = python(*prog, *args)  # takes the lock over
-    if command == "convert":
+    if command == "embed":
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert listing(work) == ["q.npy", "q.npy.ids.jsonl"]
+    elif command == "convert":
         assert done.returncode == 0, done.stderr[-3000:]
         assert listing(work) == ["converted"]
         assert read_converted(out).fingerprint == read_converted(synthetic()[1]).fingerprint
@@ -418,3 +430,67 @@ def test_beir_with_no_relevant_judgement_in_the_corpus(tmp_path):
     with pytest.raises(UserError, match=r"test.tsv: no judgement with a score above 0 names a "
                                         r"document in corpus.jsonl: every metric would be 0$"):
         load_beir(dataset)
+
+
+def test_token_ids_are_checked(synthetic):
+    import cde_jax
+
+    model = cde_jax.load(synthetic()[1])
+    ids, mask = np.full((2, 5), 7, np.int64), np.ones((2, 5), np.int64)
+    cases = [((1, 3), 50368, "input_ids[1, 3] = 50368 is outside the valid range [0, 50367]"),
+             ((0, 2), -5, "input_ids[0, 2] = -5 is outside the valid range [0, 50367]"),
+             ((1, 0), 2 ** 40, "input_ids[1, 0] = 1099511627776 is outside the valid range")]
+    for (row, col), value, message in cases:
+        bad = ids.copy()
+        bad[row, col] = value
+        for stage in (lambda i, m: model.first_stage(i, m),
+                      lambda i, m: model.second_stage(i, m, np.ones((4, 64), np.float32))):
+            with pytest.raises(UserError, match=re.escape(message)):
+                stage(bad, mask)
+    bad_mask = mask.copy()
+    bad_mask[0, 4] = 2
+    with pytest.raises(UserError, match=re.escape("attention_mask[0, 4] = 2 is outside the "
+                                                  "valid range [0, 1]")):
+        model.first_stage(ids, bad_mask)
+    with pytest.raises(UserError, match=r"input_ids of shape \(2, 0\): sequences must have at "
+                                        "least one token"):
+        model.first_stage(ids[:, :0], mask[:, :0])
+    assert np.isfinite(model.first_stage(ids, mask)).all()  # the same arrays, valid
+
+
+def test_empty_dataset_embeddings_file_fails_before_any_output(synthetic, tmp_path, cli):
+    from cde_jax.minicorpus import DatasetEmbeddings
+
+    model, _ = synthetic()[1], None
+    fingerprint = read_converted(model).fingerprint
+    empty = DatasetEmbeddings(np.zeros((0, 64), np.float32), fingerprint, "x", 0).save(
+        tmp_path / "empty.npz")
+    (tmp_path / "in.txt").write_text("one\n")
+    done = cli("embed", "--model", model, "--input", tmp_path / "in.txt", "--role", "query",
+               "--dataset-embeddings", empty, "--out", tmp_path / "q.npy")
+    assert done.returncode == 2
+    assert one_line(done) == (f"cde-jax embed: error: {empty}: dataset embeddings are empty "
+                              "(0 rows)")
+    assert listing(tmp_path) == ["empty.npz", "in.txt"]
+
+
+def test_interrupted_embed_says_how_to_resume(synthetic, tmp_path, env):
+    """Ctrl-C (SIGINT) mid-run: one line and exit 130, then the same command resumes."""
+    texts = tmp_path / "in.txt"
+    texts.write_text("".join(f"text number {i}\n" for i in range(64)))
+    out = tmp_path / "q.npy"
+    argv = [sys.executable, "-m", "cde_jax.cli", "embed", "--model", str(synthetic()[1]),
+            "--input", str(texts), "--role", "query", "--dataset-embeddings", "fallback",
+            "--out", str(out), "--chunk-size", "4", "--batch-size", "4", "--quiet"]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    journal = tmp_path / "q.npy.journal"
+    while not (journal.exists() and journal.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert err == "cde-jax embed: interrupted: run the same command again to resume\n"
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stderr or done.stderr == ""
+    assert listing(tmp_path) == ["in.txt", "q.npy", "q.npy.ids.jsonl"]

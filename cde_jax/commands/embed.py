@@ -68,6 +68,11 @@ def run_key(args, source: Source, fingerprint: str, dataset_md: np.ndarray) -> s
 def run(args) -> int:
     sinks.output_format(args.out)
     runtime.start(args)
+    with job.claiming(args.out, args.overwrite):  # a second run on OUT stops here, at once
+        return _run(args)
+
+
+def _run(args) -> int:
     source = all_succeed(lambda: open_chunks(args.input, args.chunk_size, field=args.field,
                                              id_field=args.id_field), "indexing the input")
     model = runtime.load_model(args)
@@ -83,6 +88,5 @@ def run(args) -> int:
     job.embed_corpus(source, args.out, key=run_key(args, source, model.fingerprint, dataset_md),
                      width=model.hidden_size, embed=embed,
                      prepare=lambda texts: model.tokenize(texts, prompts.by_name(args.role)),
-                     read_threads=args.read_threads, overwrite=args.overwrite,
-                     show_progress=not args.quiet)
+                     read_threads=args.read_threads, show_progress=not args.quiet)
     return 0

@@ -87,58 +87,59 @@ def _no_repeated_ids(source: Source, my_hashes: np.ndarray) -> None:
 
 
 @contextlib.contextmanager
-def writing(out: str, overwrite: bool):
-    """Process 0 holds OUT's lock (one run per output) for the block; a finished OUT is
-    refused unless `overwrite`, which deletes it first. Every process learns the outcome."""
+def claiming(out: str, overwrite: bool):
+    """The block owns OUT: process 0 holds its lock (one run per output), and a finished OUT
+    is refused unless `overwrite` (it is deleted only once the job has checked its input).
+    Entered first, so that a second run fails before any work."""
+    if jax.process_count() > 1 and sinks.output_format(out) == ".npy":
+        raise UserError(f"{out}: a .npy is written by one process; with several, write "
+                        ".zarr or .parquet")
     with distributed.main_writes(out):
-        def claim():
-            if distributed.is_main() and sinks.exists(out):
-                if not overwrite:
-                    raise UserError(f"{out} already exists (pass --overwrite to replace it)")
-                sinks.remove(out)
-        distributed.all_succeed(claim, "claiming the output")
-        distributed.barrier("claimed")
+        def check():
+            if distributed.is_main() and sinks.exists(out) and not overwrite:
+                raise UserError(f"{out} already exists (pass --overwrite to replace it)")
+        distributed.all_succeed(check, "checking the output")
         yield
 
 
 def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed,
-                 prepare: Prepare = lambda texts: texts, overwrite: bool = False,
-                 read_threads: int = 2, prefetch: int = 4, show_progress: bool = True) -> Path:
-    """Runs (or resumes) the job; every process calls it with the same arguments.
-    `read_threads` Grain threads read, check and `prepare` the next `prefetch` chunks while
-    the current one is embedded (tokenizing is most of a host's work: threads scale it)."""
-    if jax.process_count() > 1 and sinks.output_format(out) == ".npy":
-        raise UserError(f"{out}: a .npy is written by one process; with several, write "
-                        ".zarr or .parquet")
+                 prepare: Prepare = lambda texts: texts, read_threads: int = 2,
+                 prefetch: int = 4, show_progress: bool = True) -> Path:
+    """Runs (or resumes) the job inside `claiming(out, ...)`; every process calls it with the
+    same arguments. `read_threads` Grain threads read, check and `prepare` the next
+    `prefetch` chunks while the current one is embedded (tokenizing is most of a host's
+    work: threads scale it)."""
     validate(source)
-    with writing(out, overwrite):
-        sink = distributed.all_succeed(lambda: sinks.open_sink(
-            out, rows=source.rows, width=width, chunk_rows=source.chunk_rows, key=key,
-            id_kind=source.id_kind), "opening the output")
-        done = sink.done_chunks()
-        if distributed.is_main() and 0 < len(done) < len(source):
-            print(f"cde-jax: resuming {out}: {len(done)}/{len(source)} chunks already done",
-                  file=sys.stderr)
-        distributed.barrier("planned")  # nobody writes before everyone has read `done`
-        todo = [i for i in range(len(source)) if i not in done]
-        mine = grain.MapDataset.source(todo)[jax.process_index()::jax.process_count()]
-        reader = iter(mine.map(source.__getitem__).map(lambda c: (c, prepare(c.texts)))
-                      .to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                         prefetch_buffer_size=prefetch)))
-        total = sum(min(source.chunk_rows, source.rows - i * source.chunk_rows)
-                    for i in todo[jax.process_index()::jax.process_count()])
-        with contextlib.closing(reader), tqdm(total=total, unit="text", unit_scale=True,
-                                              desc="embed", file=sys.stderr,
-                                              disable=not show_progress) as bar:
-            for _ in range(-(-len(todo) // jax.process_count())):
-                chunk, prepared = next(reader, (None, prepare([])))
-                values = embed(prepared, bar.update)
-                if chunk:
-                    sink.write_chunk(chunk.index, chunk.ids, values)
-        distributed.barrier("written")
-        if distributed.is_main():
-            sink.finish()
-        distributed.barrier("finished")
+    if distributed.is_main() and sinks.exists(out):  # --overwrite: replaced, input checked
+        sinks.remove(out)
+    distributed.barrier("claimed")
+    sink = distributed.all_succeed(lambda: sinks.open_sink(
+        out, rows=source.rows, width=width, chunk_rows=source.chunk_rows, key=key,
+        id_kind=source.id_kind), "opening the output")
+    done = sink.done_chunks()
+    if distributed.is_main() and show_progress and 0 < len(done) < len(source):
+        print(f"cde-jax: resuming {out}: {len(done)}/{len(source)} chunks already done",
+              file=sys.stderr)
+    distributed.barrier("planned")  # nobody writes before everyone has read `done`
+    todo = [i for i in range(len(source)) if i not in done]
+    mine = grain.MapDataset.source(todo)[jax.process_index()::jax.process_count()]
+    reader = iter(mine.map(source.__getitem__).map(lambda c: (c, prepare(c.texts)))
+                  .to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                     prefetch_buffer_size=prefetch)))
+    total = sum(min(source.chunk_rows, source.rows - i * source.chunk_rows)
+                for i in todo[jax.process_index()::jax.process_count()])
+    with contextlib.closing(reader), tqdm(total=total, unit="text", unit_scale=True,
+                                          desc="embed", file=sys.stderr,
+                                          disable=not show_progress) as bar:
+        for _ in range(-(-len(todo) // jax.process_count())):
+            chunk, prepared = next(reader, (None, prepare([])))
+            values = embed(prepared, bar.update)
+            if chunk:
+                sink.write_chunk(chunk.index, chunk.ids, values)
+    distributed.barrier("written")
+    if distributed.is_main():
+        sink.finish()
+    distributed.barrier("finished")
     return Path(out)
 
 
