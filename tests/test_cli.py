@@ -303,3 +303,45 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     monkeypatch.setattr(embed, "run", bug)
     with pytest.raises(TypeError, match="NoneType"):
         cli.main(argv)
+
+
+@pytest.mark.parametrize("command", ["dataset-embeddings", "embed", "eval", "train"])
+def test_model_options_reach_the_model(command, monkeypatch, tmp_path, capsys):
+    """--dtype and --attention, defined once (`runtime.add_model_args`), on every command
+    that runs the model, validated by argparse and passed to `load` / training."""
+    from cde_jax import cli
+    from cde_jax.commands import runtime, train
+
+    src = write_txt(tmp_path / "in.txt", ["a text"])
+    required = {
+        "dataset-embeddings": ["--input", src, "--out", tmp_path / "d.npz"],
+        "embed": ["--input", src, "--role", "query", "--dataset-embeddings", "fallback",
+                  "--out", tmp_path / "e.npy"],
+        "eval": ["--dataset", tmp_path, "--out", tmp_path / "r.json"],
+        "train": ["--data", src, "--out", tmp_path / "run", "--steps", "1",
+                  "--batch-size", "2"],
+    }[command]
+    argv = [command, "--model", "m", *map(str, required)]
+    parser = cli.build_parser()
+    defaults = parser.parse_args(argv)
+    assert (defaults.dtype, defaults.attention) == (None, "auto")
+    args = parser.parse_args(argv + ["--dtype", "bfloat16", "--attention", "xla"])
+    if command == "train":
+        cfg = train.config_from_args(args)
+        assert (cfg.dtype, cfg.attention) == ("bfloat16", "xla")
+    else:
+        seen = {}
+
+        def fake_load(path, **kw):
+            seen.update(kw)
+            raise SystemExit(0)
+
+        monkeypatch.setattr(runtime, "load", fake_load)
+        monkeypatch.setattr("cde_jax.commands.eval.load_beir", lambda *a: None)
+        with pytest.raises(SystemExit):
+            args.func(args)
+        assert seen == {"dtype": "bfloat16", "attention": "xla"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv + ["--dtype", "bf16"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'bf16'" in err and "bfloat16" in err and "float16" in err

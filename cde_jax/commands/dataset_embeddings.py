@@ -18,6 +18,7 @@ def register(subparsers) -> None:
         "dataset-embeddings", help="dataset embeddings (.npz) of a corpus, for `cde-jax embed "
         "--dataset-embeddings`", description=__doc__, epilog=runtime.CACHE_HELP)
     runtime.add_input_args(parser)
+    runtime.add_model_args(parser)
     parser.add_argument("--out", required=True, help="the .npz to write (atomically)")
     parser.add_argument("--seed", type=int, default=0,
                         help="minicorpus sampling seed (default 0; MTEB setups use 42)")
@@ -39,7 +40,7 @@ def run(args) -> int:
     scanned = inputs.scan(args.input, args.field)
     if scanned.count == 0:
         raise inputs.InputError(f"{args.input}: no texts to sample a minicorpus from")
-    model = runtime.load_model(args.model)
+    model = runtime.load_model(args.model, dtype=args.dtype, attention=args.attention)
     docs = sample_streamed(inputs.iter_texts(args.input, args.field), scanned.count,
                            model.config.transductive_corpus_size, args.seed)
     inputs.check_unchanged(args.input, scanned)

@@ -31,6 +31,7 @@ def register(subparsers) -> None:
         "embed", help="embed the texts of a file (.npy, resumable)",
         description=__doc__, epilog=runtime.CACHE_HELP)
     runtime.add_input_args(parser)
+    runtime.add_model_args(parser)
     parser.add_argument("--role", required=True, choices=("query", "document"),
                         help="the task prefix: search_query or search_document")
     parser.add_argument("--dataset-embeddings", required=True, metavar="NPZ|fallback",
@@ -55,13 +56,14 @@ def run_key(args, scanned: inputs.Scan, fingerprint: str, dataset_md: np.ndarray
     parts = {"input": scanned.sha256, "format": Path(args.input).suffix.lower(),
              "field": args.field, "role": args.role, "model": fingerprint,
              "context": hashlib.sha256(np.ascontiguousarray(dataset_md).tobytes()).hexdigest(),
-             "chunk_size": args.chunk_size, "batch_size": args.batch_size}
+             "chunk_size": args.chunk_size, "batch_size": args.batch_size,
+             "dtype": args.dtype, "attention": args.attention}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def run(args) -> int:
     scanned = inputs.scan(args.input, args.field)
-    model = runtime.load_model(args.model)
+    model = runtime.load_model(args.model, dtype=args.dtype, attention=args.attention)
     if args.dataset_embeddings == "fallback":
         dataset_md = model.embed_dataset(fallback_minicorpus(), batch_size=args.batch_size)
     else:

@@ -47,6 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=runtime.positive_int, default=None,
                    help="fixed batch size (default: about 8192 tokens per batch)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    runtime.add_model_args(p)
     p.set_defaults(func=run)
 
 
@@ -55,7 +56,7 @@ def run(args) -> int:
         raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
     start = time.perf_counter()
     dataset = load_beir(args.dataset, args.split)  # bad files fail before the model loads
-    model = runtime.load_model(args.model)
+    model = runtime.load_model(args.model, dtype=args.dtype, attention=args.attention)
     metrics = evaluate_retrieval(model, dataset, args.k, seed=args.seed,
                                  batch_size=args.batch_size)
     result = {

@@ -1,6 +1,6 @@
-"""What the commands that run the model share: their input options, the persistent XLA
-compilation cache (so that a repeated run loads its programs instead of compiling them) and
-loading the model."""
+"""What the commands that run the model share: their input options, the model options
+(compute dtype, attention kernel), the persistent XLA compilation cache (so that a repeated
+run loads its programs instead of compiling them) and loading the model."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import jax
 
+from .. import attention
+from ..config import DTYPES
 from ..text_api import CdeModel, load
 
 CACHE_ENV = "CDE_JAX_CACHE_DIR"
@@ -35,7 +37,18 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--field", default="text",
                         help="the JSONL field or parquet column holding the text (default: text)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="texts per device batch (default: about 8192 tokens per batch)")
+                        help="texts per device batch (default: per platform, about 4096 "
+                             "tokens on CPU, tens of thousands on accelerators; see README)")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --attention, for every command that runs the model (one definition)."""
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="compute dtype: matmul inputs in it, float32 accumulation, norms "
+                             "and softmax (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--attention", choices=attention.names(), default="auto",
+                        help="attention kernel (default auto: cudnn on NVIDIA GPUs, splash on "
+                             "TPUs, head_major on CPU)")
 
 
 def cache_dir() -> Path:
@@ -54,6 +67,6 @@ def enable_compilation_cache() -> Path:
     return path
 
 
-def load_model(path: str) -> CdeModel:
+def load_model(path: str, *, dtype: str | None = None, attention: str = "auto") -> CdeModel:
     enable_compilation_cache()
-    return load(path)
+    return load(path, dtype=dtype, attention=attention)
