@@ -34,9 +34,11 @@ def load(path: str | Path, *, dtype: str | None = None, param_dtype: str | None 
          plan: pipeline.BucketPlan | None = None) -> CdeModel:
     """Loads a converted dir or a released-layout dir (config.json + model.safetensors).
 
-    dtype: compute dtype ("float32" default; "bfloat16" for accelerators). param_dtype:
-    defaults to the stored one. attention: a kernel from `attention.names()`; "auto" picks
-    the best for the platform. mesh: defaults to every device on a (data, model=1) mesh.
+    dtype: compute dtype, one of `config.DTYPES` (default: "bfloat16" on GPU/TPU, with
+    float32 accumulation, norms and softmax; "float32" on CPU). param_dtype: defaults to the
+    stored one. attention: a kernel from `attention.names()`; "auto" picks the best for the
+    platform and dtype. mesh: defaults to every device on a (data, model=1) mesh. plan:
+    defaults to the platform's (`pipeline.default_plan`, sized from device memory).
     """
     mesh = mesh if mesh is not None else sharding.make_mesh()
     ckpt = loading.read_checkpoint(path, backbone_config=backbone_config, mesh=mesh)
@@ -45,7 +47,10 @@ def load(path: str | Path, *, dtype: str | None = None, param_dtype: str | None 
     runner = StageRunner(*loading.place_checkpoint(ckpt, backbone, mesh), mesh)
     tokenizer = ckpt.tokenizer_dir and TextTokenizer(load_tokenizer(ckpt.tokenizer_dir),
                                                      pad_id=backbone.pad_token_id)
-    return CdeModel(runner, ckpt, backbone, tokenizer, plan or pipeline.BucketPlan())
+    device = mesh.devices.flat[0]
+    plan = plan or pipeline.default_plan(device.platform, pipeline.device_memory(device),
+                                         sharding.data_shards(mesh))
+    return CdeModel(runner, ckpt, backbone, tokenizer, plan)
 
 
 class CdeModel:
