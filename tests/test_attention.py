@@ -110,6 +110,28 @@ def test_kernels_on_longer_rows(name, t, s, radius, lengths):
     assert err_on_rows(got, want, rows_bt) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["head_major", "splash"])
+def test_kernel_gradients_match_the_reference(name):
+    """Training differentiates through the kernel (splash: its backward kernels, interpret
+    mode): gradients of a loss over the rows that see a key, a local last layer's shape."""
+    t, s, radius, lengths = 72, 200, 16, (200, 150, 40)
+    q, k, v, key_mask_bs = qkv_inputs(7, len(lengths), s, lengths, h=2, e=16)
+    pos = jnp.arange(s)
+    rows_bt = rows_that_see_a_key(key_mask_bs, pos[s - t:], pos, radius)
+    weights_bthe = jax.random.normal(jax.random.key(1), (len(lengths), t, 2, 16))
+    weights_bthe = jnp.where(rows_bt[:, :, None, None], weights_bthe, 0.0)
+
+    def loss(kernel, q, k, v):
+        out = kernel(q[:, s - t:], k, v, key_mask_bs, pos[s - t:], pos, radius)
+        return (out * weights_bthe).sum()
+
+    want = jax.grad(loss, argnums=(1, 2, 3))(attention.dense_attention, q, k, v)
+    got = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)(
+        attention.KERNELS[name], q, k, v)
+    for g, w in zip(got, want):
+        assert max_rel_err(g, w) <= 1e-5
+
+
 @pytest.mark.parametrize("radius", [None, 16])
 def test_head_major_bfloat16_accumulates_in_float32(radius):
     """bfloat16 operands, float32 logits/softmax/accumulation: within bf16 rounding of the
