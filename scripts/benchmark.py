@@ -403,11 +403,35 @@ def op_category(name: str) -> str:
     return "elementwise"  # fusions of elementwise ops and reductions, converts
 
 
+def op_times(events: list[dict]) -> tuple[dict[str, float], list[str]]:
+    """({op: ms}, lanes used) from a perfetto trace's events. On an accelerator: the events of
+    its device lanes (the "XLA Ops" line where the trace has one, else the "Stream" lines,
+    else all), named by their `hlo_op`, else the kernel name; on CPU: the host events that
+    carry an `hlo_op`."""
+    names = {(e.get("pid"), e.get("tid") if e["name"] == "thread_name" else None):
+             e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
+    devices = {pid for (pid, tid), name in names.items() if tid is None and "/device:" in name}
+    device_lanes = {key: name for key, name in names.items()
+                    if key[0] in devices and key[1] is not None}
+    lanes = next((chosen for word in ("XLA Ops", "Stream", "") if (chosen := {
+        key for key, name in device_lanes.items() if word in name})), set())
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        op = (e.get("args") or {}).get("hlo_op")
+        if devices:
+            op = (op or e.get("name")) if (e.get("pid"), e.get("tid")) in lanes else None
+        if op:
+            per_op[op] = per_op.get(op, 0.0) + float(e.get("dur", 0.0)) / 1e3  # us -> ms
+    return per_op, sorted({device_lanes[k] for k in lanes}) if devices else ["host"]
+
+
 def profile_split(fn: Callable[[], object], log_dir: Path) -> dict:
     """Runs `fn` (already compiled and warm) once under `jax.profiler.trace` and splits the
-    time of its XLA ops (trace events carrying an `hlo_op`, on the accelerator's device
-    lanes when there are any, else the CPU's) by `op_category`. Returns the fraction of op
-    time per category, the op time and wall time in ms, and the 8 costliest ops."""
+    time of its XLA ops (`op_times`) by `op_category`. Returns the fraction of op time per
+    category, op time and wall time in ms, the lanes read and the 8 costliest ops."""
     begin = time.perf_counter()
     with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
         fn()
@@ -415,14 +439,7 @@ def profile_split(fn: Callable[[], object], log_dir: Path) -> dict:
     trace = json.loads(gzip.decompress(next(Path(log_dir).rglob("perfetto_trace.json.gz"))
                                        .read_bytes()))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    processes = {e["pid"]: e["args"]["name"] for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
-    devices = {pid for pid, name in processes.items() if "/device:" in name}
-    per_op: dict[str, float] = {}
-    for e in events:
-        op = (e.get("args") or {}).get("hlo_op")
-        if e.get("ph") == "X" and op and (not devices or e["pid"] in devices):
-            per_op[op] = per_op.get(op, 0.0) + float(e.get("dur", 0.0)) / 1e3  # us -> ms
+    per_op, lanes = op_times(events)
     total = sum(per_op.values())
     if not total:
         raise RuntimeError(f"no XLA op events in the trace ({len(events)} events)")
@@ -430,8 +447,7 @@ def profile_split(fn: Callable[[], object], log_dir: Path) -> dict:
     for op, ms in per_op.items():
         split[op_category(op)] += ms / total
     top = sorted(per_op.items(), key=lambda kv: -kv[1])[:8]
-    return {"split": split, "op_ms": total, "wall_ms": wall_ms,
-            "lanes": "device" if devices else "host",
+    return {"split": split, "op_ms": total, "wall_ms": wall_ms, "lanes": lanes,
             "top_ops": [{"op": op, "ms": ms, "category": op_category(op)} for op, ms in top]}
 
 

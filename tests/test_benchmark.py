@@ -168,3 +168,25 @@ def test_op_categories(op, category):
     import benchmark
 
     assert benchmark.op_category(op) == category
+
+
+def test_op_times_reads_device_lanes():
+    """An accelerator trace: kernels on the device's stream lines count (by hlo_op, else
+    their name); the host's events and a whole-module line do not."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #7"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 8,
+             "args": {"name": "XLA Modules"}}]
+    kernels = [{"ph": "X", "pid": 2, "tid": 7, "name": "sm90_xmma_gemm", "dur": 3000,
+                "args": {"hlo_op": "gemm_fusion_dot.1"}},
+               {"ph": "X", "pid": 2, "tid": 7, "name": "cudnn_fmha_kernel", "dur": 1000},
+               {"ph": "X", "pid": 2, "tid": 8, "name": "jit__second_fn", "dur": 9000},
+               {"ph": "X", "pid": 1, "tid": 3, "name": "launch", "dur": 500,
+                "args": {"hlo_op": "gemm_fusion_dot.1"}}]
+    per_op, lanes = benchmark.op_times(meta + kernels)
+    assert per_op == {"gemm_fusion_dot.1": 3.0, "cudnn_fmha_kernel": 1.0}
+    assert lanes == ["Stream #7"]
