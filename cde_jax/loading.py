@@ -42,8 +42,7 @@ def runtime_backbone(ckpt: convert.Checkpoint, mesh, *, dtype: str | None = None
     cannot run there is an error). Names are validated by `ModernBertConfig`."""
     device = mesh.devices.flat[0]
     backbone = ckpt.backbone.replace(dtype=dtype or default_dtype(device.platform),
-                                     param_dtype=param_dtype or ckpt.backbone.param_dtype,
-                                     attention=attention.check(attention_name))
+                                     param_dtype=param_dtype or ckpt.backbone.param_dtype)
     return backbone.replace(attention=attention.resolve(attention_name, device, backbone.dtype))
 
 
