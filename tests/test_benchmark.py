@@ -1,8 +1,10 @@
-"""The benchmark's FLOP counts (against brute force and XLA's own count) and a smoke run of
-`scripts/benchmark.py --quick` (every number present, finite, and self-consistent)."""
+"""The benchmark's FLOP counts (against brute force and XLA's own count), a smoke run of
+`scripts/benchmark.py --quick` (every number present, finite, and self-consistent), the
+profile parser, and `scripts/gpu_benchmark.sh --cpu-smoke`."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +192,21 @@ def test_op_times_reads_device_lanes():
     per_op, lanes = benchmark.op_times(meta + kernels)
     assert per_op == {"gemm_fusion_dot.1": 3.0, "cudnn_fmha_kernel": 1.0}
     assert lanes == ["Stream #7"]
+
+
+def test_gpu_benchmark_cpu_smoke(tmp_path):
+    """scripts/gpu_benchmark.sh --cpu-smoke: the GPU harness end to end on CPU (tiny preset):
+    cuDNN refused with its reason, XLA against both PyTorch contenders, the step split, the
+    idle fractions, JSON under $OUT."""
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_benchmark.sh"), "--cpu-smoke"],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads((tmp_path / "gpu_benchmark.json").read_text())
+    assert "needs an NVIDIA GPU" in r["notes"]["ours_cudnn_error"]
+    assert r["notes"]["torch_best"].startswith("SDPA preferring cuDNN")
+    for name in ("ours_xla", "torch_sdpa", "torch_best"):
+        assert r[f"second_stage_texts_per_s_{name}_query_b4"] > 0
+    assert r["second_stage_min_cosine_ours_xla_document_b2"] >= 0.9999
+    assert sum(r["profiles"]["ours_xla"]["split"].values()) == pytest.approx(1.0)
+    assert 0.0 <= r["device_idle_fraction_in_flight_2"] < 1.0
