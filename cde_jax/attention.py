@@ -6,30 +6,77 @@ Every kernel computes the same function, ModernBERT's masked attention (docs/mod
 
 Key j is visible to query i when `key_mask_bs[:, j]` and, in a local layer
 (`window_radius` not None), `|q_pos_t[i] - k_pos_s[j]| <= window_radius`. Queries may be a
-suffix of the keys (t < s: the second stage's last layer). A query that sees no key gets a
-finite output (a uniform softmax), never NaN. Scale 1/sqrt(e), softmax in float32.
+suffix of the keys (t < s: the second stage's last layer). Scale 1/sqrt(e); logits, softmax
+and accumulation in float32; the output has q's dtype. Keys are right-padded and sit at
+0..s-1, queries at the last t of them (how the encoder calls attention).
 
-`load(path, attention=...)` takes a name from `names()`; "auto" picks per platform
-(`AUTO`). An unknown name is a ValueError listing the choices.
+A query that sees no key (only padding queries can: a real token sees itself) gets a finite
+output, never NaN. Which finite value differs between kernels and is never read: "xla"
+averages the row's values (a uniform softmax, as the reference does), "head_major" the
+values of its 3-block window, "cudnn" writes 0, "splash" averages the key tiles it visited.
+
+Kernels:
+  xla         `jax.nn.dot_product_attention` with the full mask; block-local for long local
+              layers. The reference, and the fallback everywhere.
+  head_major  the same computation laid out (b, h, s, e) for XLA:CPU: plain batched GEMMs,
+              q scaled before the logits, normalization after the value matmul; block-local
+              for long local layers. The CPU choice of "auto" (scripts/benchmark.py).
+  cudnn       cuDNN flash attention (NVIDIA GPU, bfloat16/float16): padding as sequence
+              lengths, the local window as a static (1, 1, t, s) mask.
+  splash      Pallas splash attention (TPU; interpret mode elsewhere, for tests).
+
+`load(path, attention=...)` takes a name from `names()`; "auto" picks per device and dtype
+(`resolve`). An unknown name, or a kernel the device or dtype cannot run, is a ValueError.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import ops
 from .validation import UserError
 
 Kernel = Callable[..., jax.Array]
 
+# Finite "minus infinity" for masked logits, the value jax.nn.dot_product_attention uses: a
+# query that sees nothing softmaxes to a uniform row instead of NaN.
+MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
+
+# --- the reference ------------------------------------------------------------------------
 def dense_attention(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius):
     """`jax.nn.dot_product_attention` with the full boolean (b, 1, t, s) mask."""
     mask_b1ts = ops.attention_mask(key_mask_bs, q_pos_t, k_pos_s, window_radius)
     return jax.nn.dot_product_attention(q_bthe, k_bshe, v_bshe, mask=mask_b1ts)
+
+
+# --- block-local attention: local layers over long sequences ------------------------------
+def _key_windows(x, axis: int, block: int, n: int):
+    """Sequence axis `axis` (length s <= n * block) -> (.., n, 3 * block, ..): window m holds
+    key blocks m - 1, m, m + 1, zero (False) beyond both ends."""
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (block, (n + 1) * block - x.shape[axis])
+    x = jnp.pad(x, widths).reshape(*x.shape[:axis], n + 2, block, *x.shape[axis + 1:])
+    take = functools.partial(jax.lax.slice_in_dim, x, axis=axis)
+    return jnp.concatenate([take(0, n), take(1, n + 1), take(2, n + 2)], axis=axis + 1)
+
+
+def _query_blocks(x, axis: int, block: int, n: int):
+    """Query axis `axis` (length s) -> (.., n, block, ..), zero padded at the end."""
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, n * block - x.shape[axis])
+    x = jnp.pad(x, widths)
+    return x.reshape(*x.shape[:axis], n, block, *x.shape[axis + 1:])
+
+
+def _window_offsets(block: int):
+    """Positions within a 3-block window: queries at block..2*block-1, keys at 0..3*block-1."""
+    return jnp.arange(block) + block, jnp.arange(3 * block)
 
 
 def local_block_attention(q_bshe, k_bshe, v_bshe, key_mask_bs, window_radius: int,
@@ -40,48 +87,234 @@ def local_block_attention(q_bshe, k_bshe, v_bshe, key_mask_bs, window_radius: in
     summation order: a query that sees no key (padding far from text) averages every value
     of its row, as a uniform softmax over finite negatives does there."""
     b, s, h, e = q_bshe.shape
-    block = window_radius
-    n = -(-s // block)
-    tail = n * block - s
-
-    def windows(x_bs, fill):  # (b, s, ...) -> (b * n, 3 * block, ...)
-        widths = [(0, 0)] * x_bs.ndim
-        widths[1] = (block, block + tail)
-        x = jnp.pad(x_bs, widths, constant_values=fill).reshape(b, n + 2, block, *x_bs.shape[2:])
-        x = jnp.concatenate([x[:, :n], x[:, 1:n + 1], x[:, 2:]], axis=2)
-        return x.reshape(b * n, 3 * block, *x_bs.shape[2:])
-
-    q_blocks = jnp.pad(q_bshe, ((0, 0), (0, tail), (0, 0), (0, 0))).reshape(b * n, block, h, e)
-    q_pos_t = jnp.arange(block) + block  # query offsets within their 3-block window
-    key_mask_ws = windows(key_mask_bs.astype(bool), False)
-    out = attend(q_blocks, windows(k_bshe, 0), windows(v_bshe, 0), key_mask_ws, q_pos_t,
-                 jnp.arange(3 * block), window_radius)
+    block, n = window_radius, -(-s // window_radius)
+    q_blocks = _query_blocks(q_bshe, 1, block, n).reshape(b * n, block, h, e)
+    k_blocks, v_blocks = (_key_windows(x, 1, block, n).reshape(b * n, 3 * block, h, e)
+                          for x in (k_bshe, v_bshe))
+    key_mask_ws = _key_windows(key_mask_bs.astype(bool), 1, block, n).reshape(b * n, 3 * block)
+    q_pos_t, k_pos_s = _window_offsets(block)
+    out = attend(q_blocks, k_blocks, v_blocks, key_mask_ws, q_pos_t, k_pos_s, window_radius)
     out_bshe = out.reshape(b, n * block, h, e)[:, :s]
-    near_ts = jnp.abs(q_pos_t[:, None] - jnp.arange(3 * block)[None, :]) <= window_radius
+    near_ts = jnp.abs(q_pos_t[:, None] - k_pos_s[None, :]) <= window_radius
     sees_any_bs = (key_mask_ws[:, None, :] & near_ts[None]).any(axis=-1).reshape(
         b, n * block)[:, :s]
     v_mean_bhe = v_bshe.astype(jnp.float32).mean(axis=1).astype(out_bshe.dtype)
     return jnp.where(sees_any_bs[:, :, None, None], out_bshe, v_mean_bhe[:, None])
 
 
+def uses_blocks(t: int, s: int, window_radius: int | None) -> bool:
+    """Block-local pays off for a local layer whose queries are all the keys and whose
+    sequence is longer than 3 windows (below that a window spans the whole row)."""
+    return window_radius is not None and t == s and s > 3 * window_radius
+
+
 def blocked_local(attend: Kernel) -> Kernel:
-    """`attend`, with local self-attention over sequences longer than 3 windows done block by
-    block (`local_block_attention`): the local-layer strategy shared by kernels."""
+    """`attend`, with long local self-attention done block by block (`local_block_attention`)."""
     def kernel(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius):
-        s = k_bshe.shape[1]
-        if window_radius is not None and q_bthe.shape[1] == s and s > 3 * window_radius:
+        if uses_blocks(q_bthe.shape[1], k_bshe.shape[1], window_radius):
             return local_block_attention(q_bthe, k_bshe, v_bshe, key_mask_bs, window_radius,
                                          attend)
         return attend(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius)
     return kernel
 
 
+# --- head_major: XLA:CPU ------------------------------------------------------------------
+def _head_major(x_bshe):
+    """(b, s, h, e) <-> (b, h, s, e)."""
+    return jnp.swapaxes(x_bshe, 1, 2)
+
+
+def _softmax_attend(q_xte, k_xse, v_xse, mask_xts) -> jax.Array:
+    """Masked softmax attention over any leading dims `x` (the mask broadcasts to them), in
+    the order that is cheapest on XLA:CPU: q is scaled before the logits matmul (t*e
+    multiplies, not t*s) and the softmax denominator divides after the value matmul (t*e
+    divides, not t*s). Matmul inputs keep their dtype, products accumulate in float32;
+    returns float32."""
+    scale = jnp.asarray(1.0 / np.sqrt(q_xte.shape[-1]), q_xte.dtype)
+    logits_xts = jnp.einsum("...te,...se->...ts", q_xte * scale, k_xse,
+                            preferred_element_type=jnp.float32)
+    logits_xts = jnp.where(mask_xts, logits_xts, MASKED_LOGIT)
+    weights_xts = jnp.exp(logits_xts - logits_xts.max(axis=-1, keepdims=True))
+    o_xte = jnp.einsum("...ts,...se->...te", weights_xts.astype(v_xse.dtype), v_xse,
+                       preferred_element_type=jnp.float32)
+    return o_xte / weights_xts.sum(axis=-1)[..., None]
+
+
+def head_major_dense(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius):
+    """Dense attention on (b, h, t, e) operands. A query that sees nothing averages every
+    value of its row, as the reference does."""
+    mask_b1ts = ops.attention_mask(key_mask_bs, q_pos_t, k_pos_s, window_radius)
+    o_bhte = _softmax_attend(_head_major(q_bthe), _head_major(k_bshe), _head_major(v_bshe),
+                             mask_b1ts)
+    return _head_major(o_bhte).astype(q_bthe.dtype)
+
+
+def head_major_local(q_bshe, k_bshe, v_bshe, key_mask_bs, window_radius: int) -> jax.Array:
+    """Block-local self-attention done head-major: one transpose to (b, h, s, e), windows cut
+    along s, (block, 3 * block) logits per (b, h, n). Unlike `local_block_attention` it
+    does not patch queries that see no key: they average their window's values (zero fill
+    included), which saves a pass over the output and is never read."""
+    b, s, h, e = q_bshe.shape
+    block, n = window_radius, -(-s // window_radius)
+    q_bhnqe = _query_blocks(_head_major(q_bshe), 2, block, n)
+    k_bhnke, v_bhnke = (_key_windows(_head_major(x), 2, block, n) for x in (k_bshe, v_bshe))
+    q_pos_q, k_pos_k = _window_offsets(block)
+    near_qk = jnp.abs(q_pos_q[:, None] - k_pos_k[None, :]) <= window_radius
+    mask_b1nqk = (_key_windows(key_mask_bs.astype(bool), 1, block, n)[:, :, None, :]
+                  & near_qk)[:, None]
+    o_bhnqe = _softmax_attend(q_bhnqe, k_bhnke, v_bhnke, mask_b1nqk)
+    return _head_major(o_bhnqe.reshape(b, h, n * block, e)[:, :, :s]).astype(q_bshe.dtype)
+
+
+def head_major(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius):
+    """The CPU kernel: `head_major_local` where blocks pay off, else `head_major_dense`."""
+    if uses_blocks(q_bthe.shape[1], k_bshe.shape[1], window_radius):
+        return head_major_local(q_bthe, k_bshe, v_bshe, key_mask_bs, window_radius)
+    return head_major_dense(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s,
+                            window_radius)
+
+
+# --- cudnn: NVIDIA GPUs -------------------------------------------------------------------
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def cudnn_arguments(key_mask_bs, q_pos_t, k_pos_s, window_radius: int | None) -> dict:
+    """Keyword arguments that make `jax.nn.dot_product_attention` compute our semantics on
+    its cuDNN path (and, identically, on its XLA path: how this is tested on CPU).
+
+    - Padding as lengths: `key_value_seq_lengths` = real keys (right padding);
+      `query_seq_lengths` = real queries. Queries are the last t keys, so the real ones are
+      a prefix of the query axis of length max(kv_len - (s - t), 0): the key length for
+      t == s, fewer for the last layer's text queries. cuDNN writes 0 past a length.
+    - The local window as a static (1, 1, t, s) boolean mask (cuDNN adds it as a bias).
+      cuDNN's `local_window_size` is left-only without `is_causal`, and a query-broadcast
+      (b, 1, 1, s) mask fails its bias shape check, so the window has this form; padding
+      stays in the lengths, so the mask is the same for every row and never (b, ...).
+      Local layers take this dense-with-mask path rather than blocks: block windows have
+      padding on both sides (the first window's left fill), which lengths cannot express,
+      so blocks would need a per-window (b * n, 1, q, k) mask plus 3x copies of k and v,
+      to save the out-of-window FLOPs: 7% to 11% of a second-stage step's (16 to 256 text
+      tokens after the 520-token prefix, `flops.second_stage_flops` dense vs windowed).
+    """
+    key_mask_bs = key_mask_bs.astype(bool)
+    kv_len_b = key_mask_bs.sum(axis=-1, dtype=jnp.int32)
+    offset = key_mask_bs.shape[1] - q_pos_t.shape[0]  # s - t
+    arguments = dict(query_seq_lengths=jnp.maximum(kv_len_b - offset, 0),
+                     key_value_seq_lengths=kv_len_b)
+    if window_radius is not None:
+        near_ts = jnp.abs(q_pos_t[:, None] - k_pos_s[None, :]) <= window_radius
+        arguments["mask"] = near_ts[None, None]
+    return arguments
+
+
+def cudnn(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius):
+    """cuDNN flash attention. bfloat16/float16 only: cuDNN has no float32 kernel, and a
+    silent downcast would hide a precision change, so float32 raises."""
+    if q_bthe.dtype not in (jnp.bfloat16, jnp.float16):
+        raise UserError(f"cudnn attention computes in bfloat16 or float16, not {q_bthe.dtype}")
+    return jax.nn.dot_product_attention(
+        q_bthe, k_bshe, v_bshe, implementation="cudnn",
+        **cudnn_arguments(key_mask_bs, q_pos_t, k_pos_s, window_radius))
+
+
+def cudnn_version() -> int | None:
+    """cuDNN's version as JAX sees it (e.g. 90300), None when JAX has no CUDA build."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn_lib
+        return int(cudnn_lib.check_cudnn_version())
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def is_nvidia(device) -> bool:
+    return device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+
+
+def cudnn_supported(device) -> bool:
+    """An NVIDIA GPU that JAX's cuDNN flash attention runs on: cuDNN >= 8.9.4 and compute
+    capability >= 8.0 (Ampere), the minimum of `jax.nn.dot_product_attention`'s cuDNN path."""
+    if not is_nvidia(device):
+        return False
+    version = cudnn_version()
+    capability = tuple(int(x) for x in str(device.compute_capability).split("."))
+    return version is not None and version >= 8904 and capability >= (8, 0)
+
+
+# --- splash: TPUs (Pallas) ----------------------------------------------------------------
+SPLASH_TILE = 128  # splash tiles both sequence axes in multiples of 128
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@functools.cache
+def _splash_kernel(h: int, t_pad: int, s_pad: int, offset: int, window_radius: int | None,
+                   interpret: bool):
+    """The splash kernel for one batch row, built once per static configuration.
+
+    The static mask lives in index space: query i stands at key i + offset (offset = s - t).
+    `LocalMask` with window (r, r) keeps |i + offset - j| <= r; `FullMask` keeps all.
+    Padding is in the segment ids, not here, so one kernel serves every batch. Tiles: the
+    largest of 512/256/128 dividing each padded length, for both passes (training runs the
+    backward kernels too)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
+
+    shape = (t_pad, s_pad)
+    head_mask = (splash_lib.FullMask(shape) if window_radius is None else
+                 splash_lib.LocalMask(shape, (window_radius, window_radius), offset))
+    bq, bkv = (next(b for b in (512, 256, 128) if n % b == 0) for n in shape)
+    blocks = splash_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+                                   block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+                                   block_q_dq=bq, block_kv_dq=bkv)
+    # The kernel keeps its block tables as arrays; built inside a `jit` trace they would be
+    # tracers that this cache leaks into later traces. Make them concrete constants.
+    with jax.ensure_compile_time_eval():
+        return splash_lib.make_splash_mha(splash_lib.MultiHeadMask([head_mask] * h),
+                                          block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                          interpret=interpret)
+
+
+def splash(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius):
+    """Splash attention vmapped over the batch; in interpret mode unless JAX's default
+    backend is a TPU (so the same code is tested on CPU).
+
+    The kernel does not scale logits, so q is scaled first. Both sequence axes are padded
+    to multiples of 128 (padded query rows are dropped). Padding: every query in segment 1,
+    real keys in 1, padding keys in 0. t < s: the static mask's offset s - t places the
+    queries on the last t keys."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
+
+    b, t, h, e = q_bthe.shape
+    s = k_bshe.shape[1]
+    t_pad, s_pad = _round_up(t, SPLASH_TILE), _round_up(s, SPLASH_TILE)
+    kernel = _splash_kernel(h, t_pad, s_pad, s - t, window_radius,
+                            jax.default_backend() != "tpu")
+
+    def kernel_layout(x_bshe, padded):  # (b, s, h, e) -> (b, h, padded, e)
+        return _head_major(jnp.pad(x_bshe, ((0, 0), (0, padded - x_bshe.shape[1]), (0, 0),
+                                            (0, 0))))
+
+    segment_ids = splash_lib.SegmentIds(
+        q=jnp.ones((b, t_pad), jnp.int32),
+        kv=jnp.pad(key_mask_bs.astype(jnp.int32), ((0, 0), (0, s_pad - s))))
+    q_scaled_bthe = q_bthe * jnp.asarray(1.0 / np.sqrt(e), q_bthe.dtype)
+    o_bhte = jax.vmap(kernel)(kernel_layout(q_scaled_bthe, t_pad), kernel_layout(k_bshe, s_pad),
+                              kernel_layout(v_bshe, s_pad), segment_ids)
+    return _head_major(o_bhte[:, :, :t]).astype(q_bthe.dtype)
+
+
+# --- the registry -------------------------------------------------------------------------
 KERNELS: dict[str, Kernel] = {
     "xla": blocked_local(dense_attention),
+    "head_major": head_major,
+    "cudnn": cudnn,
+    "splash": splash,
 }
 
-# The kernel "auto" picks, per `jax.Device.platform`.
-AUTO = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+# What "auto" prefers per `jax.Device.platform`; `resolve` falls back to "xla" where the
+# preferred kernel cannot run (cuDNN missing or too old, float32 compute).
+AUTO = {"cpu": "head_major", "gpu": "cudnn", "tpu": "splash"}
 
 
 def names() -> tuple[str, ...]:
@@ -94,14 +327,36 @@ def check(name: str) -> str:
     return name
 
 
-def resolve(name: str, platform: str | None = None) -> str:
-    """A kernel name from `KERNELS`: "auto" becomes the choice for `platform` (default: the
-    platform of JAX's default backend)."""
-    if check(name) != "auto":
-        return name
-    platform = platform or jax.default_backend()
-    return AUTO.get(platform, "xla")
+def unsupported(name: str, device, dtype: str) -> str | None:
+    """Why kernel `name` cannot run on `device` with compute `dtype` (None: it can)."""
+    if name == "cudnn":
+        if not is_nvidia(device):
+            return (f"attention 'cudnn' needs an NVIDIA GPU; this device is "
+                    f"{device.platform} ({device.device_kind}): use 'auto' or 'xla'")
+        if not cudnn_supported(device):
+            return (f"attention 'cudnn' needs cuDNN >= 8.9.4 and compute capability >= 8.0 "
+                    f"(found cuDNN {cudnn_version()}, compute capability "
+                    f"{device.compute_capability})")
+        if dtype not in HALF_DTYPES:
+            return (f"attention 'cudnn' computes in bfloat16 or float16 only, not {dtype}: "
+                    "load with dtype='bfloat16'")
+    return None
+
+
+def resolve(name: str, device=None, dtype: str = "float32") -> str:
+    """A kernel name from `KERNELS` for `device` (default: JAX's first device) and compute
+    `dtype`: "auto" becomes the best kernel that runs there; a named kernel that cannot
+    run there is a UserError saying why."""
+    device = device if device is not None else jax.devices()[0]
+    if check(name) == "auto":
+        preferred = AUTO.get(device.platform, "xla")
+        return "xla" if unsupported(preferred, device, dtype) else preferred
+    problem = unsupported(name, device, dtype)
+    if problem:
+        raise UserError(problem)
+    return name
 
 
 def kernel(name: str) -> Kernel:
-    return KERNELS[resolve(name)]
+    """The kernel of a resolved name ("auto": resolved for JAX's first device, float32)."""
+    return KERNELS[resolve(name) if name == "auto" else check(name)]

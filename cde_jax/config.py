@@ -17,6 +17,9 @@ from .attention import check as check_attention
 from .validation import UserError
 
 GLOBAL, LOCAL = "global", "local"
+# Compute and parameter dtypes, by their numpy names. In "bfloat16"/"float16" the matmuls
+# take half-precision inputs and accumulate in float32; everything else stays float32.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,10 @@ class ModernBertConfig:
                 f"hidden_size {self.hidden_size} is not a multiple of "
                 f"num_attention_heads {self.num_attention_heads}")
         check_attention(self.attention)
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise UserError(f"unknown {field} {getattr(self, field)!r}: choose one of "
+                                 f"{', '.join(DTYPES)}")
         if self.hidden_activation not in ("gelu", "gelu_python"):
             raise UserError(f"unsupported hidden_activation {self.hidden_activation!r} "
                             "(ModernBERT uses exact 'gelu')")

@@ -5,6 +5,11 @@ layer attends globally with RoPE theta 160k, the others within `|i-j| <= local_a
 with theta 10k. The layer is split into `project_qkv` / `attend` / `mlp_block` so the second
 stage can reuse the pieces with a shared prefix (see `model.py`) without a second copy.
 
+Precision: with a half compute dtype (`cfg.dtype` "bfloat16"/"float16") every matmul takes
+half-precision inputs and accumulates in float32 (`preferred_element_type`), and so does
+attention; the residual stream, norms, RoPE, softmax and GELU stay float32, so rounding enters
+only at matmul inputs. With float32 every cast is a no-op: the float32 program is unchanged.
+
 Shapes are suffixed with the package's dimension key (cde_jax/__init__.py).
 """
 
@@ -19,22 +24,26 @@ from .config import GLOBAL, ModernBertConfig
 
 
 def layer_norm(cfg: ModernBertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # Two-pass variance, as torch computes it: the fast E[x^2]-E[x]^2 form loses parity.
+    # float32 whatever the compute dtype. Two-pass variance, as torch computes it: the fast
+    # E[x^2]-E[x]^2 form loses parity.
     return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.norm_eps, use_bias=cfg.norm_bias,
-                         use_fast_variance=False, dtype=cfg.jnp_dtype,
+                         use_fast_variance=False, dtype=jnp.float32,
                          param_dtype=cfg.jnp_param_dtype, rngs=rngs)
 
 
 def dense(cfg: ModernBertConfig, in_features, out_features, *, use_bias: bool, rngs: nnx.Rngs,
           axis=-1) -> nnx.LinearGeneral:
+    """Inputs and weights cast to the compute dtype, products accumulated and returned in
+    float32."""
     return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias,
                              dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                             preferred_element_type=jnp.float32,
                              kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
 class Embeddings(nnx.Module):
     def __init__(self, cfg: ModernBertConfig, *, rngs: nnx.Rngs):
-        self.tok_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype,
+        self.tok_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.float32,
                                         param_dtype=cfg.jnp_param_dtype,
                                         embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.norm = layer_norm(cfg, rngs)
@@ -69,7 +78,7 @@ class EncoderLayer(nnx.Module):
         self.layer_type = cfg.layer_types[index]
         self.window_radius = None if self.layer_type == GLOBAL else cfg.window_radius
         self.rope_theta = cfg.rope_theta(self.layer_type)
-        self.head_dim = cfg.head_dim
+        self.head_dim, self.dtype = cfg.head_dim, cfg.jnp_dtype
         self.kernel = attention.kernel(cfg.attention)
         self.attn_norm = None if index == 0 else layer_norm(cfg, rngs)  # layer 0: identity
         self.attn = Attention(cfg, rngs=rngs)
@@ -77,12 +86,14 @@ class EncoderLayer(nnx.Module):
         self.mlp = Mlp(cfg, rngs=rngs)
 
     def project_qkv(self, h_bsd: jax.Array, pos_s: jax.Array):
-        """Normalized input -> q, k, v (b, s, h, e) with RoPE at positions `pos_s`."""
+        """Normalized input -> q, k, v (b, s, h, e) in the compute dtype, RoPE (float32) at
+        positions `pos_s`."""
         x_bsd = h_bsd if self.attn_norm is None else self.attn_norm(h_bsd)
         qkv_bs3he = self.attn.wqkv(x_bsd)
         q, k, v = (qkv_bs3he[:, :, i] for i in range(3))
         cos_se, sin_se = ops.rope_cos_sin(pos_s, self.head_dim, self.rope_theta)
-        return ops.apply_rope(q, cos_se, sin_se), ops.apply_rope(k, cos_se, sin_se), v
+        return tuple(x.astype(self.dtype) for x in (
+            ops.apply_rope(q, cos_se, sin_se), ops.apply_rope(k, cos_se, sin_se), v))
 
     def attend(self, q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s) -> jax.Array:
         """Attention (the configured kernel, `attention.py`) projected back to (b, t, d)."""
@@ -112,7 +123,7 @@ class ModernBert(nnx.Module):
         if input_ids_bs is not None:
             h_bsd = self.embeddings(input_ids_bs)
         else:
-            h_bsd = self.embeddings.norm(inputs_embeds_bsd.astype(self.config.jnp_dtype))
+            h_bsd = self.embeddings.norm(inputs_embeds_bsd.astype(jnp.float32))
         if attention_mask_bs is None:
             attention_mask_bs = jnp.ones(h_bsd.shape[:2], dtype=bool)
         return self.final_norm(self.run_layers(h_bsd, attention_mask_bs))

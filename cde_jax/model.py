@@ -101,7 +101,7 @@ class SecondStage(nnx.Module):
 
     def _normed(self, prefix: jax.Array) -> jax.Array:
         backbone = self.backbone
-        return backbone.embeddings.norm(prefix.astype(backbone.config.jnp_dtype))
+        return backbone.embeddings.norm(prefix.astype(jnp.float32))
 
     def prefix(self, dataset_embeddings_md: jax.Array | None) -> Prefix:
         """The inference prefix `concat(D, P)`, shared by every row."""

@@ -22,10 +22,11 @@ from .validation import UserError
 
 @dataclasses.dataclass(frozen=True)
 class BucketPlan:
-    """Bucket lengths and the batch size (global rows) for each."""
+    """Bucket lengths and the batch size (global rows) for each. The defaults are CPU's;
+    `default_plan` gives each platform its own."""
 
     lengths: tuple[int, ...] = (16, 32, 64, 96, 128, 192, 256, 384, 512)
-    tokens_per_batch: int = 4096  # plenty for CPU matmuls; raise it for accelerators
+    tokens_per_batch: int = 4096  # plenty for CPU matmuls
     max_batch: int = 128
     min_batch: int = 1
 
@@ -48,6 +49,45 @@ class BucketPlan:
         batch_size = validation.int_in_range(batch_size, "batch_size")
         return dataclasses.replace(self, tokens_per_batch=batch_size * self.lengths[-1],
                                    max_batch=batch_size, min_batch=batch_size)
+
+
+# TPU buckets are multiples of 128, splash attention's tile (and the MXU's): a shorter
+# bucket would be padded to 128 inside the kernel anyway.
+TPU_LENGTHS = (128, 256, 384, 512)
+# Accelerator batches: one batch's activations get a quarter of a device's memory (the rest
+# holds the parameters, the batches in flight and XLA's temporaries), at ~128 KiB per token
+# (bfloat16 ModernBERT-base whose attention materializes float32 logits over ~1k keys: the
+# XLA fallback's worst case, the fused kernels need less). Clamped to 8k..64k tokens per
+# device: past that, bigger batches do not run faster.
+BYTES_PER_TOKEN = 128 * 1024
+ACCELERATOR_TOKENS = (8192, 65536)
+ASSUMED_MEMORY = 16 * 2 ** 30  # when the device does not report its memory
+ACCELERATOR_MAX_BATCH = 1024
+
+
+def device_memory(device) -> int | None:
+    """Bytes of memory the device reports (`memory_stats()["bytes_limit"]`), or None."""
+    try:
+        stats = device.memory_stats()
+    except (NotImplementedError, RuntimeError):
+        return None
+    return (stats or {}).get("bytes_limit")
+
+
+def default_plan(platform: str, memory_bytes: int | None = None, devices: int = 1
+                 ) -> BucketPlan:
+    """The bucket plan for `devices` data-parallel devices of `platform` with
+    `memory_bytes` each: CPU keeps `BucketPlan()`; GPUs and TPUs get tokens per batch from
+    their memory (see `BYTES_PER_TOKEN`), rounded down to a multiple of 4096, times the
+    devices, up to 1024 rows; TPUs get `TPU_LENGTHS`."""
+    if platform == "cpu":
+        return BucketPlan()
+    low, high = ACCELERATOR_TOKENS
+    per_device = (memory_bytes or ASSUMED_MEMORY) // 4 // BYTES_PER_TOKEN
+    per_device = min(high, max(low, per_device // 4096 * 4096))
+    lengths = TPU_LENGTHS if platform == "tpu" else BucketPlan.lengths
+    return BucketPlan(lengths=lengths, tokens_per_batch=per_device * devices,
+                      max_batch=ACCELERATOR_MAX_BATCH * devices)
 
 
 def _batches(lengths: Sequence[int], plan: BucketPlan, size_of: Callable[[int], int]):

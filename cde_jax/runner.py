@@ -4,11 +4,12 @@ Everything between host arrays and devices happens here. A process hands in its 
 (numpy); the runner pads them to a multiple of its data shards, assembles the global batch
 from every process's rows (`make_array_from_process_local_data`), runs the compiled stage
 and gives each process back its own rows. `run` does that for one batch; `run_buckets`
-for many, in length buckets (`pipeline`), dispatching every batch before reading any back.
+for many, in length buckets (`pipeline`), overlapping host and device work (`IN_FLIGHT`).
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 
 import jax
@@ -21,6 +22,13 @@ from .model import ContextualEmbedder, Prefix
 from .tokenization import pad_batch
 
 Stage = Callable[[jax.Array, jax.Array], jax.Array]  # (ids_bs, mask_bs) -> (b, d), global
+
+# Batches dispatched and not yet read back while the host builds the next one. Dispatch is
+# asynchronous, so padding and placing batch i+1, and copying batch i-2's result back, run
+# while the device computes batches i-1 and i: with two queued, the device always has the
+# next batch when it finishes one, and host memory holds at most three batches' arrays
+# (scripts/benchmark.py measures the device-idle fraction for 0, 2 and unbounded).
+IN_FLIGHT = 2
 
 
 class StageRunner:
@@ -91,22 +99,32 @@ class StageRunner:
 
     def run_buckets(self, token_ids: Sequence[Sequence[int]], stage: Stage, *,
                     plan: pipeline.BucketPlan, pad_id: int, width: int, extra_len: int = 0,
-                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+                    progress: Callable[[int], None] | None = None,
+                    in_flight: int | None = IN_FLIGHT) -> np.ndarray:
         """`stage` over all of this process's texts (token id lists) in length buckets;
         (len(token_ids), width) float32 in input order. `extra_len`: tokens the stage adds
-        to each row (the second stage's prefix), which the batch sizes count."""
+        to each row (the second stage's prefix), which the batch sizes count. `in_flight`:
+        batches left running while the next is built (None: all of them)."""
         n_data = sharding.data_shards(self.mesh)
         local_size = lambda length: (plan.batch_size(length, n_data, extra_len)  # noqa: E731
                                      // jax.process_count())
-        batches = pipeline.plan_batches([len(t) for t in token_ids], plan, local_size)
-        pending = [(rows, stage(*self.place(*pad_batch(token_ids, rows, length, pad_id))))
-                   for length, rows in batches]
         out = np.zeros((len(token_ids), width), np.float32)
-        for rows, result in pending:
+
+        def collect(rows, result):
             keep = rows >= 0
             out[rows[keep]] = self.local_rows(result)[keep]
             if progress is not None:
                 progress(int(keep.sum()))
+
+        pending = collections.deque()
+        for length, rows in pipeline.plan_batches([len(t) for t in token_ids], plan,
+                                                  local_size):
+            pending.append((rows, stage(*self.place(*pad_batch(token_ids, rows, length,
+                                                                pad_id)))))
+            if in_flight is not None and len(pending) > in_flight:
+                collect(*pending.popleft())
+        while pending:
+            collect(*pending.popleft())
         return out
 
     def gather(self, rows_nd: np.ndarray, total: int) -> np.ndarray:

@@ -40,9 +40,11 @@ def load(path: str | Path, *, revision: str | None = None, dtype: str | None = N
     hub id ("jxm/cde-small-v2") at `revision` (branch, tag or commit), converted once into
     a cache dir and reused (`hub.converted_dir`).
 
-    dtype: compute dtype ("float32" default; "bfloat16" for accelerators). param_dtype:
-    defaults to the stored one. attention: a kernel from `attention.names()`; "auto" picks
-    the best for the platform. mesh: defaults to every device on a (data, model=1) mesh.
+    dtype: compute dtype, one of `config.DTYPES` (default: "bfloat16" on GPU/TPU, with
+    float32 accumulation, norms and softmax; "float32" on CPU). param_dtype: defaults to the
+    stored one. attention: a kernel from `attention.names()`; "auto" picks the best for the
+    platform and dtype. mesh: defaults to every device on a (data, model=1) mesh. plan:
+    defaults to the platform's (`pipeline.default_plan`, sized from device memory).
     """
     mesh = mesh if mesh is not None else sharding.make_mesh()
     path = hub.local_path(path, revision, backbone_config=backbone_config)
@@ -52,7 +54,10 @@ def load(path: str | Path, *, revision: str | None = None, dtype: str | None = N
     runner = StageRunner(*loading.place_checkpoint(ckpt, backbone, mesh), mesh)
     tokenizer = ckpt.tokenizer_dir and TextTokenizer(load_tokenizer(ckpt.tokenizer_dir),
                                                      pad_id=backbone.pad_token_id)
-    return CdeModel(runner, ckpt, backbone, tokenizer, plan or pipeline.BucketPlan())
+    device = mesh.devices.flat[0]
+    plan = plan or pipeline.default_plan(device.platform, pipeline.device_memory(device),
+                                         sharding.data_shards(mesh))
+    return CdeModel(runner, ckpt, backbone, tokenizer, plan)
 
 
 class ArrayModel:

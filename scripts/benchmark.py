@@ -13,17 +13,28 @@
 (d) the encoder's model FLOP/s over a jitted float32 matmul's, measured in the same rounds.
 (e) peak RSS of `scripts/convert_weights.py` vs the safetensors size, and of the streaming
     `cde-jax embed` at two input sizes.
+(f) attention kernels per call at the model's head shapes: every kernel that runs here
+    against "xla" ("auto" takes the winner on CPU: `attention.AUTO`).
+(g) the second stage in bfloat16 compute (float32 accumulation) against PyTorch float32,
+    with the worst per-row cosine (b) is also reported against.
+(h) host/device overlap of `run_buckets`: the device-idle fraction, 1 - (the batches'
+    device time alone, inputs already placed) / (wall time), for 0, 2 (the default) and
+    unbounded batches in flight.
+(i) where one second-stage step's time goes (jax.profiler trace): matmul / attention /
+    elementwise / copies.
 
 Contenders alternate (A, B, A, B, ...) after warm-up; every number is a median of the
 rounds. The base synthetic checkpoint that (a)-(c) use is the output of the conversion that
 (e) measures. --quick runs the same shapes and keys on the tiny preset; "sizes" in the JSON
-says what was run. `gpu_benchmark.sh` imports the harness from here.
+says what was run. `accel_benchmark.py` (GPU, TPU) imports the harness from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import gzip
 import json
 import math
 import os
@@ -44,7 +55,7 @@ import transformers
 from flax import nnx
 
 import cde_jax
-from cde_jax import flops
+from cde_jax import attention, flops, pipeline
 from cde_jax.commands.runtime import CACHE_ENV
 from cde_jax.config import PRESETS
 from cde_jax.convert import convert, released
@@ -56,7 +67,7 @@ from cde_jax.prompts import DOCUMENT as DOCUMENT_PREFIX
 from cde_jax.prompts import PROMPTS
 from cde_jax.sharding import data_shards
 from cde_jax.testing.torch_reference import TorchCde
-from cde_jax.tokenization import packaged_data
+from cde_jax.tokenization import packaged_data, pad_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,6 +86,12 @@ class Sizes:
     stream_corpus_size: int = 32     # the stream test's context: memory, not compute
     peak_n: int = 2048
     peak_calls: int = 5              # back-to-back matmuls per round
+    # (f): (tag, batch, queries, keys); each shape global and local. t < s: the last layer.
+    attention_shapes: tuple[tuple[str, int, int, int], ...] = (
+        ("32x128", 32, 128, 128), ("4x552", 4, 552, 552), ("8x536", 8, 536, 536),
+        ("8x16of536", 8, 16, 536))
+    overlap_texts: int = 48          # (h): short texts, several batches
+    overlap_tokens_per_batch: int = 512
 
 
 FULL = Sizes(preset="base", warmup=1, repeats=3, minicorpus_repeats=1, recipe_batches_timed=4,
@@ -201,23 +218,27 @@ def _torch_encoder(ref: TorchCde, ids, mask) -> np.ndarray:
 
 
 # --- (b): second stage -------------------------------------------------------------------
-def bench_second_stage(ours: dict[str, cde_jax.CdeModel], ref: TorchCde, dataset_nd,
+def bench_second_stage(ours: dict[str, cde_jax.CdeModel], refs: dict[str, object], dataset_nd,
                        texts: list[str], kinds, *, warmup: int, repeats: int,
                        attention: str = "windowed", peak: float | None = None) -> dict:
-    """texts/s of every model in `ours` and of `ref` for each (kind, batch, tokens) in
-    `kinds`; with `peak`, also model FLOP/s over it (MFU). Keys name the kind and batch."""
+    """texts/s of every model in `ours` and every reference in `refs` (objects with
+    TorchCde's `second_stage`) for each (kind, batch, tokens) in `kinds`; with `peak`, also
+    model FLOP/s over it (MFU). Ours are compared with the first reference: max relative
+    error and the worst per-row cosine. Keys name the contender, kind and batch."""
     first = next(iter(ours.values()))
     cfg, tok = first.backbone_config, first.tokenizer.tokenizer
     prefix_len = min(len(dataset_nd), first.config.num_context_tokens) + \
         first.config.num_soft_prompt_tokens
     prefixes = {name: m.prefix(dataset_nd) for name, m in ours.items()}
+    reference = next(iter(refs))
     out = {}
     for kind, batch, length in kinds:
         ids, mask = fixed_length_batch(tok, texts, PROMPTS[kind], batch, length,
                                        cfg.sep_token_id)
         contenders = {name: (lambda m=m, c=prefixes[name], i=ids, k=mask: m.second_stage(i, k, c))
                       for name, m in ours.items()}
-        contenders["torch"] = lambda i=ids, k=mask: ref.second_stage(i, k, dataset_nd)
+        contenders |= {name: (lambda r=r, i=ids, k=mask: r.second_stage(i, k, dataset_nd))
+                       for name, r in refs.items()}
         seconds, last = alternate(contenders, warmup=warmup, repeats=repeats)
         model_flops = flops.second_stage_flops(cfg, batch, length, prefix_len,
                                                attention=attention)
@@ -227,11 +248,19 @@ def bench_second_stage(ours: dict[str, cde_jax.CdeModel], ref: TorchCde, dataset
             out[f"second_stage_texts_per_s_{name}_{tag}"] = batch / t
             if peak:
                 out[f"second_stage_mfu_{name}_{tag}"] = model_flops / t / peak
-            if name != "torch":
+            if name in ours:
                 out[f"second_stage_max_rel_err_{name}_{tag}"] = max_rel_err(last[name],
-                                                                            last["torch"])
+                                                                            last[reference])
+                out[f"second_stage_min_cosine_{name}_{tag}"] = min_cosine(last[name],
+                                                                          last[reference])
         out[f"second_stage_flops_{tag}"] = model_flops
     return out
+
+
+def min_cosine(actual, expected) -> float:
+    """The worst per-row cosine similarity, in float64."""
+    a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
 # --- (c): minicorpus end to end ----------------------------------------------------------
@@ -284,6 +313,142 @@ def bench_minicorpus(ours: cde_jax.CdeModel, ref: TorchCde, sizes: Sizes):
             "minicorpus_recipe_batches_timed": f"{len(timed)} of {len(starts)}",
             "minicorpus_max_rel_err": max_rel_err(dataset_nd[:len(recipe_nd)], recipe_nd),
             }, dataset_nd
+
+
+# --- (f): attention kernels --------------------------------------------------------------
+def bench_attention(cfg, sizes: Sizes) -> dict:
+    """ms per call of each kernel that runs on this device in float32 (splash only in
+    interpret mode off TPU: not timed), at the model's heads, each shape as a global and a
+    local layer, rows right-padded from full to half. `attention_speedup_{name}_{tag}`:
+    xla's time over the kernel's."""
+    device = jax.devices()[0]
+    names = [n for n in attention.KERNELS if attention.unsupported(n, device, "float32") is None
+             and not (n == "splash" and device.platform != "tpu")]
+    h, e = cfg.num_attention_heads, cfg.head_dim
+    out = {"attention_kernels_timed": names, "attention_auto": attention.resolve("auto", device)}
+    for tag, b, t, s in sizes.attention_shapes:
+        keys = jax.random.split(jax.random.key(s), 3)
+        q_bthe, k_bshe, v_bshe = (jax.random.normal(k, (b, n, h, e), jnp.float32)
+                                  for k, n in zip(keys, (t, s, s)))
+        lengths_b = np.linspace(s, s // 2, b).astype(np.int32)
+        args = (q_bthe, k_bshe, v_bshe, jnp.arange(s)[None, :] < lengths_b[:, None],
+                jnp.arange(s - t, s), jnp.arange(s))
+        for radius, layer in ((None, "global"), (cfg.window_radius, "local")):
+            fns = {n: jax.jit(lambda *a, f=attention.KERNELS[n], r=radius: f(*a, r))
+                   for n in names}
+            contenders = {n: (lambda f=f, a=args: f(*a).block_until_ready())
+                          for n, f in fns.items()}
+            seconds, _ = alternate(contenders, warmup=sizes.warmup, repeats=sizes.repeats)
+            for n, sec in seconds.items():
+                out[f"attention_ms_{n}_{layer}_{tag}"] = sec * 1e3
+                out[f"attention_speedup_{n}_{layer}_{tag}"] = seconds["xla"] / sec
+    for n in names:
+        speedups = [v for k, v in out.items() if k.startswith(f"attention_speedup_{n}_")]
+        out[f"attention_speedup_{n}_median"] = statistics.median(speedups)
+    return out
+
+
+# --- (h): host/device overlap ------------------------------------------------------------
+IN_FLIGHT_CASES = {"in_flight_0": 0, "in_flight_2": 2, "in_flight_all": None}
+
+
+def bench_overlap(ours: cde_jax.CdeModel, sizes: Sizes) -> dict:
+    """The first stage over `overlap_texts` short texts in batches of about
+    `overlap_tokens_per_batch` tokens (several batches), through `run_buckets` with 0, 2
+    and unbounded batches in flight, alternating with the same batches' device time alone
+    (each batch's stage call on inputs already placed, waited for). Device-idle fraction:
+    1 - device time / wall time. On CPU "device" and host share the cores, so this measures
+    the host work left on the critical path."""
+    runner, stage = ours.runner, ours.runner.first()
+    texts = [DOCUMENT_PREFIX + t for t in short_texts(sizes.overlap_texts)]
+    token_ids = ours.tokenizer.encode(texts)
+    plan = dataclasses.replace(ours.plan, tokens_per_batch=sizes.overlap_tokens_per_batch)
+    pad, width = ours.backbone_config.pad_token_id, ours.hidden_size
+    size = lambda length: plan.batch_size(length, data_shards(ours.mesh))
+    batches = pipeline.plan_batches([len(t) for t in token_ids], plan, size)
+    placed = [runner.place(*pad_batch(token_ids, rows, length, pad)) for length, rows in batches]
+
+    def device_only():
+        for arrays in placed:
+            stage(*arrays).block_until_ready()
+
+    contenders = {"device_only": device_only} | {
+        name: (lambda n=n: runner.run_buckets(token_ids, stage, plan=plan, pad_id=pad,
+                                              width=width, in_flight=n))
+        for name, n in IN_FLIGHT_CASES.items()}
+    seconds, _ = alternate(contenders, warmup=sizes.warmup, repeats=sizes.repeats)
+    out = {"overlap_batches": len(batches), "overlap_seconds_device_only": seconds["device_only"]}
+    for name in IN_FLIGHT_CASES:
+        out[f"overlap_seconds_{name}"] = seconds[name]
+        out[f"device_idle_fraction_{name}"] = max(0.0, 1 - seconds["device_only"] / seconds[name])
+    return out
+
+
+# --- (i): where a step's time goes -------------------------------------------------------
+# Op categories by HLO op / kernel name, first match wins. "attention" is a fused attention
+# kernel (cuDNN, splash); XLA's own attention shows up as matmul + elementwise.
+OP_CATEGORIES = (
+    ("attention", ("fmha", "flash", "splash", "attention", "pallas")),
+    ("matmul", ("dot", "gemm", "matmul", "cublas", "xmma", "cutlass", "nvjet", "convolution",
+                "ynn", "xnn", "onednn")),
+    ("copies", ("copy", "transpose", "memcpy", "memset", "concatenate", "slice")),
+)
+
+
+def op_category(name: str) -> str:
+    name = name.lower()
+    for category, words in OP_CATEGORIES:
+        if any(w in name for w in words):
+            return category
+    return "elementwise"  # fusions of elementwise ops and reductions, converts
+
+
+def op_times(events: list[dict]) -> tuple[dict[str, float], list[str]]:
+    """({op: ms}, lanes used) from a perfetto trace's events. On an accelerator: the events of
+    its device lanes (the "XLA Ops" line where the trace has one, else the "Stream" lines,
+    else all), named by their `hlo_op`, else the kernel name; on CPU: the host events that
+    carry an `hlo_op`."""
+    names = {(e.get("pid"), e.get("tid") if e["name"] == "thread_name" else None):
+             e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
+    devices = {pid for (pid, tid), name in names.items() if tid is None and "/device:" in name}
+    device_lanes = {key: name for key, name in names.items()
+                    if key[0] in devices and key[1] is not None}
+    lanes = next((chosen for word in ("XLA Ops", "Stream", "") if (chosen := {
+        key for key, name in device_lanes.items() if word in name})), set())
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        op = (e.get("args") or {}).get("hlo_op")
+        if devices:
+            op = (op or e.get("name")) if (e.get("pid"), e.get("tid")) in lanes else None
+        if op:
+            per_op[op] = per_op.get(op, 0.0) + float(e.get("dur", 0.0)) / 1e3  # us -> ms
+    return per_op, sorted({device_lanes[k] for k in lanes}) if devices else ["host"]
+
+
+def profile_split(fn: Callable[[], object], log_dir: Path) -> dict:
+    """Runs `fn` (already compiled and warm) once under `jax.profiler.trace` and splits the
+    time of its XLA ops (`op_times`) by `op_category`. Returns the fraction of op time per
+    category, op time and wall time in ms, the lanes read and the 8 costliest ops."""
+    begin = time.perf_counter()
+    with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
+        fn()
+    wall_ms = (time.perf_counter() - begin) * 1e3
+    trace = json.loads(gzip.decompress(next(Path(log_dir).rglob("perfetto_trace.json.gz"))
+                                       .read_bytes()))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    per_op, lanes = op_times(events)
+    total = sum(per_op.values())
+    if not total:
+        raise RuntimeError(f"no XLA op events in the trace ({len(events)} events)")
+    split = dict.fromkeys(["matmul", "attention", "elementwise", "copies"], 0.0)
+    for op, ms in per_op.items():
+        split[op_category(op)] += ms / total
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:8]
+    return {"split": split, "op_ms": total, "wall_ms": wall_ms, "lanes": lanes,
+            "top_ops": [{"op": op, "ms": ms, "category": op_category(op)} for op, ms in top]}
 
 
 # --- (e): memory -------------------------------------------------------------------------
@@ -339,9 +504,26 @@ def markdown(r: dict, sizes: Sizes) -> str:
                     f"| {_fmt(r[f'encoder_tokens_per_s_torch_{sh}'])} (HF SDPA) "
                     f"| {r[f'encoder_ratio_torch_{sh}']:.2f} |")
     for kind, batch, length in sizes.second_stage:
-        ours, ref = (r[f"second_stage_texts_per_s_{n}_{kind}_b{batch}"] for n in ("ours", "torch"))
+        tag = f"{kind}_b{batch}"
+        ours, bf16, ref = (r[f"second_stage_texts_per_s_{n}_{tag}"]
+                           for n in ("ours", "ours_bf16", "torch"))
         rows.append(f"| second stage texts/s | {kind} {batch}x{length} | {_fmt(ours)} "
                     f"| {_fmt(ref)} (TorchCde) | {r[f'second_stage_ratio_torch_{kind}']:.2f} |")
+        rows.append(f"| second stage texts/s, bf16 (cosine >= "
+                    f"{r[f'second_stage_min_cosine_ours_bf16_{tag}']:.6f}) | {kind} {batch}x"
+                    f"{length} | {_fmt(bf16)} | {_fmt(ref)} (TorchCde f32) "
+                    f"| {r[f'second_stage_ratio_torch_bf16_{kind}']:.2f} |")
+    for name in r["attention_kernels_timed"]:
+        if name != "xla":
+            rows.append(f"| attention speedup, median of {2 * len(sizes.attention_shapes)} "
+                        f"shapes | {name} | | xla | "
+                        f"{r[f'attention_speedup_{name}_median']:.2f} |")
+    for name in IN_FLIGHT_CASES:
+        rows.append(f"| device-idle fraction | {name}, {r['overlap_batches']} batches "
+                    f"| {r[f'device_idle_fraction_{name}']:.3f} | | |")
+    split = r["second_stage_profile"]["split"]
+    rows.append("| second stage step time split | matmul / attention / elementwise / copies | "
+                + " / ".join(f"{split[k]:.2f}" for k in split) + " | | |")
     rows.append(f"| minicorpus docs/s | {r['minicorpus_docs']} docs | "
                 f"{_fmt(r['minicorpus_docs_per_s_ours'])} | "
                 f"{_fmt(r['minicorpus_docs_per_s_recipe'])} (card recipe) | "
@@ -385,20 +567,36 @@ def main(argv=None) -> int:
                                preset=sizes.preset)
         results = section("convert_rss", measure_convert, released_dir, work / "converted")
         ours = section("load_ours", cde_jax.load, work / "converted")
+        ours_bf16 = section("load_ours_bf16", cde_jax.load, work / "converted",
+                            dtype="bfloat16")
         ref = section("load_torch", TorchCde, released_dir, "sdpa")
+        results |= section("attention", bench_attention, ours.backbone_config, sizes)
         results |= section("encoder", bench_encoder, ours, ref, sizes)
         minicorpus, dataset_nd = section("minicorpus", bench_minicorpus, ours, ref, sizes)
         results |= minicorpus
-        results |= section("second_stage", bench_second_stage, {"ours": ours}, ref, dataset_nd,
+        results |= section("second_stage", bench_second_stage,
+                           {"ours": ours, "ours_bf16": ours_bf16}, {"torch": ref}, dataset_nd,
                            fallback_minicorpus(), sizes.second_stage, warmup=sizes.warmup,
                            repeats=sizes.repeats)
         for kind, batch, _ in sizes.second_stage:
-            results[f"second_stage_ratio_torch_{kind}"] = (
-                results[f"second_stage_seconds_torch_{kind}_b{batch}"] /
-                results[f"second_stage_seconds_ours_{kind}_b{batch}"])
-        results["second_stage_ratio_torch"] = min(
-            results[f"second_stage_ratio_torch_{kind}"] for kind, _, _ in sizes.second_stage)
-        del ours, ref
+            for name, suffix in (("ours", ""), ("ours_bf16", "_bf16")):
+                results[f"second_stage_ratio_torch{suffix}_{kind}"] = (
+                    results[f"second_stage_seconds_torch_{kind}_b{batch}"] /
+                    results[f"second_stage_seconds_{name}_{kind}_b{batch}"])
+        for suffix in ("", "_bf16"):
+            results[f"second_stage_ratio_torch{suffix}"] = min(
+                results[f"second_stage_ratio_torch{suffix}_{kind}"]
+                for kind, _, _ in sizes.second_stage)
+        results |= section("overlap", bench_overlap, ours, sizes)
+        kind, batch, length = sizes.second_stage[0]
+        ids, mask = fixed_length_batch(ours.tokenizer.tokenizer, fallback_minicorpus(),
+                                       PROMPTS[kind], batch, length,
+                                       ours.backbone_config.sep_token_id)
+        prefix = ours.prefix(dataset_nd)
+        results["second_stage_profile"] = section(
+            "profile", profile_split, functools.partial(ours.second_stage, ids, mask, prefix),
+            work / "profile") | {"case": f"{kind} {batch}x{length}, float32"}
+        del ours, ours_bf16, ref
         results |= section("stream_rss", measure_stream, work, sizes)
     results["sizes"] = {**dataclasses.asdict(sizes), "mode": "quick" if args.quick else "full",
                         "local_attention_flops": "windowed (keys |i-j| <= radius); *_dense "

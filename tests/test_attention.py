@@ -1,5 +1,11 @@
-"""The attention registry: validated names, "auto" per platform, and every registered kernel
-(and the block-local strategy) against the dense masked reference, on CPU."""
+"""The attention registry: validated names, "auto" per device and dtype, every registered
+kernel (and the block-local strategy) against the dense masked reference on CPU, cuDNN's
+argument construction through the XLA path of the same API, and splash (interpret mode) in
+the encoder and both stages.
+
+Kernels are compared on the query rows that see at least one key: a query that sees none
+(only padding can) gets a kernel-specific finite value that is never read. "xla", the
+reference's own strategy, is compared on every row."""
 
 import jax
 import jax.numpy as jnp
@@ -8,16 +14,36 @@ import pytest
 from conftest import max_rel_err
 
 import cde_jax
-from cde_jax import attention
+from cde_jax import attention, ops
 from cde_jax.config import ModernBertConfig
+from cde_jax.tokenization import pad_batch
 
 
-def qkv_inputs(seed: int, b: int, s: int, lengths, h: int = 2, e: int = 8):
+def qkv_inputs(seed: int, b: int, s: int, lengths, h: int = 2, e: int = 8, dtype=jnp.float32):
     """Random q, k, v (b, s, h, e) with peaked attention (logit std ~3) and right padding."""
     keys = jax.random.split(jax.random.key(seed), 3)
     q, k, v = (jax.random.normal(key, (b, s, h, e), jnp.float32) for key in keys)
     key_mask_bs = jnp.arange(s)[None, :] < jnp.asarray(lengths)[:, None]
-    return q * 1.7, k * 1.7, v, key_mask_bs
+    return (q * 1.7).astype(dtype), (k * 1.7).astype(dtype), v.astype(dtype), key_mask_bs
+
+
+def rows_that_see_a_key(key_mask_bs, q_pos_t, k_pos_s, radius):
+    """(b, t) bool: queries with at least one visible key."""
+    mask_b1ts = ops.attention_mask(key_mask_bs, q_pos_t, k_pos_s, radius)
+    b, t, s = key_mask_bs.shape[0], q_pos_t.shape[0], k_pos_s.shape[0]
+    return jnp.broadcast_to(mask_b1ts, (b, 1, t, s)).any(-1)[:, 0]
+
+
+def err_on_rows(got_bthe, want_bthe, rows_bt) -> float:
+    """`max_rel_err` over the selected query rows; every output must be finite."""
+    assert np.isfinite(np.asarray(got_bthe, np.float32)).all()
+    rows = np.asarray(rows_bt)
+    return max_rel_err(np.asarray(got_bthe, np.float32)[rows],
+                       np.asarray(want_bthe, np.float32)[rows])
+
+
+def runs_here(name: str) -> bool:
+    return attention.unsupported(name, jax.devices()[0], "float32") is None
 
 
 # Lengths: full, short, a single token, and empty rows (every query sees nothing).
@@ -36,28 +62,193 @@ def test_local_block_attention_equals_dense(s, radius, lengths):
     assert max_rel_err(blocked, dense) <= 1e-5
 
 
+@pytest.mark.parametrize("s,radius,lengths", CASES)
+def test_head_major_local_equals_dense(s, radius, lengths):
+    q, k, v, key_mask_bs = qkv_inputs(s, len(lengths), s, lengths)
+    pos = jnp.arange(s)
+    dense = attention.dense_attention(q, k, v, key_mask_bs, pos, pos, radius)
+    blocked = jax.jit(attention.head_major_local, static_argnums=4)(q, k, v, key_mask_bs, radius)
+    rows_bt = rows_that_see_a_key(key_mask_bs, pos, pos, radius)
+    assert not rows_bt.all()  # the cases include blind padding rows
+    assert err_on_rows(blocked, dense, rows_bt) <= 1e-5
+
+
 @pytest.mark.parametrize("name", sorted(attention.KERNELS))
 @pytest.mark.parametrize("radius", [None, 5])
 @pytest.mark.parametrize("t", [30, 11])  # all queries, or the last 11 (the last layer)
 def test_every_kernel_matches_the_reference(name, radius, t):
+    if not runs_here(name):
+        pytest.skip(attention.unsupported(name, jax.devices()[0], "float32"))
     s, lengths = 30, [30, 24, 3, 0]
     q, k, v, key_mask_bs = qkv_inputs(t + 100 * (radius or 0), len(lengths), s, lengths)
     pos = jnp.arange(s)
     q_t, q_pos = q[:, s - t:], pos[s - t:]
     want = attention.dense_attention(q_t, k, v, key_mask_bs, q_pos, pos, radius)
-    got = attention.KERNELS[name](q_t, k, v, key_mask_bs, q_pos, pos, radius)
-    assert got.shape == want.shape and np.isfinite(np.asarray(got)).all()
-    assert max_rel_err(got, want) <= 1e-5
+    got = jax.jit(attention.KERNELS[name], static_argnums=6)(q_t, k, v, key_mask_bs, q_pos,
+                                                             pos, radius)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    rows_bt = (jnp.ones((len(lengths), t), bool) if name == "xla"
+               else rows_that_see_a_key(key_mask_bs, q_pos, pos, radius))
+    assert err_on_rows(got, want, rows_bt) <= 1e-5
+
+
+@pytest.mark.parametrize("t,s,radius,lengths", [
+    (200, 200, 16, (200, 131, 3)),       # block-local (head_major), 2 splash tiles
+    (16, 200, None, (200, 190, 100)),    # last layer: text queries after a prefix
+    (72, 200, 16, (200, 150, 40)),       # last layer of a local-last model
+])
+@pytest.mark.parametrize("name", ["head_major", "splash"])
+def test_kernels_on_longer_rows(name, t, s, radius, lengths):
+    """Several windows and, for splash, several 128-tiles with padding in the last one."""
+    q, k, v, key_mask_bs = qkv_inputs(t + s, len(lengths), s, lengths, h=2, e=16)
+    pos = jnp.arange(s)
+    q_t, q_pos = q[:, s - t:], pos[s - t:]
+    want = attention.dense_attention(q_t, k, v, key_mask_bs, q_pos, pos, radius)
+    got = jax.jit(attention.KERNELS[name], static_argnums=6)(q_t, k, v, key_mask_bs, q_pos,
+                                                             pos, radius)
+    rows_bt = rows_that_see_a_key(key_mask_bs, q_pos, pos, radius)
+    assert err_on_rows(got, want, rows_bt) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["head_major", "splash"])
+def test_kernel_gradients_match_the_reference(name):
+    """Training differentiates through the kernel (splash: its backward kernels, interpret
+    mode): gradients of a loss over the rows that see a key, a local last layer's shape."""
+    t, s, radius, lengths = 72, 200, 16, (200, 150, 40)
+    q, k, v, key_mask_bs = qkv_inputs(7, len(lengths), s, lengths, h=2, e=16)
+    pos = jnp.arange(s)
+    rows_bt = rows_that_see_a_key(key_mask_bs, pos[s - t:], pos, radius)
+    weights_bthe = jax.random.normal(jax.random.key(1), (len(lengths), t, 2, 16))
+    weights_bthe = jnp.where(rows_bt[:, :, None, None], weights_bthe, 0.0)
+
+    def loss(kernel, q, k, v):
+        out = kernel(q[:, s - t:], k, v, key_mask_bs, pos[s - t:], pos, radius)
+        return (out * weights_bthe).sum()
+
+    want = jax.grad(loss, argnums=(1, 2, 3))(attention.dense_attention, q, k, v)
+    got = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)(
+        attention.KERNELS[name], q, k, v)
+    for g, w in zip(got, want):
+        assert max_rel_err(g, w) <= 1e-5
+
+
+@pytest.mark.parametrize("radius", [None, 16])
+def test_head_major_bfloat16_accumulates_in_float32(radius):
+    """bfloat16 operands, float32 logits/softmax/accumulation: within bf16 rounding of the
+    float32 reference, as close as the reference's own bf16 path."""
+    s, lengths = 100, (100, 60, 7)
+    q, k, v, key_mask_bs = qkv_inputs(3, len(lengths), s, lengths, h=2, e=16)
+    pos = jnp.arange(s)
+    want = attention.dense_attention(q, k, v, key_mask_bs, pos, pos, radius)
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    got = attention.head_major(*half, key_mask_bs, pos, pos, radius)
+    ref_bf16 = attention.dense_attention(*half, key_mask_bs, pos, pos, radius)
+    assert got.dtype == jnp.bfloat16
+    rows_bt = rows_that_see_a_key(key_mask_bs, pos, pos, radius)
+    assert err_on_rows(got, want, rows_bt) <= 1.5 * err_on_rows(ref_bf16, want, rows_bt) + 1e-3
+
+
+# --- cuDNN: arguments checked through the XLA path of jax.nn.dot_product_attention ---------
+CUDNN_CASES = {  # (t, s, radius, key lengths); t < s: the queries are the last t keys
+    "global": (128, 128, None, (128, 77, 5, 0)),
+    "local": (200, 200, 16, (200, 131, 3, 0)),
+    "suffix_global": (16, 200, None, (200, 190, 100, 0)),
+    "suffix_local": (40, 200, 16, (200, 180, 170, 2)),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", CUDNN_CASES)
+def test_cudnn_arguments_compute_the_reference(case, dtype):
+    t, s, radius, lengths = CUDNN_CASES[case]
+    q, k, v, key_mask_bs = qkv_inputs(s, len(lengths), s, lengths, h=2, e=16, dtype=dtype)
+    pos = jnp.arange(s)
+    q_t, q_pos = q[:, s - t:], pos[s - t:]
+    arguments = attention.cudnn_arguments(key_mask_bs, q_pos, pos, radius)
+    got = jax.jit(lambda q, k, v, a: jax.nn.dot_product_attention(
+        q, k, v, implementation=None, **a))(q_t, k, v, arguments)
+    want = attention.dense_attention(q_t, k, v, key_mask_bs, q_pos, pos, radius)
+    real_bt = key_mask_bs[:, s - t:]  # real queries: the ones cuDNN computes
+    assert err_on_rows(got, want, real_bt) <= (1e-5 if dtype == jnp.float32 else 1e-2)
+    assert not np.asarray(jnp.where(real_bt[:, :, None, None], 0, got), np.float32).any()
+
+
+def test_cudnn_argument_shapes():
+    s, t = 536, 16
+    key_mask_bs = jnp.arange(s)[None, :] < jnp.array([536, 530, 300, 0])[:, None]
+    suffix = attention.cudnn_arguments(key_mask_bs, jnp.arange(s - t, s), jnp.arange(s), 64)
+    assert suffix["key_value_seq_lengths"].tolist() == [536, 530, 300, 0]
+    assert suffix["query_seq_lengths"].tolist() == [16, 10, 0, 0]
+    assert suffix["query_seq_lengths"].dtype == suffix["key_value_seq_lengths"].dtype == jnp.int32
+    assert suffix["mask"].shape == (1, 1, t, s) and suffix["mask"].dtype == jnp.bool_
+    full = attention.cudnn_arguments(key_mask_bs, jnp.arange(s), jnp.arange(s), None)
+    assert full["query_seq_lengths"].tolist() == [536, 530, 300, 0] and "mask" not in full
+
+
+def test_cudnn_accepts_the_window_mask_and_rejects_the_alternatives():
+    """cuDNN's Python-side checks, which run before a GPU is needed: the (1, 1, t, s) window
+    mask passes the bias shape check; a query-broadcast (b, 1, 1, s) mask and a symmetric
+    `local_window_size` are refused (why the window is a (t, s) mask)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_lib
+
+    t, s = 16, 200
+    q, k, v, key_mask_bs = qkv_inputs(0, 3, s, (200, 100, 50), h=2, e=16, dtype=jnp.bfloat16)
+    arguments = attention.cudnn_arguments(key_mask_bs, jnp.arange(s - t, s), jnp.arange(s), 16)
+
+    def check(mask):
+        bias = cudnn_lib.combine_bias_and_mask(None, mask, q.dtype)
+        cudnn_lib.check_layout(q[:, s - t:], k, v, bias, arguments["query_seq_lengths"],
+                               arguments["key_value_seq_lengths"], None, None, None, None,
+                               cudnn_lib.AttentionLayout.BTNH)
+
+    check(arguments["mask"])
+    with pytest.raises(ValueError, match="Bias must have same seq length"):
+        check(key_mask_bs[:, None, None, :])
+    with pytest.raises(ValueError, match="right window"):
+        jax.nn.dot_product_attention(q, k, v, local_window_size=(16, 16), implementation="cudnn")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the failure off NVIDIA GPUs")
+def test_cudnn_needs_an_nvidia_gpu_and_half_precision(synthetic):
+    with pytest.raises(ValueError, match="attention 'cudnn' needs an NVIDIA GPU; this device "
+                                         "is cpu"):
+        cde_jax.load(synthetic()[1], attention="cudnn", dtype="bfloat16")
+    q, k, v, key_mask_bs = qkv_inputs(0, 2, 16, (16, 3))
+    with pytest.raises(ValueError, match="bfloat16 or float16, not float32"):
+        attention.cudnn(q, k, v, key_mask_bs, jnp.arange(16), jnp.arange(16), None)
+
+
+class FakeGpu:
+    """What `resolve` reads of a device, for an NVIDIA GPU this machine does not have."""
+    platform, device_kind, compute_capability = "gpu", "NVIDIA H100", "9.0"
+
+    class client:  # noqa: N801 (jax.Device.client)
+        platform_version = "cuda 12080"
+
+
+def test_auto_per_device_and_dtype(monkeypatch):
+    cpu = jax.devices()[0]
+    for dtype in ("float32", "bfloat16"):
+        assert attention.resolve("auto", cpu, dtype) == "head_major"  # never cudnn here
+    monkeypatch.setattr(attention, "cudnn_version", lambda: 90300)
+    assert attention.resolve("auto", FakeGpu(), "bfloat16") == "cudnn"
+    assert attention.resolve("auto", FakeGpu(), "float32") == "xla"  # cuDNN has no float32
+    with pytest.raises(ValueError, match="bfloat16 or float16 only, not float32"):
+        attention.resolve("cudnn", FakeGpu(), "float32")
+    monkeypatch.setattr(attention, "cudnn_version", lambda: None)  # JAX without cuDNN
+    assert attention.resolve("auto", FakeGpu(), "bfloat16") == "xla"
+    with pytest.raises(ValueError, match=r"needs cuDNN >= 8.9.4.*found cuDNN None"):
+        attention.resolve("cudnn", FakeGpu(), "bfloat16")
 
 
 def test_names_are_validated():
-    assert {"auto", "xla"} <= set(attention.names())
-    with pytest.raises(ValueError, match="unknown attention 'nonsense': choose one of auto, xla"):
+    assert set(attention.names()) == {"auto", "xla", "head_major", "cudnn", "splash"}
+    with pytest.raises(ValueError, match="unknown attention 'nonsense': choose one of auto, "
+                                         "xla, head_major, cudnn, splash"):
         attention.check("nonsense")
     with pytest.raises(ValueError, match="unknown attention 'flash'"):
         ModernBertConfig(attention="flash")
-    assert attention.resolve("auto", "cpu") == attention.AUTO["cpu"]
-    assert attention.resolve("xla", "tpu") == "xla"
+    assert attention.resolve("splash") == "splash"  # runs anywhere (interpret off TPU)
     assert set(attention.AUTO.values()) <= set(attention.KERNELS)
 
 
@@ -65,10 +256,47 @@ def test_load_takes_an_attention_name(synthetic, random_docs):
     converted = synthetic()[1]
     with pytest.raises(ValueError, match="unknown attention 'nonsense': choose one of"):
         cde_jax.load(converted, attention="nonsense")
-    auto, xla = cde_jax.load(converted), cde_jax.load(converted, attention="xla")
+    auto = cde_jax.load(converted)
     assert auto.backbone_config.attention == attention.AUTO["cpu"]
+    chosen = cde_jax.load(converted, attention=attention.AUTO["cpu"])
+    xla = cde_jax.load(converted, attention="xla")
     docs = random_docs[:12]
     dataset = xla.embed_minicorpus(docs)
-    np.testing.assert_array_equal(auto.embed_minicorpus(docs), dataset)
-    np.testing.assert_array_equal(auto.embed_documents(docs, dataset),
-                                  xla.embed_documents(docs, dataset))
+    np.testing.assert_array_equal(auto.embed_minicorpus(docs), chosen.embed_minicorpus(docs))
+    assert max_rel_err(auto.embed_minicorpus(docs), dataset) <= 1e-5
+    assert max_rel_err(auto.embed_documents(docs, dataset),
+                       xla.embed_documents(docs, dataset)) <= 1e-5
+
+
+# --- splash in the model (interpret mode on CPU) --------------------------------------------
+def test_splash_in_the_encoder_and_both_stages(synthetic, random_docs):
+    """Tiny preset (radius 16): documents of ~40-130 tokens span several local windows and
+    two 128-tiles; the second stage's prefix is kept short (24 dataset rows + 8 soft tokens)
+    so that interpret mode stays fast."""
+    converted = synthetic()[1]
+    splash = cde_jax.load(converted, attention="splash")
+    xla = cde_jax.load(converted, attention="xla")
+    docs = [d for d in random_docs if 200 < len(d) < 600][:6]
+    ids, mask = padded(splash, docs)
+    assert mask.sum(1).max() > 4 * splash.backbone_config.window_radius
+    assert mask.sum(1).min() < mask.shape[1]  # right padding in some rows
+
+    def encoder(model):
+        return np.asarray(jax.jit(lambda m, i, k: m(i, k))(
+            model.runner.model.first_stage_model.embedder, ids, mask))
+
+    real = mask.astype(bool)
+    assert max_rel_err(encoder(splash)[real], encoder(xla)[real]) <= 1e-5
+    dataset = xla.first_stage(ids, mask)
+    assert max_rel_err(splash.first_stage(ids, mask), dataset) <= 1e-5
+    rows_md = np.concatenate([dataset] * 4)  # 24 rows
+    assert max_rel_err(splash.second_stage(ids, mask, rows_md),
+                       xla.second_stage(ids, mask, rows_md)) <= 1e-5
+
+
+def padded(model, texts):
+    """(ids, mask) of `texts`, right-padded to the longest."""
+    token_ids = model.tokenizer.encode(texts)
+    longest = max(len(t) for t in token_ids)
+    return pad_batch(token_ids, np.arange(len(texts)), longest,
+                     model.backbone_config.pad_token_id)

@@ -1,8 +1,10 @@
-"""The benchmark's FLOP counts (against brute force and XLA's own count) and a smoke run of
-`scripts/benchmark.py --quick` (every number present, finite, and self-consistent)."""
+"""The benchmark's FLOP counts (against brute force and XLA's own count), a smoke run of
+`scripts/benchmark.py --quick` (every number present, finite, and self-consistent), the
+profile parser, and `scripts/gpu_benchmark.sh --cpu-smoke`."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +91,9 @@ POSITIVE = (
     + [f"{k}_{s}" for s in SHAPES for k in (
         "encoder_ratio_torch", "peak_fraction", "peak_fraction_dense", "encoder_seconds_ours",
         "encoder_seconds_torch", "encoder_tokens_per_s_ours", "encoder_tokens_per_s_torch")]
-    + [f"second_stage_ratio_torch_{k}" for k in KINDS])
+    + [f"second_stage_ratio_torch{d}_{k}" for k in KINDS for d in ("", "_bf16")]
+    + ["second_stage_ratio_torch_bf16", "attention_speedup_head_major_median",
+       "overlap_seconds_device_only", "overlap_seconds_in_flight_2"])
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +126,20 @@ def test_quick_numbers_are_consistent(quick):
     assert r["encoder_ratio_torch"] == min(r[f"encoder_ratio_torch_{s}"] for s in SHAPES)
     assert r["second_stage_ratio_torch"] == min(r[f"second_stage_ratio_torch_{k}"]
                                                 for k in KINDS)
+    # (f): every timed kernel at every shape, "auto" the CPU's choice.
+    assert r["attention_kernels_timed"] == ["xla", "head_major"]
+    assert r["attention_auto"] == "head_major"
+    assert all(r[f"attention_speedup_xla_{layer}_{tag}"] == 1.0 for layer in ("global", "local")
+               for tag in ("32x128", "4x552", "8x536", "8x16of536"))
+    # (h): several batches; idle fractions are fractions.
+    assert r["overlap_batches"] >= 3
+    assert all(0.0 <= r[f"device_idle_fraction_{n}"] < 1.0
+               for n in ("in_flight_0", "in_flight_2", "in_flight_all"))
+    # (i): the split covers the op time.
+    profile = r["second_stage_profile"]
+    assert set(profile["split"]) == {"matmul", "attention", "elementwise", "copies"}
+    assert sum(profile["split"].values()) == pytest.approx(1.0)
+    assert profile["split"]["matmul"] > 0.2 and profile["op_ms"] > 0
     assert r["stream_rss_growth"] == pytest.approx(
         r["stream_rss_large_bytes"] / r["stream_rss_small_bytes"] - 1)
     # The timed minicorpus run reused the warmed-up bucket programs.
@@ -132,6 +150,63 @@ def test_quick_contenders_compute_the_same_thing(quick):
     """A speed-up that computes something else is no speed-up: float32 parity of the last
     outputs of every pair of contenders."""
     r, _ = quick
-    errors = {k: v for k, v in r.items() if "max_rel_err" in k}
+    errors = {k: v for k, v in r.items() if "max_rel_err" in k and "bf16" not in k}
     assert len(errors) == len(SHAPES) + len(KINDS) + 1, errors
     assert all(err <= 1e-4 for err in errors.values()), errors
+    # bfloat16 compute against PyTorch float32: the cosine bound.
+    cosines = {k: v for k, v in r.items() if "min_cosine_ours_bf16" in k}
+    assert len(cosines) == len(KINDS) and all(c >= 0.9999 for c in cosines.values()), cosines
+
+
+@pytest.mark.parametrize("op,category", [
+    ("gemm_fusion_dot.12", "matmul"), ("ynn_fusion", "matmul"), ("cublas-gemm.3", "matmul"),
+    ("custom-call.7 __cudnn$fmhaScaleBiasSoftmax", "attention"), ("splash_mha_fwd", "attention"),
+    ("copy.4", "copies"), ("loop_transpose_fusion", "copies"), ("concatenate.2", "copies"),
+    ("dynamic-update-slice.1", "copies"), ("loop_multiply_fusion", "elementwise"),
+    ("input_reduce_fusion.1", "elementwise"), ("broadcast_select_fusion.3", "elementwise"),
+])
+def test_op_categories(op, category):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    assert benchmark.op_category(op) == category
+
+
+def test_op_times_reads_device_lanes():
+    """An accelerator trace: kernels on the device's stream lines count (by hlo_op, else
+    their name); the host's events and a whole-module line do not."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #7"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 8,
+             "args": {"name": "XLA Modules"}}]
+    kernels = [{"ph": "X", "pid": 2, "tid": 7, "name": "sm90_xmma_gemm", "dur": 3000,
+                "args": {"hlo_op": "gemm_fusion_dot.1"}},
+               {"ph": "X", "pid": 2, "tid": 7, "name": "cudnn_fmha_kernel", "dur": 1000},
+               {"ph": "X", "pid": 2, "tid": 8, "name": "jit__second_fn", "dur": 9000},
+               {"ph": "X", "pid": 1, "tid": 3, "name": "launch", "dur": 500,
+                "args": {"hlo_op": "gemm_fusion_dot.1"}}]
+    per_op, lanes = benchmark.op_times(meta + kernels)
+    assert per_op == {"gemm_fusion_dot.1": 3.0, "cudnn_fmha_kernel": 1.0}
+    assert lanes == ["Stream #7"]
+
+
+def test_gpu_benchmark_cpu_smoke(tmp_path):
+    """scripts/gpu_benchmark.sh --cpu-smoke: the GPU harness end to end on CPU (tiny preset):
+    cuDNN refused with its reason, XLA against both PyTorch contenders, the step split, the
+    idle fractions, JSON under $OUT."""
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_benchmark.sh"), "--cpu-smoke"],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads((tmp_path / "gpu_benchmark.json").read_text())
+    assert "needs an NVIDIA GPU" in r["notes"]["ours_cudnn_error"]
+    assert r["notes"]["torch_best"].startswith("SDPA preferring cuDNN")
+    for name in ("ours_xla", "torch_sdpa", "torch_best"):
+        assert r[f"second_stage_texts_per_s_{name}_query_b4"] > 0
+    assert r["second_stage_min_cosine_ours_xla_document_b2"] >= 0.9999
+    assert sum(r["profiles"]["ours_xla"]["split"].values()) == pytest.approx(1.0)
+    assert 0.0 <= r["device_idle_fraction_in_flight_2"] < 1.0

@@ -352,3 +352,45 @@ def test_quiet_and_warnings_above_the_bar(cli, model_dir, texts, tmp_path):
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["embeddings"],
                                   np.load(tmp_path / "b.npz")["embeddings"])
+
+
+@pytest.mark.parametrize("command", ["dataset-embeddings", "embed", "eval", "train"])
+def test_model_options_reach_the_model(command, monkeypatch, tmp_path, capsys):
+    """--dtype and --attention, defined once (`runtime.add_model_args`), on every command
+    that runs the model, validated by argparse and passed to `load` / training."""
+    from cde_jax import cli
+    from cde_jax.commands import runtime, train
+
+    src = write_txt(tmp_path / "in.txt", ["a text"])
+    required = {
+        "dataset-embeddings": ["--input", src, "--out", tmp_path / "d.npz"],
+        "embed": ["--input", src, "--role", "query", "--dataset-embeddings", "fallback",
+                  "--out", tmp_path / "e.npy"],
+        "eval": ["--dataset", tmp_path, "--out", tmp_path / "r.json"],
+        "train": ["--data", src, "--out", tmp_path / "run", "--steps", "1",
+                  "--batch-size", "2"],
+    }[command]
+    argv = [command, "--model", "m", *map(str, required)]
+    parser = cli.build_parser()
+    defaults = parser.parse_args(argv)
+    assert (defaults.dtype, defaults.attention) == (None, "auto")
+    args = parser.parse_args(argv + ["--dtype", "bfloat16", "--attention", "xla"])
+    if command == "train":
+        cfg = train.config_from_args(args)
+        assert (cfg.dtype, cfg.attention) == ("bfloat16", "xla")
+    else:
+        seen = {}
+
+        def fake_load(path, **kw):
+            seen.update(kw)
+            raise SystemExit(0)
+
+        monkeypatch.setattr(runtime, "load", fake_load)
+        monkeypatch.setattr("cde_jax.commands.eval.load_beir", lambda *a: None)
+        with pytest.raises(SystemExit):
+            args.func(args)
+        assert seen == {"dtype": "bfloat16", "attention": "xla"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv + ["--dtype", "bf16"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'bf16'" in err and "bfloat16" in err and "float16" in err

@@ -8,7 +8,7 @@ import pytest
 
 import cde_jax
 from cde_jax.minicorpus import DatasetEmbeddings, fallback_minicorpus, sample_minicorpus
-from cde_jax.pipeline import BucketPlan
+from cde_jax.pipeline import BucketPlan, default_plan, device_memory
 from cde_jax.profiling import count_compiles
 
 
@@ -134,3 +134,47 @@ def test_dataset_embeddings_file(model, ctx, tmp_path, synthetic):
     with pytest.raises(ValueError, match=r"row\(s\) \[4\]"):
         model.load_dataset_embeddings(DatasetEmbeddings(nan, model.fingerprint, "p", 0).save(
             tmp_path / "nan.npz"))
+
+
+def test_default_plan_per_platform(model):
+    assert model.plan == BucketPlan() == default_plan("cpu", None, 8)
+    h100 = default_plan("gpu", 80 * 2 ** 30)
+    assert (h100.tokens_per_batch, h100.max_batch, h100.lengths) == (65536, 1024,
+                                                                     BucketPlan().lengths)
+    assert h100.batch_size(16, 1, 520) == 122  # queries after the 520-token prefix
+    # 16 GiB per device (TPU v5e): 16 GiB / 4 / 128 KiB = 32768 tokens, times 4 devices.
+    v5e = default_plan("tpu", 16 * 2 ** 30, devices=4)
+    assert v5e.tokens_per_batch == 4 * 32768 and v5e.max_batch == 4 * 1024
+    assert v5e.lengths == (128, 256, 384, 512)
+    assert default_plan("gpu", None).tokens_per_batch == 32768      # memory not reported
+    assert default_plan("gpu", 2 * 2 ** 30).tokens_per_batch == 8192  # the floor
+    assert device_memory(model.mesh.devices.flat[0]) is None  # CPU reports none
+
+
+@pytest.mark.parametrize("in_flight", [0, 1, None])
+def test_bounded_prefetch_same_results(model, ctx, random_docs, in_flight):
+    """Batches are read back in order, at most `in_flight + 1` dispatched and unread (None:
+    all dispatched first), and the rows are those of the default window."""
+    runner, prefix = model.runner, model.prefix(ctx)
+    token_ids = model.tokenizer.encode([d[: (i * 37) % 700] for i, d in
+                                        enumerate(random_docs[:30])])
+    plan = BucketPlan(tokens_per_batch=2048)
+    events, stage = [], runner.second(prefix)
+
+    def counted_stage(ids, mask):
+        events.append("dispatch")
+        return stage(ids, mask)
+
+    kw = dict(plan=plan, pad_id=model.backbone_config.pad_token_id, width=64,
+              extra_len=prefix.embeds.shape[-2])
+    expected = runner.run_buckets(token_ids, stage, **kw)
+    progress = []
+    got = runner.run_buckets(token_ids, counted_stage, in_flight=in_flight,
+                             progress=lambda n: (progress.append(n), events.append("read")),
+                             **kw)
+    np.testing.assert_array_equal(got, expected)
+    assert sum(progress) == len(token_ids)
+    unread = np.cumsum([1 if e == "dispatch" else -1 for e in events])
+    n_batches = events.count("dispatch")
+    assert n_batches >= 4 and unread[-1] == 0
+    assert unread.max() == (n_batches if in_flight is None else in_flight + 1)

@@ -60,6 +60,7 @@ def run_key(args, source: Source, fingerprint: str, dataset_md: np.ndarray) -> s
     parts = {"input": source.sha256, "format": Path(args.input).suffix.lower(),
              "field": args.field, "id_field": args.id_field, "role": args.role,
              "model": fingerprint, "chunk_size": args.chunk_size, "batch_size": args.batch_size,
+             "dtype": args.dtype, "attention": args.attention,
              "dataset_embeddings": hashlib.sha256(
                  np.ascontiguousarray(dataset_md).tobytes()).hexdigest()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -1,6 +1,7 @@
-"""What the commands that run the model share: their options, joining a multi-process run,
-the persistent XLA compilation cache (a repeated run loads its programs instead of compiling
-them) and loading the model."""
+"""What the commands that run the model share: their options (the model, how it computes:
+dtype and attention kernel, the input), joining a multi-process run, the persistent XLA
+compilation cache (a repeated run loads its programs instead of compiling them) and loading
+the model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import jax
 
-from .. import distributed
+from .. import attention, distributed
+from ..config import DTYPES
 from ..text_api import CdeModel, load
 
 CACHE_ENV = "CDE_JAX_CACHE_DIR"
@@ -53,13 +55,25 @@ def positive_int(value: str) -> int:
     return number
 
 
+def add_compute_args(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --attention, for every command that runs the model (one definition)."""
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="compute dtype: matmul inputs in it, float32 accumulation, norms "
+                             "and softmax (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--attention", choices=attention.names(), default="auto",
+                        help="attention kernel (default auto: cudnn on NVIDIA GPUs, splash on "
+                             "TPUs, head_major on CPU)")
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="converted checkpoint dir, or a released one (config.json + "
                              "model.safetensors)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="texts per batch, every bucket (default: a per-bucket size of "
-                             "about 4096 tokens)")
+                        help="texts per batch, every bucket (default: per platform, a "
+                             "per-bucket size of about 4096 tokens on CPU, tens of thousands "
+                             "on accelerators; see README)")
+    add_compute_args(parser)
     distributed.add_args(parser)
 
 
@@ -98,4 +112,4 @@ def start(args: argparse.Namespace) -> None:
 
 
 def load_model(args: argparse.Namespace) -> CdeModel:
-    return load(args.model)
+    return load(args.model, dtype=args.dtype, attention=args.attention)

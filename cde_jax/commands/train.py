@@ -62,6 +62,7 @@ def register(subparsers) -> None:
                    help="checkpoints kept on disk (the newest)")
     p.add_argument("--model-parallel", type=count, default=1,
                    help="devices that split heads and MLP units (tensor parallelism)")
+    runtime.add_compute_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in OUT (same settings)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -83,7 +84,8 @@ def config_from_args(args) -> TrainConfig:
                         clip_norm=args.clip_norm, freeze=freeze, chunk_size=args.chunk_size,
                         permute=not args.no_permute, sequence_dropout=args.sequence_dropout),
         accum_steps=args.accum_steps, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, model_parallel=args.model_parallel)
+        keep_checkpoints=args.keep_checkpoints, model_parallel=args.model_parallel,
+        dtype=args.dtype, attention=args.attention)
 
 
 def run(args) -> int:

@@ -60,6 +60,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     model_parallel: int = 1
+    dtype: str | None = None  # compute dtype; None: per platform (`loading.default_dtype`)
+    attention: str = "auto"   # a kernel from `attention.names()`
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -158,7 +160,12 @@ def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples) -> tuple[Train
                                 f"({rows})")
     if cfg.accum_steps < 1 or cfg.checkpoint_every < 1:
         raise UserError("accum_steps and checkpoint_every must be positive")
-    return dataclasses.replace(cfg, batch=data.cfg, step=step,
+    # The kernel and dtype this machine runs, recorded so that a resume elsewhere that
+    # would compute differently is refused as a changed setting.
+    backbone = loading.runtime_backbone(ckpt, sharding.make_mesh(cfg.model_parallel),
+                                        dtype=cfg.dtype, attention_name=cfg.attention)
+    return dataclasses.replace(cfg, batch=data.cfg, step=step, dtype=backbone.dtype,
+                               attention=backbone.attention,
                                model=str(Path(cfg.model).absolute()),
                                data=str(Path(cfg.data).absolute()),
                                out=str(Path(cfg.out).absolute())), data
@@ -171,7 +178,8 @@ class _Session:
     def __init__(self, cfg: TrainConfig, ckpt: convert.Checkpoint, data: data_lib.TrainData):
         self.cfg, self.data = cfg, data
         self.mesh = sharding.make_mesh(cfg.model_parallel)
-        backbone = loading.runtime_backbone(ckpt, self.mesh)
+        backbone = loading.runtime_backbone(ckpt, self.mesh, dtype=cfg.dtype,
+                                            attention_name=cfg.attention)
         self.graphdef, params = loading.place_checkpoint(ckpt, backbone, self.mesh)
         self.tokenize = data_lib.BatchTokenizer(
             TextTokenizer(load_tokenizer(ckpt.tokenizer_dir), pad_id=backbone.pad_token_id),
