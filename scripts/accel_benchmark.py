@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark as bench  # noqa: E402  (the harness)
-from cde_jax.convert import convert  # noqa: E402
-from cde_jax.convert.synthetic import make_synthetic_checkpoint  # noqa: E402
 
 import cde_jax  # noqa: E402
+from cde_jax.convert import convert  # noqa: E402
+from cde_jax.convert.synthetic import make_synthetic_checkpoint  # noqa: E402
 from cde_jax.io_utils import atomic_file  # noqa: E402
 from cde_jax.minicorpus import fallback_minicorpus  # noqa: E402
 from cde_jax.prompts import DOCUMENT as DOCUMENT_PREFIX  # noqa: E402
