@@ -12,6 +12,7 @@ below ERROR are silenced.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -48,27 +49,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(quiet: bool, verbose: bool) -> None:
-    """One stderr handler for cde_jax's loggers and Python warnings, at the level asked for."""
+CLI_LOGGERS = ("cde_jax", "py.warnings")  # ours, and Python's warnings once captured
+
+
+@contextlib.contextmanager
+def cli_logging(quiet: bool, verbose: bool):
+    """For the command: one stderr handler for cde_jax's log and Python's warnings, at the
+    level asked for, drawn above the progress bars. Restored afterwards, so that `main`
+    called inside another program (or a test) leaves its logging as it was."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("cde-jax: %(levelname)s: %(message)s"))
     level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
-    for name in ("cde_jax", "py.warnings"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level)
-        logger.propagate = False
+    loggers = [logging.getLogger(name) for name in CLI_LOGGERS]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    format_warning = warnings.formatwarning
+    for lg in loggers:
+        lg.handlers[:], lg.propagate = [handler], False
+        lg.setLevel(level)
     logging.captureWarnings(True)
     warnings.formatwarning = lambda message, *_: str(message)  # the text, not the source line
+    try:
+        with logging_redirect_tqdm(loggers=loggers):
+            yield
+    finally:
+        logging.captureWarnings(False)
+        warnings.formatwarning = format_warning
+        for lg, (handlers, lvl, propagate) in zip(loggers, saved):
+            lg.handlers[:], lg.propagate = handlers, propagate
+            lg.setLevel(lvl)
 
 
 def main(argv=None) -> int:
     quiet_logs()
     args = build_parser().parse_args(argv)
-    configure_logging(args.quiet, args.verbose)
     try:
-        with logging_redirect_tqdm(loggers=[logging.getLogger("cde_jax"),
-                                            logging.getLogger("py.warnings")]):
+        with cli_logging(args.quiet, args.verbose):
             return int(args.func(args) or 0)
     except (UserError, FileNotFoundError, FileExistsError) as e:
         print(f"cde-jax {args.command}: error: {e}", file=sys.stderr)

@@ -73,12 +73,12 @@ def test_head_major_local_equals_dense(s, radius, lengths):
     assert err_on_rows(blocked, dense, rows_bt) <= 1e-5
 
 
-@pytest.mark.parametrize("name", sorted(attention.KERNELS))
+@pytest.mark.parametrize("name", [n for n in sorted(attention.KERNELS) if runs_here(n)])
 @pytest.mark.parametrize("radius", [None, 5])
 @pytest.mark.parametrize("t", [30, 11])  # all queries, or the last 11 (the last layer)
 def test_every_kernel_matches_the_reference(name, radius, t):
-    if not runs_here(name):
-        pytest.skip(attention.unsupported(name, jax.devices()[0], "float32"))
+    """Every kernel this device runs (cudnn: on NVIDIA GPUs; here its arguments are tested
+    through the XLA path, and its refusal below)."""
     s, lengths = 30, [30, 24, 3, 0]
     q, k, v, key_mask_bs = qkv_inputs(t + 100 * (radius or 0), len(lengths), s, lengths)
     pos = jnp.arange(s)
