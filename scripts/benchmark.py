@@ -97,7 +97,7 @@ class Sizes:
 FULL = Sizes(preset="base", warmup=1, repeats=3, minicorpus_repeats=1, recipe_batches_timed=4,
              stream_texts=(10_000, 100_000))
 QUICK = Sizes(preset="tiny", warmup=1, repeats=2, minicorpus_repeats=1, recipe_batches_timed=4,
-              stream_texts=(1_000, 5_000))
+              stream_texts=(400, 2_000))
 
 
 # --- harness -----------------------------------------------------------------------------

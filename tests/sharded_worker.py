@@ -28,7 +28,8 @@ def main():
     ap.add_argument("--num-processes", type=int, default=1)
     ap.add_argument("--port", type=int)
     args = ap.parse_args()
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={args.devices}")
     import jax
     import numpy as np
 

@@ -31,20 +31,13 @@ CHUNK = ("--chunk-size", "16", "--batch-size", "8")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla-cache")
-
-
-@pytest.fixture(scope="module")
-def cli(cache_dir):
+def cli():
     """cli(*args) -> CompletedProcess of `python -m cde_jax.cli args` (text output)."""
-    env = {**os.environ, "CDE_JAX_CACHE_DIR": str(cache_dir)}
-
     def run(*args, cmd=("-m", "cde_jax.cli"), popen=False, **kw):
         argv = [sys.executable, *cmd, *map(str, args)]
         if popen:
-            return subprocess.Popen(argv, env=env, **kw)
-        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+            return subprocess.Popen(argv, **kw)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=600)
 
     return run
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from conftest import max_rel_err
 
 import cde_jax
 from cde_jax.corpus import InputError, job, lines, open_chunks, sinks
+from cde_jax.evaluation import evaluate_retrieval, load_beir
 
 # Bytes that exercise line splitting: a BOM, CRLF, empty lines, no final newline.
 TRICKY = b"\xef\xbb\xbffirst\r\nsecond\n\n\nfifth \xc3\xa9\r\n\nlast"
@@ -58,11 +60,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run_cli(tmp_path_factory):
+def run_cli():
     """run_cli(n, *args) -> the n processes' (returncode, stderr), each joined by jax.distributed
     when n > 1; `popen=True` returns the running processes."""
-    env = {**os.environ, "CDE_JAX_CACHE_DIR": str(tmp_path_factory.mktemp("xla-cache")),
-           "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
     def run(n, *args, popen=False):
         port = free_port()
@@ -100,7 +101,7 @@ def corpus(synthetic, random_docs, tmp_path_factory):
     return synthetic()[1], dataset, path
 
 
-def embed_args(corpus, out, chunk_size=8):
+def embed_args(corpus, out, chunk_size=4):
     model, dataset, path = corpus
     return ("embed", "--model", model, "--input", path, "--id-field", "_id", "--role",
             "document", "--dataset-embeddings", dataset, "--out", out, "--chunk-size",
@@ -117,38 +118,43 @@ def output_bytes(out) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def single(corpus, run_cli, tmp_path_factory):
-    """One process: .npy (with ids) and .zarr."""
-    tmp = tmp_path_factory.mktemp("single")
-    for fmt in ("npy", "zarr"):
-        ok(run_cli(1, *embed_args(corpus, tmp / f"one.{fmt}")))
-    return tmp
+    """One process, .npy with its ids: the reference of every multi-process run (15 chunks)."""
+    out = tmp_path_factory.mktemp("single") / "one.npy"
+    ok(run_cli(1, *embed_args(corpus, out)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two(corpus, run_cli, tmp_path_factory):
+    """Two processes, one .zarr: also the uninterrupted run a killed one must equal."""
+    out = tmp_path_factory.mktemp("two") / "many.zarr"
+    ok(run_cli(2, *embed_args(corpus, out)))
+    return out
 
 
 @pytest.mark.parametrize("n,fmt", [(2, "zarr"), (3, "parquet")])
-def test_processes_write_one_output_with_ids(corpus, run_cli, single, tmp_path, n, fmt):
-    out = tmp_path / f"many.{fmt}"
-    ok(run_cli(n, *embed_args(corpus, out)))
-    want_ids, want = cde_jax.read_embeddings(single / "one.npy")
+def test_processes_write_one_output_with_ids(corpus, run_cli, single, two, tmp_path, n, fmt):
+    out = two if n == 2 else tmp_path / f"many.{fmt}"
+    if n != 2:
+        ok(run_cli(n, *embed_args(corpus, out)))
+    want_ids, want = cde_jax.read_embeddings(single)
     ids, got = cde_jax.read_embeddings(out)
     assert list(ids) == [f"doc-{i}" for i in range(60)] == list(want_ids)
     err = max_rel_err(got, want)
     print(f"1 vs {n} processes ({fmt}): max rel err {err:.2e}")
     assert err <= 1e-6
-    assert sorted(os.listdir(tmp_path)) == [f"many.{fmt}"]  # no parts, locks or temp files
+    assert sorted(os.listdir(out.parent)) == [f"many.{fmt}"]  # no parts, locks or temp files
 
 
-def test_seven_rows_on_three_processes(corpus, run_cli, tmp_path):
+def test_seven_rows_on_three_processes(corpus, run_cli, single, tmp_path):
     model, dataset, path = corpus
     short = tmp_path / "seven.jsonl"
     short.write_text("".join(path.read_text().splitlines(keepends=True)[:7]))
-    corpus7 = (model, dataset, short)
-    ok(run_cli(1, *embed_args(corpus7, tmp_path / "one.zarr", chunk_size=4)))
     # Chunks of 4: two chunks, so the third process has nothing to embed but joins every step.
-    ok(run_cli(3, *embed_args(corpus7, tmp_path / "three.zarr", chunk_size=4)))
-    (ids1, one), (ids3, three) = (cde_jax.read_embeddings(tmp_path / f"{k}.zarr")
-                                  for k in ("one", "three"))
-    assert list(ids3) == list(ids1) == [f"doc-{i}" for i in range(7)]
-    assert max_rel_err(three, one) <= 1e-6
+    ok(run_cli(3, *embed_args((model, dataset, short), tmp_path / "three.zarr")))
+    ids, three = cde_jax.read_embeddings(tmp_path / "three.zarr")
+    assert list(ids) == [f"doc-{i}" for i in range(7)]
+    assert max_rel_err(three, cde_jax.read_embeddings(single)[1][:7]) <= 1e-6
 
 
 def committed(out) -> int:
@@ -174,38 +180,47 @@ def kill_mid_run(run_cli, args, out, n):
 
 
 @pytest.mark.parametrize("first,then", [(2, 2), (2, 3)])
-def test_kill_9_then_restart_resumes(corpus, run_cli, single, tmp_path, first, then):
+def test_kill_9_then_restart_resumes(corpus, run_cli, single, two, tmp_path, first, then):
+    """Restarted with as many processes: the bytes of the uninterrupted run (`two`); with
+    another count: the same rows."""
     out = tmp_path / "emb.zarr"
-    args = embed_args(corpus, out, chunk_size=4)  # 15 chunks
+    args = embed_args(corpus, out)  # 15 chunks
     done = kill_mid_run(run_cli, args, out, first)
     assert 2 <= done < 15 and not sinks.exists(out)
     results = run_cli(then, *args)
     ok(results)
     assert f"resuming {out}" in results[0][1]
-    uninterrupted = tmp_path / "uninterrupted.zarr"
-    ok(run_cli(then, *embed_args(corpus, uninterrupted, chunk_size=4)))
-    if first == then:
-        assert output_bytes(out) == output_bytes(uninterrupted)
+    if then == 2:
+        assert output_bytes(out) == output_bytes(two)
     ids, got = cde_jax.read_embeddings(out)
     assert list(ids) == [f"doc-{i}" for i in range(60)]
-    assert max_rel_err(got, cde_jax.read_embeddings(single / "one.npy")[1]) <= 1e-6
+    assert max_rel_err(got, cde_jax.read_embeddings(single)[1]) <= 1e-6
 
 
 def test_dataset_embeddings_and_eval_on_two_processes(corpus, run_cli, tmp_path, random_docs):
-    model, _, path = corpus
-    for n in (1, 2):
-        ok(run_cli(n, "dataset-embeddings", "--model", model, "--input", path, "--seed", 3,
-                   "--out", tmp_path / f"ds{n}.npz", "--batch-size", 8))
-    one, two = (np.load(tmp_path / f"ds{n}.npz")["embeddings"] for n in (1, 2))
+    """Two processes against one (this process: test_cli and test_evaluation check that the
+    one-process commands equal these calls)."""
+    model_dir, _, path = corpus
+    model = cde_jax.load(model_dir)
+    ok(run_cli(2, "dataset-embeddings", "--model", model_dir, "--input", path, "--seed", 3,
+               "--out", tmp_path / "ds2.npz", "--batch-size", 8))
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 60 texts for 512: oversampled
+        one = model.embed_dataset(texts, seed=3, batch_size=8)
+    two = np.load(tmp_path / "ds2.npz")["embeddings"]
     assert one.shape == (512, 64) and max_rel_err(two, one) <= 1e-6
 
     from test_evaluation import write_beir
     write_beir(tmp_path / "beir", random_docs)
-    for n in (1, 2):
-        ok(run_cli(n, "eval", "--model", model, "--dataset", tmp_path / "beir", "--out",
-                   tmp_path / f"r{n}.json", "--k", "1,5", "--batch-size", 8))
-    one, two = (json.loads((tmp_path / f"r{n}.json").read_text())["metrics"] for n in (1, 2))
-    assert one == two and one["ndcg@5"] > 0
+    ok(run_cli(2, "eval", "--model", model_dir, "--dataset", tmp_path / "beir", "--out",
+               tmp_path / "r2.json", "--k", "1,5", "--batch-size", 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = evaluate_retrieval(model, load_beir(tmp_path / "beir"), [1, 5], batch_size=8,
+                                 show_progress_bar=False)
+    two = json.loads((tmp_path / "r2.json").read_text())["metrics"]
+    assert two == pytest.approx(one, abs=1e-12) and one["ndcg@5"] > 0
 
 
 def test_training_on_two_processes_equals_one_and_resumes(synthetic, random_docs, run_cli,
@@ -238,9 +253,15 @@ def test_training_on_two_processes_equals_one_and_resumes(synthetic, random_docs
     logs = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             for out in (tmp_path / "one", killed)]
     assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    # Step 1 starts from the same parameters: float32 agreement. Later steps start from
+    # parameters that AdamW has moved apart by up to ~lr (below), so they agree less closely.
     for one, two in zip(*logs):
-        assert abs(one["loss"] - two["loss"]) <= 1e-5 * one["loss"], (one, two)
-        assert abs(one["grad_norm"] - two["grad_norm"]) <= 1e-4 * one["grad_norm"], (one, two)
+        loss_tol, grad_tol = (1e-5, 1e-4) if one["step"] == 1 else (1e-4, 1e-3)
+        assert abs(one["loss"] - two["loss"]) <= loss_tol * one["loss"], (one, two)
+        assert abs(one["grad_norm"] - two["grad_norm"]) <= grad_tol * one["grad_norm"], (one,
+                                                                                        two)
+    print("trained 1 vs 2 processes, loss rel diff per step:",
+          [f"{abs(a['loss'] - b['loss']) / a['loss']:.1e}" for a, b in zip(*logs)])
     from safetensors.numpy import load_file
     a, b = (load_file(str(out / "model" / "model.safetensors")) for out in (tmp_path / "one",
                                                                            killed))

@@ -150,8 +150,8 @@ def test_exact_top_k_sharded_over_8_devices():
                         np.testing.assert_array_equal(ids[:, :10], ref)  # clear gaps here
         print("ok")
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=8"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, cwd=Path(__file__).parent, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
@@ -282,8 +282,7 @@ def test_cli_eval_end_to_end(beir, synthetic, model, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "cde_jax.cli", "eval", "--model", str(synthetic()[1]),
          "--dataset", str(root), "--out", str(out), "--k", "5,1", "--batch-size", str(BATCH)],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "CDE_JAX_CACHE_DIR": str(tmp_path / "xla")})
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "only 24 texts for a minicorpus of 512: oversampling" in proc.stderr
     result = json.loads(out.read_text())

@@ -40,16 +40,11 @@ HOLD_LOCK = ("import sys\nfrom cde_jax.io_utils import output_lock\n"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return {**os.environ, "CDE_JAX_CACHE_DIR": str(tmp_path_factory.mktemp("xla"))}
-
-
-@pytest.fixture(scope="module")
-def python(env):
+def python():
     """python(*argv) -> CompletedProcess of `python argv` in the repo (text output)."""
     def run(*argv):
         return subprocess.run([sys.executable, *map(str, argv)], capture_output=True,
-                              text=True, timeout=600, cwd=REPO, env=env)
+                              text=True, timeout=600, cwd=REPO)
     return run
 
 
@@ -474,7 +469,7 @@ def test_empty_dataset_embeddings_file_fails_before_any_output(synthetic, tmp_pa
     assert listing(tmp_path) == ["empty.npz", "in.txt"]
 
 
-def test_interrupted_embed_says_how_to_resume(synthetic, tmp_path, env):
+def test_interrupted_embed_says_how_to_resume(synthetic, tmp_path):
     """Ctrl-C (SIGINT) mid-run: one line and exit 130, then the same command resumes."""
     texts = tmp_path / "in.txt"
     texts.write_text("".join(f"text number {i}\n" for i in range(64)))
@@ -482,7 +477,7 @@ def test_interrupted_embed_says_how_to_resume(synthetic, tmp_path, env):
     argv = [sys.executable, "-m", "cde_jax.cli", "embed", "--model", str(synthetic()[1]),
             "--input", str(texts), "--role", "query", "--dataset-embeddings", "fallback",
             "--out", str(out), "--chunk-size", "4", "--batch-size", "4", "--quiet"]
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=REPO)
     journal = tmp_path / "q.npy.journal"
     while not (journal.exists() and journal.read_text().count("\n") >= 2):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -490,7 +485,7 @@ def test_interrupted_embed_says_how_to_resume(synthetic, tmp_path, env):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
     assert err == "cde-jax embed: interrupted: run the same command again to resume\n"
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stderr or done.stderr == ""
     assert listing(tmp_path) == ["in.txt", "q.npy", "q.npy.ids.jsonl"]
