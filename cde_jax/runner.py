@@ -10,6 +10,7 @@ for many, in length buckets (`pipeline`), overlapping host and device work (`IN_
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -31,30 +32,38 @@ Stage = Callable[[jax.Array, jax.Array], jax.Array]  # (ids_bs, mask_bs) -> (b, 
 IN_FLIGHT = 2
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(graphdef: nnx.GraphDef, mesh) -> tuple[Callable, Callable, Callable]:
+    """(first, prefix, second) of one architecture on one mesh, as jitted functions of
+    (params, arrays). Runners with equal graphdefs and meshes share them, so a second model
+    of the same architecture (another checkpoint, a fine-tuned copy) runs the programs the
+    first one compiled instead of compiling them again."""
+    rows, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+    def first(params, input_ids_bs, attention_mask_bs):
+        return nnx.merge(graphdef, params).first_stage_model(input_ids_bs, attention_mask_bs)
+
+    def prefix(params, dataset_embeddings_md):
+        return nnx.merge(graphdef, params).second_stage_model.prefix(dataset_embeddings_md)
+
+    def second(params, input_ids_bs, attention_mask_bs, prefix):
+        return nnx.merge(graphdef, params).second_stage_model(input_ids_bs, attention_mask_bs,
+                                                              prefix)
+
+    return (jax.jit(first, out_shardings=rows), jax.jit(prefix, out_shardings=replicated),
+            jax.jit(second, out_shardings=rows))
+
+
 class StageRunner:
     """Both stages of one model on one mesh, as compiled functions of (params, arrays)."""
 
     def __init__(self, graphdef: nnx.GraphDef, params: dict, mesh):
         self.graphdef, self.params, self.mesh = graphdef, params, mesh
-        rows, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-        self._first = jax.jit(self._first_fn, out_shardings=rows)
-        self._prefix = jax.jit(self._prefix_fn, out_shardings=replicated)
-        self._second = jax.jit(self._second_fn, out_shardings=rows)
+        self._first, self._prefix, self._second = _compiled(graphdef, mesh)
 
     @property
     def model(self) -> ContextualEmbedder:
         return nnx.merge(self.graphdef, self.params)
-
-    def _first_fn(self, params, input_ids_bs, attention_mask_bs):
-        return nnx.merge(self.graphdef, params).first_stage_model(input_ids_bs,
-                                                                  attention_mask_bs)
-
-    def _prefix_fn(self, params, dataset_embeddings_md):
-        return nnx.merge(self.graphdef, params).second_stage_model.prefix(dataset_embeddings_md)
-
-    def _second_fn(self, params, input_ids_bs, attention_mask_bs, prefix):
-        return nnx.merge(self.graphdef, params).second_stage_model(input_ids_bs,
-                                                                   attention_mask_bs, prefix)
 
     # --- the stages on global arrays -----------------------------------------------------
     def first(self) -> Stage:

@@ -8,11 +8,34 @@ line (exit 2) and lets every other exception, a bug, show its traceback.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 
 class UserError(ValueError):
     """Bad input, arguments or files: the message says what to fix."""
+
+
+_JSON_KINDS = {dict: "an object", list: "an array", type(None): "null", bool: "a boolean",
+               int: "a number", float: "a number", str: "a string"}
+
+
+def json_kind(value) -> str:
+    """What a decoded JSON value is, in JSON's words ("an array", not "list")."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def json_object(line: str) -> dict:
+    """One line of a .jsonl file as a dict. The message says what is wrong; the caller adds
+    where (file and line), in its own format."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"expected a JSON object, got {json_kind(record)}")
+    return record
 
 
 def texts(values, what: str = "text") -> list[str]:

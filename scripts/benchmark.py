@@ -25,8 +25,9 @@
 
 Contenders alternate (A, B, A, B, ...) after warm-up; every number is a median of the
 rounds. The base synthetic checkpoint that (a)-(c) use is the output of the conversion that
-(e) measures. --quick runs the same shapes and keys on the tiny preset; "sizes" in the JSON
-says what was run. `accel_benchmark.py` (GPU, TPU) imports the harness from here.
+(e) measures. --quick runs the same shapes and keys on the tiny preset with a 64-document
+minicorpus; "sizes" in the JSON says what was run. `accel_benchmark.py` (GPU, TPU) imports
+the harness from here.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Sizes:
     minicorpus_repeats: int
     recipe_batches_timed: int | None  # of the recipe's equal-shape batches; None: all
     stream_texts: tuple[int, int]    # input sizes of the two `cde-jax embed` runs
+    corpus_size: int = 512           # the minicorpus of (a)-(c): the second stage's context
     encoder_shapes: tuple[tuple[int, int], ...] = ((32, 128), (4, 552))
     second_stage: tuple[tuple[str, int, int], ...] = (("query", 8, 16), ("document", 4, 256))
     recipe_batch: int = 32
@@ -97,7 +99,7 @@ class Sizes:
 FULL = Sizes(preset="base", warmup=1, repeats=3, minicorpus_repeats=1, recipe_batches_timed=4,
              stream_texts=(10_000, 100_000))
 QUICK = Sizes(preset="tiny", warmup=1, repeats=2, minicorpus_repeats=1, recipe_batches_timed=4,
-              stream_texts=(400, 2_000))
+              stream_texts=(400, 2_000), corpus_size=64)
 
 
 # --- harness -----------------------------------------------------------------------------
@@ -564,7 +566,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="cde-bench-") as tmp:
         work = Path(tmp)
         released_dir = section("make_checkpoint", make_synthetic_checkpoint, work / "released",
-                               preset=sizes.preset)
+                               preset=sizes.preset, corpus_size=sizes.corpus_size)
         results = section("convert_rss", measure_convert, released_dir, work / "converted")
         ours = section("load_ours", cde_jax.load, work / "converted")
         ours_bf16 = section("load_ours_bf16", cde_jax.load, work / "converted",

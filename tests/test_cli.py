@@ -221,7 +221,7 @@ def test_embed_cache_hits_on_a_repeated_run(cli, model_dir, ctx_npz, texts, tmp_
 # --- errors --------------------------------------------------------------------------------
 BAD_INPUTS = {
     "not-json": ("in.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": \n{"text": "d"}\n',
-                 "line 3: not valid JSON"),
+                 "line 3: invalid JSON"),
     "missing-field": ("in.jsonl", b'{"text": "a"}\n{"body": "b"}\n', "line 2: no field 'text'"),
     "not-a-string": ("in.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n{"text": 5}\n',
                      "line 4: field 'text' is a number, not a string"),

@@ -237,7 +237,7 @@ def _replace_line(path: Path, number: int, text: str):
                                            r"missing"),
     ("corpus.jsonl", 5, '{"_id": "doc0", "text": "x"}', r"corpus.jsonl:5: duplicate _id "
                                                         r"'doc0' \(first on line 1\)"),
-    ("corpus.jsonl", 2, '["doc1"]', r"corpus.jsonl:2: expected a JSON object, got list"),
+    ("corpus.jsonl", 2, '["doc1"]', r"corpus.jsonl:2: expected a JSON object, got an array"),
     ("queries.jsonl", 2, '{"_id": "q1", "text": 7}', r"queries.jsonl:2: 'text' must be a "
                                                      r"string, got int 7"),
     ("qrels/test.tsv", 1, "qid\tdid\tscore", r"test.tsv:1: expected the header"),

@@ -130,3 +130,21 @@ def test_tokenized_ahead_in_threads_equals_texts(model, dataset):
     np.testing.assert_array_equal(got, want)
     with pytest.raises(UserError, match="already hold their prompt"):
         model.encode(token_ids, prompt_name="document", dataset_embeddings=dataset)
+
+
+def test_a_second_model_of_the_same_architecture_compiles_nothing(synthetic, random_docs):
+    """Other weights, same architecture (a fine-tuned copy, another checkpoint): the stage
+    programs compiled for the first model run the second one's parameters."""
+    from cde_jax.profiling import count_compiles
+
+    docs = random_docs[:12]
+    first = cde_jax.load(synthetic(seed=3)[1])
+    want = first.embed_documents(docs, first.embed_minicorpus(docs, batch_size=BATCH),
+                                 batch_size=BATCH)
+    other = cde_jax.load(synthetic(seed=4)[1])
+    with count_compiles() as compiles:
+        got = other.embed_documents(docs, other.embed_minicorpus(docs, batch_size=BATCH),
+                                    batch_size=BATCH)
+    assert compiles.count == 0
+    assert other.fingerprint != first.fingerprint and np.abs(got - want).max() > 1e-3
+    assert np.isfinite(got).all()

@@ -22,21 +22,17 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from ..validation import UserError
+from ..validation import UserError, json_kind, json_object
 
 BLOCK_BYTES = 1 << 24
 FORMATS = (".jsonl", ".parquet", ".txt")
 INT64 = range(-(1 << 63), 1 << 63)
-_JSON_KINDS = {dict: "an object", list: "an array", type(None): "null", bool: "a boolean",
-               int: "a number", float: "a number", str: "a string"}
-
 
 class InputError(UserError):
     """An input file the user can fix (the message names the file and line)."""
@@ -261,23 +257,21 @@ def _json_record(path: str, number: int, line: str, field: str,
     """(text, id or None) of one JSONL line; errors name the line."""
     where = f"{path}: line {number}"
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise InputError(f"{where}: expected a JSON object, got {_JSON_KINDS[type(record)]}")
+        record = json_object(line)
+    except UserError as e:
+        raise InputError(f"{where}: {e}") from None
     for name in (field, id_field):
         if name is not None and name not in record:
             raise InputError(f"{where}: no field {name!r} (fields: "
                              f"{', '.join(sorted(record)) or 'none'})")
     text = record[field]
     if not isinstance(text, str):
-        raise InputError(f"{where}: field {field!r} is {_JSON_KINDS[type(text)]}, not a string")
+        raise InputError(f"{where}: field {field!r} is {json_kind(text)}, not a string")
     if id_field is None:
         return text, None
     record_id = record[id_field]
     if type(record_id) not in (int, str):  # a bool is not an id
-        raise InputError(f"{where}: id field {id_field!r} is {_JSON_KINDS[type(record_id)]}, "
+        raise InputError(f"{where}: id field {id_field!r} is {json_kind(record_id)}, "
                          "not a string or an integer")
     if isinstance(record_id, int) and record_id not in INT64:
         raise InputError(f"{where}: id {record_id} does not fit int64")
@@ -291,8 +285,8 @@ def _check_ids(source: Source, first: int, ids: list) -> None:
     for number, record_id in enumerate(ids, first):
         if not isinstance(record_id, kind):
             raise InputError(f"{source.path}: {source.unit} {number}: id {record_id!r} is "
-                             f"{_JSON_KINDS[type(record_id)]}, but {source.unit} 1's is "
-                             f"{_JSON_KINDS[kind]} (ids must be all strings or all integers)")
+                             f"{json_kind(record_id)}, but {source.unit} 1's is "
+                             f"{json_kind(kind())} (ids must be all strings or all integers)")
     check_unique(source, ids, first_row=first - 1)
 
 

@@ -16,14 +16,13 @@ metric would be 0 (the wrong corpus, split or id column).
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..corpus.source import lines
-from ..validation import UserError
+from ..validation import UserError, json_object
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 
@@ -74,13 +73,9 @@ def read_jsonl(path: Path, *, title: bool) -> dict[str, tuple[str, str]]:
     first_line: dict[str, int] = {}
     for number, line in _lines(path, f"reading {path.name}"):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") \
-                from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object, got "
-                            f"{type(row).__name__}")
+            row = json_object(line)
+        except UserError as e:
+            raise UserError(f"{path}:{number}: {e}") from None
         key = _string(path, number, row, "_id")
         if key in first_line:
             raise UserError(f"{path}:{number}: duplicate _id {key!r} (first on line "

@@ -27,7 +27,6 @@ Shapes are suffixed with the package's dimension key (cde_jax/__init__.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -37,7 +36,7 @@ import numpy as np
 from .. import prompts
 from ..corpus.source import lines
 from ..tokenization import TextTokenizer
-from ..validation import UserError
+from ..validation import UserError, json_object
 
 
 class Example(NamedTuple):
@@ -57,12 +56,7 @@ def _text(value, what: str) -> str:
 
 
 def parse_example(text: str, line: int = 0) -> Example:
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise UserError(f"expected a JSON object, got {type(row).__name__}")
+    row = json_object(text)
     for key in ("query", "positive"):
         if key not in row:
             raise UserError(f"missing field {key!r}")
