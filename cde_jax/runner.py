@@ -40,18 +40,18 @@ def _compiled(graphdef: nnx.GraphDef, mesh) -> tuple[Callable, Callable, Callabl
     first one compiled instead of compiling them again."""
     rows, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
-    def first(params, input_ids_bs, attention_mask_bs):
+    def first_fn(params, input_ids_bs, attention_mask_bs):
         return nnx.merge(graphdef, params).first_stage_model(input_ids_bs, attention_mask_bs)
 
-    def prefix(params, dataset_embeddings_md):
+    def prefix_fn(params, dataset_embeddings_md):
         return nnx.merge(graphdef, params).second_stage_model.prefix(dataset_embeddings_md)
 
-    def second(params, input_ids_bs, attention_mask_bs, prefix):
+    def second_fn(params, input_ids_bs, attention_mask_bs, prefix):
         return nnx.merge(graphdef, params).second_stage_model(input_ids_bs, attention_mask_bs,
                                                               prefix)
 
-    return (jax.jit(first, out_shardings=rows), jax.jit(prefix, out_shardings=replicated),
-            jax.jit(second, out_shardings=rows))
+    return (jax.jit(first_fn, out_shardings=rows), jax.jit(prefix_fn, out_shardings=replicated),
+            jax.jit(second_fn, out_shardings=rows))
 
 
 class StageRunner:

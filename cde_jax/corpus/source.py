@@ -34,6 +34,7 @@ BLOCK_BYTES = 1 << 24
 FORMATS = (".jsonl", ".parquet", ".txt")
 INT64 = range(-(1 << 63), 1 << 63)
 
+
 class InputError(UserError):
     """An input file the user can fix (the message names the file and line)."""
 
