@@ -10,12 +10,17 @@ programs for a few rows each, and LLVM's optimization passes were half of all co
 while buying nothing at these sizes (test_model + test_attention: 145 s -> 101 s). The HLO,
 its fusions and the float semantics are the same; only the machine code is less tuned.
 Commands the tests start inherit the flag; timings that matter come from scripts/, which
-never set it."""
+never set it.
+
+Slow command runs are declared with `early`: they start with the session, beside the tests."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 # Before JAX starts: the cde_jax import below starts it.
@@ -61,6 +66,63 @@ def command_compile_cache(tmp_path_factory):
         yield path
 
 
+# --- commands started early ----------------------------------------------------------------
+EARLY: dict[tuple[str, str], object] = {}
+EARLY_SECONDS: dict[str, float] = {}
+
+
+def early(run):
+    """Declares `run`, a test module's slow command run, to start when the session starts; the
+    session fixture of its name returns what it returned (or raises what it raised).
+
+    Why: this process spends most of its time compiling, on one of the two cores, and a test
+    that waits for a command leaves a core idle. On one worker thread beside the tests, the
+    commands take that core. So `run` only starts subprocesses (capturing their output) and
+    reads files: JAX work in this process would be seen by the tests that count compiles.
+    Its parameters are session fixtures (resolved before it starts), `tmp` (a fresh directory
+    of its own) and earlier early runs of its module (their results)."""
+    key = (run.__module__, run.__name__)
+    EARLY[key] = run
+
+    @pytest.fixture(scope="session", name=run.__name__)
+    def result(early_runs):
+        return early_runs[key].result()
+
+    return result
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early_runs(request, command_compile_cache, tmp_path_factory):
+    """Starts, in the order they are declared, the early runs that a selected test uses, and
+    those they take as parameters (an early run of the same module: its result)."""
+    used = {(item.module.__name__, name) for item in request.session.items
+            if hasattr(item, "module") for name in getattr(item, "fixturenames", ())}
+    pool = ThreadPoolExecutor(1, thread_name_prefix="early")
+    futures: dict[tuple[str, str], Future] = {}
+
+    def start(key):
+        if key not in futures:
+            args = {name: start((key[0], name)) if (key[0], name) in EARLY
+                    else tmp_path_factory.mktemp(key[1]) if name == "tmp"
+                    else request.getfixturevalue(name)
+                    for name in inspect.signature(EARLY[key]).parameters}
+            def run():
+                begin = time.perf_counter()
+                try:
+                    return EARLY[key](**{name: arg.result() if isinstance(arg, Future) else arg
+                                         for name, arg in args.items()})
+                finally:
+                    EARLY_SECONDS[".".join(key)] = time.perf_counter() - begin
+
+            futures[key] = pool.submit(run)
+        return futures[key]
+
+    for key in sorted(EARLY.keys() & used, key=list(EARLY).index):
+        start(key)
+    yield futures
+    pool.shutdown(cancel_futures=True)
+
+
 PARITY: dict[str, float] = {}
 
 
@@ -77,6 +139,10 @@ def max_rel_err(actual, expected) -> float:
 
 
 def pytest_terminal_summary(terminalreporter):
+    if EARLY_SECONDS:
+        terminalreporter.section("early runs, beside the tests (seconds)")
+        for name, seconds in EARLY_SECONDS.items():
+            terminalreporter.write_line(f"{seconds:8.1f}  {name}")
     if PARITY:
         terminalreporter.section("worst parity error per test (max|a-b| / max|b|)")
         for test, err in sorted(PARITY.items()):
@@ -108,3 +174,23 @@ def synthetic(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synthetic):
+    """(released dir, converted dir) of the default tiny synthetic checkpoint."""
+    return synthetic()
+
+
+@pytest.fixture(scope="session")
+def ctx_npz(tiny_checkpoint, tmp_path_factory):
+    """A dataset-embeddings file for the tiny checkpoint, of random values: enough for a
+    command that only needs a valid one, without the 512-document fallback's compute."""
+    from cde_jax.convert import read_converted
+    from cde_jax.minicorpus import DatasetEmbeddings
+    from cde_jax.prompts import DOCUMENT
+
+    emb = np.random.default_rng(0).standard_normal((512, 64)).astype(np.float32)
+    fingerprint = read_converted(tiny_checkpoint[1]).fingerprint
+    return DatasetEmbeddings(emb, fingerprint, DOCUMENT, 0).save(
+        tmp_path_factory.mktemp("ctx") / "ctx.npz")

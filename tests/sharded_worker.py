@@ -43,7 +43,9 @@ def main():
 
     mesh = make_mesh(args.model_parallel)
     model = cde_jax.load(args.ckpt, mesh=mesh)
-    ctx = model.embed_dataset(fallback_minicorpus(), seed=3)
+    # The first 300 characters of each document: the minicorpus's lengths do not change what
+    # is sharded, and 512 full documents (up to 512 tokens) cost a fifth of this run.
+    ctx = model.embed_dataset([d[:300] for d in fallback_minicorpus()], seed=3)
     texts = corpus()
     # Each process embeds its own contiguous share of the corpus.
     per = -(-len(texts) // jax.process_count())

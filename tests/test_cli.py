@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import max_rel_err
+from conftest import early, max_rel_err
 
 import cde_jax
 from cde_jax.corpus import job, open_chunks
@@ -30,16 +30,18 @@ from cde_jax.prompts import DOCUMENT as DOCUMENT_PREFIX
 CHUNK = ("--chunk-size", "16", "--batch-size", "8")
 
 
+def run_cli(*args, cmd=("-m", "cde_jax.cli"), popen=False, **kw):
+    """CompletedProcess of `python -m cde_jax.cli args` (text output); `popen=True`: the
+    running process."""
+    argv = [sys.executable, *cmd, *map(str, args)]
+    if popen:
+        return subprocess.Popen(argv, **kw)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def cli():
-    """cli(*args) -> CompletedProcess of `python -m cde_jax.cli args` (text output)."""
-    def run(*args, cmd=("-m", "cde_jax.cli"), popen=False, **kw):
-        argv = [sys.executable, *cmd, *map(str, args)]
-        if popen:
-            return subprocess.Popen(argv, **kw)
-        return subprocess.run(argv, capture_output=True, text=True, timeout=600)
-
-    return run
+    return run_cli
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +75,6 @@ def write_jsonl(path, texts, field="text"):
 @pytest.fixture(scope="module")
 def texts(random_docs):
     return mixed_texts(random_docs, 64)
-
-
-@pytest.fixture(scope="module")
-def ctx_npz(model, tmp_path_factory):
-    """Dataset embeddings for this model (random values: `embed` only needs them valid)."""
-    emb = np.random.default_rng(0).standard_normal((512, 64)).astype(np.float32)
-    return DatasetEmbeddings(emb, model.fingerprint, DOCUMENT_PREFIX, 0).save(
-        tmp_path_factory.mktemp("ctx") / "ctx.npz")
 
 
 @pytest.fixture(scope="module")
@@ -149,16 +143,22 @@ def test_embed_txt_equals_encode_in_order(embedded_txt, documents_ref, texts):
                                                             "in.txt"]
 
 
-def test_embed_jsonl_field_random_context(cli, model, model_dir, texts, tmp_path):
-    texts = texts[:40]
-    src = write_jsonl(tmp_path / "in.jsonl", texts, field="body")
-    done = cli("embed", "--model", model_dir, "--input", src, "--field", "body", "--role",
-               "query", "--dataset-embeddings", "fallback", "--out", tmp_path / "q.npy", *CHUNK)
+@early
+def jsonl_fallback_run(tiny_checkpoint, random_docs, tmp):
+    """`embed` of a .jsonl field (40 texts) with the fallback minicorpus: its output."""
+    src = write_jsonl(tmp / "in.jsonl", mixed_texts(random_docs, 40), field="body")
+    done = run_cli("embed", "--model", tiny_checkpoint[1], "--input", src, "--field", "body",
+                   "--role", "query", "--dataset-embeddings", "fallback", "--out",
+                   tmp / "q.npy", *CHUNK)
     assert done.returncode == 0, done.stderr
-    want = model.encode(texts, prompt_name="query",
+    return np.load(tmp / "q.npy")
+
+
+def test_embed_jsonl_field_fallback_minicorpus(model, texts, jsonl_fallback_run):
+    want = model.encode(texts[:40], prompt_name="query",
                         dataset_embeddings=model.embed_dataset(fallback_minicorpus()),
                         batch_size=8)
-    assert max_rel_err(np.load(tmp_path / "q.npy"), want) <= 1e-6
+    assert max_rel_err(jsonl_fallback_run, want) <= 1e-6
 
 
 def test_embed_parquet(cli, model_dir, texts, ctx_npz, documents_ref, tmp_path):
@@ -198,24 +198,35 @@ def test_kill_9_then_resume_is_byte_identical(cli, model_dir, ctx_npz, embedded_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.ids.jsonl", "log"]
 
 
-def test_embed_cache_hits_on_a_repeated_run(cli, model_dir, ctx_npz, texts, tmp_path):
-    src = write_txt(tmp_path / "in.txt", texts[:12])
-    argv = ("embed", "--model", model_dir, "--input", src, "--role", "query",
-            "--dataset-embeddings", ctx_npz, "--out", tmp_path / "q.npy", *CHUNK)
-    assert cli(*argv).returncode == 0
-    first = (tmp_path / "q.npy").read_bytes()
-    again = cli(*argv)  # an existing output is kept unless --overwrite
-    assert again.returncode == 2 and "already exists (pass --overwrite" in again.stderr
+@early
+def repeated_runs(tiny_checkpoint, ctx_npz, random_docs, tmp):
+    """The same `embed` three times: as is, again (refused: the output exists), and with
+    --overwrite, counting JAX's compilation-cache events. (The three runs, the first and
+    last outputs.)"""
+    src = write_txt(tmp / "in.txt", mixed_texts(random_docs, 12))
+    argv = ("embed", "--model", tiny_checkpoint[1], "--input", src, "--role", "query",
+            "--dataset-embeddings", ctx_npz, "--out", tmp / "q.npy", *CHUNK)
+    first = run_cli(*argv)
+    first_bytes = (tmp / "q.npy").read_bytes() if first.returncode == 0 else None
+    again = run_cli(*argv)
     counting = ("import collections, json, sys, jax; from cde_jax import cli"
                 "; c = collections.Counter()"
                 "; jax.monitoring.register_event_listener(lambda e, **k: c.update([e]))"
                 "; rc = cli.main(sys.argv[1:]); print(json.dumps(c)); sys.exit(rc)")
-    done = cli(*argv, "--overwrite", cmd=("-c", counting))
-    assert done.returncode == 0, done.stderr
-    events = json.loads(done.stdout.strip().splitlines()[-1])
+    last = run_cli(*argv, "--overwrite", cmd=("-c", counting))
+    return (first, again, last), first_bytes, (tmp / "q.npy").read_bytes()
+
+
+def test_embed_cache_hits_on_a_repeated_run(repeated_runs):
+    (first, again, last), first_bytes, last_bytes = repeated_runs
+    assert first.returncode == 0, first.stderr
+    # An existing output is kept unless --overwrite.
+    assert again.returncode == 2 and "already exists (pass --overwrite" in again.stderr
+    assert last.returncode == 0, last.stderr
+    events = json.loads(last.stdout.strip().splitlines()[-1])
     assert events.get("/jax/compilation_cache/cache_hits", 0) >= 2, events
     assert events.get("/jax/compilation_cache/cache_misses", 0) == 0, events
-    assert (tmp_path / "q.npy").read_bytes() == first
+    assert last_bytes == first_bytes
 
 
 # --- errors --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TOKENIZER_DIR
+from conftest import TOKENIZER_DIR, early
 from safetensors.numpy import load_file, save_file
 
 import cde_jax
@@ -174,18 +174,26 @@ def test_bfloat16_conversion(synthetic, tmp_path):
     assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
 
 
-def test_scripts(tmp_path):
-    """The two CLIs end to end: synthetic checkpoint, then conversion; errors exit 2."""
+@early
+def script_runs(tmp):
+    """scripts/make_synthetic_checkpoint.py, then scripts/convert_weights.py on its output and
+    on a missing directory: (the three runs, the checkpoint, the converted dir)."""
     run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True,
                                     cwd=REPO)
-    made = run("scripts/make_synthetic_checkpoint.py", str(tmp_path / "syn"), "--preset", "tiny",
+    made = run("scripts/make_synthetic_checkpoint.py", str(tmp / "syn"), "--preset", "tiny",
                "--seed", "3", "--ignore-instruction-tokens", "0", "--tokenizer-dir",
                str(TOKENIZER_DIR))
+    done = run("scripts/convert_weights.py", str(tmp / "syn"), str(tmp / "conv"))
+    bad = run("scripts/convert_weights.py", str(tmp / "missing-dir"), str(tmp / "x"))
+    return (made, done, bad), tmp / "syn", tmp / "conv"
+
+
+def test_scripts(script_runs):
+    """The two CLIs end to end: synthetic checkpoint, then conversion; errors exit 2."""
+    (made, done, bad), syn, conv = script_runs
     assert made.returncode == 0, made.stderr
-    config = json.loads((tmp_path / "syn" / "config.json").read_text())
+    config = json.loads((syn / "config.json").read_text())
     assert config["pool_ignore_instruction_tokens"] is False
-    done = run("scripts/convert_weights.py", str(tmp_path / "syn"), str(tmp_path / "conv"))
     assert done.returncode == 0, done.stderr
-    assert cde_jax.load(tmp_path / "conv").config.pool_ignore_instruction_tokens is False
-    bad = run("scripts/convert_weights.py", str(tmp_path / "missing-dir"), str(tmp_path / "x"))
+    assert cde_jax.load(conv).config.pool_ignore_instruction_tokens is False
     assert bad.returncode == 2 and "error:" in bad.stderr

@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import max_rel_err
+from conftest import early, max_rel_err
 
 import cde_jax
 from cde_jax.corpus import InputError, job, lines, open_chunks, sinks
@@ -52,53 +52,49 @@ def test_ids_from_a_field_and_repeats_named_by_line(tmp_path):
         open_chunks(path, 3, id_field="_id")[2]
 
 
-# --- processes ---------------------------------------------------------------------------------
+# --- processes: the command runs start with the session (conftest.early) -------------------
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def run_cli():
-    """run_cli(n, *args) -> the n processes' (returncode, stderr), each joined by jax.distributed
-    when n > 1; `popen=True` returns the running processes."""
+def run_cli(n, *args, popen=False):
+    """The n processes' (returncode, stderr), each joined by jax.distributed when n > 1;
+    `popen=True` returns the running processes."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-
-    def run(n, *args, popen=False):
-        port = free_port()
-        procs = []
-        for i in range(n):
-            extra = () if n == 1 else ("--coordinator", f"127.0.0.1:{port}",
-                                       "--num-processes", n, "--process-id", i)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "cde_jax.cli", *map(str, args + extra)], env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        if popen:
-            return procs
-        outs = [p.communicate(timeout=600) for p in procs]
-        return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
-
-    return run
+    port = free_port()
+    procs = []
+    for i in range(n):
+        extra = () if n == 1 else ("--coordinator", f"127.0.0.1:{port}", "--num-processes", n,
+                                   "--process-id", i)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cde_jax.cli", *map(str, args + extra)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    if popen:
+        return procs
+    outs = [p.communicate(timeout=600) for p in procs]
+    return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
 
 
 def ok(results):
     for code, err in results:
         assert code == 0, err[-3000:]
+    return results
 
 
-@pytest.fixture(scope="module")
-def corpus(synthetic, random_docs, tmp_path_factory):
+@early
+def corpus(tiny_checkpoint, random_docs, tmp):
     """(model dir, dataset-embeddings file, a 60-line .jsonl with string ids)."""
-    tmp = tmp_path_factory.mktemp("corpus")
-    model = cde_jax.load(synthetic()[1])
     rng = random.Random(1)
     texts = [" ".join(d.split()[:rng.randint(1, 30)]) for d in random_docs[:60]]
     path = tmp / "in.jsonl"
     path.write_text("".join(json.dumps({"_id": f"doc-{i}", "text": t}) + "\n"
                             for i, t in enumerate(texts)))
-    dataset = model.dataset_embeddings_file(texts, seed=0, batch_size=8).save(tmp / "ds.npz")
-    return synthetic()[1], dataset, path
+    model = tiny_checkpoint[1]
+    ok(run_cli(1, "dataset-embeddings", "--model", model, "--input", path, "--seed", 0,
+               "--out", tmp / "ds.npz", "--batch-size", 8))
+    return model, tmp / "ds.npz", path
 
 
 def embed_args(corpus, out, chunk_size=4):
@@ -116,27 +112,27 @@ def output_bytes(out) -> dict[str, bytes]:
             for d, _, files in os.walk(out) for f in files}
 
 
-@pytest.fixture(scope="module")
-def single(corpus, run_cli, tmp_path_factory):
+@early
+def single(corpus, tmp):
     """One process, .npy with its ids: the reference of every multi-process run (15 chunks)."""
-    out = tmp_path_factory.mktemp("single") / "one.npy"
-    ok(run_cli(1, *embed_args(corpus, out)))
-    return out
+    ok(run_cli(1, *embed_args(corpus, tmp / "one.npy")))
+    return tmp / "one.npy"
 
 
-@pytest.fixture(scope="module")
-def two(corpus, run_cli, tmp_path_factory):
-    """Two processes, one .zarr: also the uninterrupted run a killed one must equal."""
-    out = tmp_path_factory.mktemp("two") / "many.zarr"
-    ok(run_cli(2, *embed_args(corpus, out)))
-    return out
+@early
+def many(corpus, tmp):
+    """{(processes, format): output}: 2 processes into one .zarr (also the uninterrupted run
+    that a killed one must equal), 3 into one .parquet."""
+    outs = {(2, "zarr"): tmp / "2" / "many.zarr", (3, "parquet"): tmp / "3" / "many.parquet"}
+    for (n, _), out in outs.items():
+        out.parent.mkdir()
+        ok(run_cli(n, *embed_args(corpus, out)))
+    return outs
 
 
 @pytest.mark.parametrize("n,fmt", [(2, "zarr"), (3, "parquet")])
-def test_processes_write_one_output_with_ids(corpus, run_cli, single, two, tmp_path, n, fmt):
-    out = two if n == 2 else tmp_path / f"many.{fmt}"
-    if n != 2:
-        ok(run_cli(n, *embed_args(corpus, out)))
+def test_processes_write_one_output_with_ids(single, many, n, fmt):
+    out = many[n, fmt]
     want_ids, want = cde_jax.read_embeddings(single)
     ids, got = cde_jax.read_embeddings(out)
     assert list(ids) == [f"doc-{i}" for i in range(60)] == list(want_ids)
@@ -146,13 +142,19 @@ def test_processes_write_one_output_with_ids(corpus, run_cli, single, two, tmp_p
     assert sorted(os.listdir(out.parent)) == [f"many.{fmt}"]  # no parts, locks or temp files
 
 
-def test_seven_rows_on_three_processes(corpus, run_cli, single, tmp_path):
+@early
+def seven_rows(corpus, tmp):
+    """7 rows in chunks of 4: two chunks, so the third process has nothing to embed but joins
+    every step."""
     model, dataset, path = corpus
-    short = tmp_path / "seven.jsonl"
+    short = tmp / "seven.jsonl"
     short.write_text("".join(path.read_text().splitlines(keepends=True)[:7]))
-    # Chunks of 4: two chunks, so the third process has nothing to embed but joins every step.
-    ok(run_cli(3, *embed_args((model, dataset, short), tmp_path / "three.zarr")))
-    ids, three = cde_jax.read_embeddings(tmp_path / "three.zarr")
+    ok(run_cli(3, *embed_args((model, dataset, short), tmp / "three.zarr")))
+    return tmp / "three.zarr"
+
+
+def test_seven_rows_on_three_processes(single, seven_rows):
+    ids, three = cde_jax.read_embeddings(seven_rows)
     assert list(ids) == [f"doc-{i}" for i in range(7)]
     assert max_rel_err(three, cde_jax.read_embeddings(single)[1][:7]) <= 1e-6
 
@@ -162,7 +164,7 @@ def committed(out) -> int:
     return len([f for f in os.listdir(ids) if f.endswith(".json")]) if os.path.isdir(ids) else 0
 
 
-def kill_mid_run(run_cli, args, out, n):
+def kill_mid_run(args, out, n):
     """Starts n processes, SIGKILLs one once 2 chunks are committed, then the others (they
     would wait for it in their next collective)."""
     procs = run_cli(n, *args, popen=True)
@@ -179,66 +181,90 @@ def kill_mid_run(run_cli, args, out, n):
     return committed(out)
 
 
-@pytest.mark.parametrize("first,then", [(2, 2), (2, 3)])
-def test_kill_9_then_restart_resumes(corpus, run_cli, single, two, tmp_path, first, then):
-    """Restarted with as many processes: the bytes of the uninterrupted run (`two`); with
-    another count: the same rows."""
-    out = tmp_path / "emb.zarr"
-    args = embed_args(corpus, out)  # 15 chunks
-    done = kill_mid_run(run_cli, args, out, first)
-    assert 2 <= done < 15 and not sinks.exists(out)
-    results = run_cli(then, *args)
-    ok(results)
-    assert f"resuming {out}" in results[0][1]
+KILLS = [(2, 2), (2, 3)]
+
+
+@early
+def killed_and_restarted(corpus, tmp):
+    """{(first, then): (chunks done when killed, output, the restart's first stderr)}: 15
+    chunks embedded by `first` processes, killed, then restarted with `then`."""
+    runs = {}
+    for first, then in KILLS:
+        out = tmp / f"{first}-{then}" / "emb.zarr"
+        out.parent.mkdir()
+        args = embed_args(corpus, out)
+        done = kill_mid_run(args, out, first)
+        exists = sinks.exists(out)
+        runs[first, then] = (done, exists, out, ok(run_cli(then, *args))[0][1])
+    return runs
+
+
+@pytest.mark.parametrize("first,then", KILLS)
+def test_kill_9_then_restart_resumes(single, many, killed_and_restarted, first, then):
+    """Restarted with as many processes: the bytes of the uninterrupted run; with another
+    count: the same rows."""
+    done, existed, out, stderr = killed_and_restarted[first, then]
+    assert 2 <= done < 15 and not existed
+    assert f"resuming {out}" in stderr
     if then == 2:
-        assert output_bytes(out) == output_bytes(two)
+        assert output_bytes(out) == output_bytes(many[2, "zarr"])
     ids, got = cde_jax.read_embeddings(out)
     assert list(ids) == [f"doc-{i}" for i in range(60)]
     assert max_rel_err(got, cde_jax.read_embeddings(single)[1]) <= 1e-6
 
 
-def test_dataset_embeddings_and_eval_on_two_processes(corpus, run_cli, tmp_path, random_docs):
+@early
+def two_process_commands(corpus, random_docs, tmp):
+    """`dataset-embeddings` (seed 3) and `eval` (on a BEIR dir) on two processes: (their
+    output files, the BEIR dir)."""
+    from test_evaluation import write_beir
+
+    model_dir, _, path = corpus
+    ok(run_cli(2, "dataset-embeddings", "--model", model_dir, "--input", path, "--seed", 3,
+               "--out", tmp / "ds2.npz", "--batch-size", 8))
+    write_beir(tmp / "beir", random_docs)
+    ok(run_cli(2, "eval", "--model", model_dir, "--dataset", tmp / "beir", "--out",
+               tmp / "r2.json", "--k", "1,5", "--batch-size", 8))
+    return tmp / "ds2.npz", tmp / "r2.json", tmp / "beir"
+
+
+def test_dataset_embeddings_and_eval_on_two_processes(corpus, two_process_commands):
     """Two processes against one (this process: test_cli and test_evaluation check that the
     one-process commands equal these calls)."""
     model_dir, _, path = corpus
+    ds_file, report, beir = two_process_commands
     model = cde_jax.load(model_dir)
-    ok(run_cli(2, "dataset-embeddings", "--model", model_dir, "--input", path, "--seed", 3,
-               "--out", tmp_path / "ds2.npz", "--batch-size", 8))
     texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 60 texts for 512: oversampled
         one = model.embed_dataset(texts, seed=3, batch_size=8)
-    two = np.load(tmp_path / "ds2.npz")["embeddings"]
+    two = np.load(ds_file)["embeddings"]
     assert one.shape == (512, 64) and max_rel_err(two, one) <= 1e-6
 
-    from test_evaluation import write_beir
-    write_beir(tmp_path / "beir", random_docs)
-    ok(run_cli(2, "eval", "--model", model_dir, "--dataset", tmp_path / "beir", "--out",
-               tmp_path / "r2.json", "--k", "1,5", "--batch-size", 8))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        one = evaluate_retrieval(model, load_beir(tmp_path / "beir"), [1, 5], batch_size=8,
+        one = evaluate_retrieval(model, load_beir(beir), [1, 5], batch_size=8,
                                  show_progress_bar=False)
-    two = json.loads((tmp_path / "r2.json").read_text())["metrics"]
+    two = json.loads(report.read_text())["metrics"]
     assert two == pytest.approx(one, abs=1e-12) and one["ndcg@5"] > 0
 
 
-def test_training_on_two_processes_equals_one_and_resumes(synthetic, random_docs, run_cli,
-                                                          tmp_path):
+@early
+def two_process_training(tiny_checkpoint, random_docs, tmp):
+    """4 steps on one process; on two, process 1 SIGKILLed when it asks for the 4th batch
+    (after the step-2 checkpoint, which both wait for), then both restarted with --resume.
+    (the two output dirs)"""
     from test_training import retrieval_examples, write_jsonl
 
-    released = synthetic()[0]
-    data = write_jsonl(tmp_path / "train.jsonl", retrieval_examples(random_docs, 48))
+    data = write_jsonl(tmp / "train.jsonl", retrieval_examples(random_docs, 48))
 
     def args(out):
-        return ("train", "--model", released, "--data", data, "--out", out, "--steps", 4,
-                "--batch-size", 8, "--lr", "1e-3", "--query-length", 24, "--document-length",
-                48, "--checkpoint-every", 2, "--seed", 1)
+        return ("train", "--model", tiny_checkpoint[0], "--data", data, "--out", out,
+                "--steps", 4, "--batch-size", 8, "--lr", "1e-3", "--query-length", 24,
+                "--document-length", 48, "--checkpoint-every", 2, "--seed", 1)
 
-    ok(run_cli(1, *args(tmp_path / "one")))
-    # Two processes, process 1 SIGKILLed when it asks for the 4th batch (after the step-2
-    # checkpoint, which both wait for); then both restarted with --resume.
-    port, killed = free_port(), tmp_path / "two"
+    ok(run_cli(1, *args(tmp / "one")))
+    port, killed = free_port(), tmp / "two"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen(
         [sys.executable, os.path.join(os.path.dirname(__file__), "train_killed.py"),
@@ -248,10 +274,13 @@ def test_training_on_two_processes_equals_one_and_resumes(synthetic, random_docs
     assert procs[1].wait(timeout=600) == -signal.SIGKILL, procs[1].communicate()[1][-3000:]
     procs[0].kill()
     procs[0].communicate()
-    results = run_cli(2, *args(killed), "--resume")
-    ok(results)
+    ok(run_cli(2, *args(killed), "--resume"))
+    return tmp / "one", killed
+
+
+def test_training_on_two_processes_equals_one_and_resumes(two_process_training):
     logs = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            for out in (tmp_path / "one", killed)]
+            for out in two_process_training]
     assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
     # Step 1 starts from the same parameters: float32 agreement. Later steps start from
     # parameters that AdamW has moved apart by up to ~lr (below), so they agree less closely.
@@ -263,8 +292,7 @@ def test_training_on_two_processes_equals_one_and_resumes(synthetic, random_docs
     print("trained 1 vs 2 processes, loss rel diff per step:",
           [f"{abs(a['loss'] - b['loss']) / a['loss']:.1e}" for a, b in zip(*logs)])
     from safetensors.numpy import load_file
-    a, b = (load_file(str(out / "model" / "model.safetensors")) for out in (tmp_path / "one",
-                                                                           killed))
+    a, b = (load_file(str(out / "model" / "model.safetensors")) for out in two_process_training)
     # AdamW divides each update by the root of its squared-gradient average, so an element
     # whose gradient is ~0 moves by up to the learning rate either way on summation-order
     # noise: parameters agree to ~lr, not to float precision (loss and gradients do).

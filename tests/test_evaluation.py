@@ -18,6 +18,7 @@ from pathlib import Path
 import mteb
 import numpy as np
 import pytest
+from conftest import early
 from mteb.mocks.mock_tasks import (
     LegacyMockClusteringFastTask,
     MockClassificationTask,
@@ -123,8 +124,10 @@ def test_exact_top_k_compiles_once_over_many_chunks():
     assert compiles.count == 1  # 16 chunks (the last one padded), one program
 
 
-def test_exact_top_k_sharded_over_8_devices():
-    """Corpus rows split over 8 fake devices, in chunks: same result as argsort."""
+@early
+def top_k_on_8_devices():
+    """Corpus rows split over 8 fake devices, in chunks: a script that checks the result
+    against argsort (its CompletedProcess)."""
     script = textwrap.dedent("""
         import numpy as np, jax, test_evaluation as t
         from cde_jax.evaluation import SearchPlan, exact_top_k
@@ -152,8 +155,12 @@ def test_exact_top_k_sharded_over_8_devices():
     """)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
            + " --xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, cwd=Path(__file__).parent, timeout=300)
+
+
+def test_exact_top_k_sharded_over_8_devices(top_k_on_8_devices):
+    proc = top_k_on_8_devices
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 

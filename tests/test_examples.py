@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import early
 
 import cde_jax
 from cde_jax.convert.synthetic import SYNTHETIC_KEY, is_synthetic
@@ -30,18 +31,24 @@ def example(name: str, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def converted(synthetic):
-    return synthetic()[1]
+def converted(tiny_checkpoint):
+    return tiny_checkpoint[1]
 
 
-def test_search(converted, tmp_path):
-    queries = ["who is Jason Voorhees?", "macdonald polynomials"]
-    out = tmp_path / "hits.json"
-    done = example("search.py", converted, "--limit", 24, "--top-k", 3, "--json", out,
-                   *(a for q in queries for a in ("--query", q)))
-    assert NOTE in done.stdout and "24 documents, 64-dimensional embeddings" in done.stdout
-    hits = json.loads(out.read_text())
+QUERIES = ["who is Jason Voorhees?", "macdonald polynomials"]
 
+
+@early
+def search_run(tiny_checkpoint, tmp):
+    """(stdout, hits)"""
+    done = example("search.py", tiny_checkpoint[1], "--limit", 24, "--top-k", 3, "--json",
+                   tmp / "hits.json", *(a for q in QUERIES for a in ("--query", q)))
+    return done.stdout, json.loads((tmp / "hits.json").read_text())
+
+
+def test_search(converted, search_run):
+    stdout, hits = search_run
+    assert NOTE in stdout and "24 documents, 64-dimensional embeddings" in stdout
     model = cde_jax.load(converted)
     lines = packaged_data("random_docs.txt").read_text(encoding="utf-8").splitlines()
     corpus = [line for line in lines if line.strip()][:24]
@@ -49,13 +56,13 @@ def test_search(converted, tmp_path):
         warnings.simplefilter("ignore")  # 24 texts for a minicorpus of 512: oversampled
         dataset = model.embed_dataset(corpus, seed=0)
     docs = model.encode_document(corpus, dataset_embeddings=dataset)
-    for query in queries:
+    for query in QUERIES:
         scores = docs @ model.encode_query(query, dataset_embeddings=dataset)
         best = np.argsort(-scores)[:3]
         assert [h["doc"] for h in hits[query]] == best.tolist()
         np.testing.assert_allclose([h["score"] for h in hits[query]], scores[best], atol=1e-5)
         assert [h["text"] for h in hits[query]] == [corpus[i] for i in best]
-        assert f"  {scores[best[0]]:.3f}  [{best[0]}] {corpus[best[0]][:90]}" in done.stdout
+        assert f"  {scores[best[0]]:.3f}  [{best[0]}] {corpus[best[0]][:90]}" in stdout
 
 
 def test_only_a_marked_checkpoint_is_called_random(synthetic):
@@ -67,16 +74,22 @@ def test_only_a_marked_checkpoint_is_called_random(synthetic):
     assert not is_synthetic(config)
 
 
-def test_finetune_and_evaluate(converted, tmp_path):
-    out, report_file = tmp_path / "ft", tmp_path / "report.json"
-    done = example("finetune_and_evaluate.py", converted, out, "--steps", 2, "--examples", 16,
-                   "--test", 16, "--batch-size", 8, "--json", report_file)
-    assert NOTE in done.stdout
-    report = json.loads(report_file.read_text())
+@early
+def finetune_run(tiny_checkpoint, tmp):
+    """(stdout, output dir, report)"""
+    done = example("finetune_and_evaluate.py", tiny_checkpoint[1], tmp / "ft", "--steps", 2,
+                   "--examples", 16, "--test", 16, "--batch-size", 8, "--json",
+                   tmp / "report.json")
+    return done.stdout, tmp / "ft", json.loads((tmp / "report.json").read_text())
+
+
+def test_finetune_and_evaluate(converted, finetune_run):
+    stdout, out, report = finetune_run
+    assert NOTE in stdout
     logged = [json.loads(line)["loss"] for line in
               (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(report["losses"]) == 2 and np.allclose(report["losses"], logged, atol=1e-6)
-    assert f"trained 2 steps, loss {logged[0]:.4f} -> {logged[-1]:.4f}" in done.stdout
+    assert f"trained 2 steps, loss {logged[0]:.4f} -> {logged[-1]:.4f}" in stdout
 
     heldout = load_beir(out / "heldout")
     assert len(heldout.query_ids) == 16 and len(heldout.doc_ids) == 16
@@ -88,19 +101,25 @@ def test_finetune_and_evaluate(converted, tmp_path):
         for name, model in (("base", base), ("fine-tuned", tuned)):
             want = evaluate_retrieval(model, heldout, [1, 10], show_progress_bar=False)
             assert report["metrics"][name] == pytest.approx(want, abs=1e-6)
-            assert f"{report['metrics'][name]['ndcg@10']:11.4f}" in done.stdout
+            assert f"{report['metrics'][name]['ndcg@10']:11.4f}" in stdout
 
 
-def test_mteb_evaluate(converted, tmp_path):
+@early
+def mteb_run(tiny_checkpoint, tmp):
+    """(stdout, scores)"""
+    done = example("mteb_evaluate.py", tiny_checkpoint[1], "--batch-size", 8, "--json",
+                   tmp / "scores.json")
+    return done.stdout, json.loads((tmp / "scores.json").read_text())
+
+
+def test_mteb_evaluate(converted, mteb_run):
     import mteb
     from mteb.mocks.mock_tasks import MockRetrievalTask
 
     from cde_jax.evaluation.mteb import CdeMtebModel
 
-    out = tmp_path / "scores.json"
-    done = example("mteb_evaluate.py", converted, "--batch-size", 8, "--json", out)
-    assert NOTE in done.stdout
-    scores = json.loads(out.read_text())
+    stdout, scores = mteb_run
+    assert NOTE in stdout
     assert {task: sorted(splits) for task, splits in scores.items()} == {
         "MockRetrievalTask": ["test", "val"], "MockClassificationTask": ["test"],
         "MockSTSTask": ["test"]}
@@ -115,4 +134,4 @@ def test_mteb_evaluate(converted, tmp_path):
         assert scores["MockRetrievalTask"][split] == pytest.approx(subsets[0]["main_score"],
                                                                    abs=1e-9)
     assert f"MockRetrievalTask            test   main score " \
-           f"{scores['MockRetrievalTask']['test']:.4f}" in done.stdout
+           f"{scores['MockRetrievalTask']['test']:.4f}" in stdout

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,7 @@ def corrupt_copy(converted: Path, dst: Path, how: str) -> tuple[Path, Path]:
 # --- 1. one writer per output ------------------------------------------------------------
 @pytest.mark.parametrize("command", ["convert", "train", "eval", "embed"])
 def test_second_writer_fails_at_once_and_a_killed_writer_is_taken_over(
-        command, synthetic, tmp_path, python, cli):
+        command, synthetic, ctx_npz, tmp_path, python, cli):
     released, _ = synthetic()
     work = tmp_path / "work"
     work.mkdir()
@@ -122,7 +123,7 @@ def test_second_writer_fails_at_once_and_a_killed_writer_is_taken_over(
         texts.write_text("one\ntwo\n")
         prog = ("-m", "cde_jax.cli")
         args = ("embed", "--model", synthetic()[1], "--input", texts, "--role", "query",
-                "--dataset-embeddings", "fallback", "--out", out, "--batch-size", 4)
+                "--dataset-embeddings", ctx_npz, "--out", out, "--batch-size", 4)
         error = f"cde-jax embed: error: {out} is being written by another run"
     elif command == "convert":
         prog, args = (CONVERT,), (released, out)
@@ -469,18 +470,19 @@ def test_empty_dataset_embeddings_file_fails_before_any_output(synthetic, tmp_pa
     assert listing(tmp_path) == ["empty.npz", "in.txt"]
 
 
-def test_interrupted_embed_says_how_to_resume(synthetic, tmp_path):
+def test_interrupted_embed_says_how_to_resume(synthetic, ctx_npz, tmp_path):
     """Ctrl-C (SIGINT) mid-run: one line and exit 130, then the same command resumes."""
     texts = tmp_path / "in.txt"
-    texts.write_text("".join(f"text number {i}\n" for i in range(64)))
+    texts.write_text("".join(f"text number {i}\n" for i in range(400)))  # 100 chunks
     out = tmp_path / "q.npy"
     argv = [sys.executable, "-m", "cde_jax.cli", "embed", "--model", str(synthetic()[1]),
-            "--input", str(texts), "--role", "query", "--dataset-embeddings", "fallback",
+            "--input", str(texts), "--role", "query", "--dataset-embeddings", str(ctx_npz),
             "--out", str(out), "--chunk-size", "4", "--batch-size", "4", "--quiet"]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=REPO)
     journal = tmp_path / "q.npy.journal"
     while not (journal.exists() and journal.read_text().count("\n") >= 2):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import early
 
 from cde_jax.sharding import PARAM_AXES, logical_axes, make_mesh, spec
 
@@ -28,20 +29,25 @@ def finish(proc, timeout=600):
     assert proc.returncode == 0, output[-3000:]
 
 
-@pytest.fixture(scope="module")
-def single(synthetic, tmp_path_factory):
-    ckpt = synthetic()[1]
-    out = tmp_path_factory.mktemp("single") / "one.npz"
-    finish(run_worker(ckpt, out, "--devices", 1))
-    return ckpt, dict(np.load(out))
+@early
+def single(tiny_checkpoint, tmp):
+    ckpt = tiny_checkpoint[1]
+    finish(run_worker(ckpt, tmp / "one.npz", "--devices", 1))
+    return dict(np.load(tmp / "one.npz"))
+
+
+@early
+def eight_devices(tiny_checkpoint, tmp):
+    """{model_parallel: outputs on 8 devices}"""
+    outs = {mp: tmp / f"eight-{mp}.npz" for mp in (1, 2)}
+    for mp, out in outs.items():
+        finish(run_worker(tiny_checkpoint[1], out, "--devices", 8, "--model-parallel", mp))
+    return {mp: dict(np.load(out)) for mp, out in outs.items()}
 
 
 @pytest.mark.parametrize("model_parallel", [1, 2])
-def test_eight_devices_match_one(single, tmp_path, model_parallel):
-    ckpt, one = single
-    out = tmp_path / "eight.npz"
-    finish(run_worker(ckpt, out, "--devices", 8, "--model-parallel", model_parallel))
-    eight = dict(np.load(out))
+def test_eight_devices_match_one(single, eight_devices, model_parallel):
+    one, eight = single, eight_devices[model_parallel]
     assert int(eight["devices"]) == 8
     expected = "model" if model_parallel > 1 else None
     assert str(eight["wqkv_spec"]) == str((None, None, expected, None))
@@ -57,15 +63,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(single, tmp_path):
-    ckpt, one = single
+@early
+def two_processes(tiny_checkpoint, tmp):
+    """Each process's outputs, in process order."""
     port = free_port()
-    outs = [tmp_path / f"p{i}.npz" for i in range(2)]
-    procs = [run_worker(ckpt, outs[i], "--process-id", i, "--num-processes", 2, "--port", port)
-             for i in range(2)]
+    outs = [tmp / f"p{i}.npz" for i in range(2)]
+    procs = [run_worker(tiny_checkpoint[1], outs[i], "--process-id", i, "--num-processes", 2,
+                        "--port", port) for i in range(2)]
     for p in procs:
         finish(p)
-    parts = [dict(np.load(o)) for o in outs]
+    return [dict(np.load(o)) for o in outs]
+
+
+def test_two_processes_match_one(single, two_processes):
+    one, parts = single, two_processes
     merged = np.concatenate([p["embeddings"] for p in sorted(parts, key=lambda p: p["start"])])
     assert merged.shape == one["embeddings"].shape
     for p in parts:

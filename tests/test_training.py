@@ -8,14 +8,11 @@
   bit-identical parameters; its export must load in cde_jax and the PyTorch reference;
 - one train step on 8 simulated devices vs 1 (subprocess);
 - data: batches, determinism, bad lines named, nothing overwritten.
-The CLI runs share a persistent compilation cache, so the program compiles once.
 """
 
-import inspect
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import max_rel_err
+from conftest import early, max_rel_err
 from jax.sharding import PartitionSpec
 from safetensors.numpy import load_file
 
@@ -192,8 +189,9 @@ def test_learning_rate_warmup_then_linear_decay():
     np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-7)
 
 
-# --- subprocess runs, started before the first test so that they overlap the others ------
-CLI_STEPS, KILL_AT = 100, 53  # checkpoints every 25 steps: killed 3 steps after step 50
+# --- command runs, started with the session (conftest.early) ----------------------------------
+# Checkpoints every 15 steps: killed 3 steps after step 30. (Accuracy reaches 1.0 by step 40.)
+CLI_STEPS, CHECKPOINT_EVERY, KILL_AT = 60, 15, 33
 
 
 class CliRuns(NamedTuple):
@@ -212,54 +210,46 @@ def run_python(*argv):
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def background(request, synthetic, random_docs, tmp_path_factory):
-    """{"cli": the CLI runs, "devices": the 8-device step}, as futures, started with the
-    module's first test when a selected test asks for them. The CLI runs are one 100-step
-    training three times: uninterrupted; SIGKILLed during step 54; resumed. They share the
-    session's compilation cache, so the train step compiles once."""
-    if not any("background" in inspect.signature(item.function).parameters
-               for item in request.session.items if item.module is request.module):
-        yield None
-        return
-    released, _ = synthetic()
-    tmp = tmp_path_factory.mktemp("train")
+@early
+def cli_runs(tiny_checkpoint, random_docs, tmp):
+    """One 60-step training three times: uninterrupted; SIGKILLed during step 34; resumed.
+    They share the session's compilation cache, so the train step compiles once."""
+    released = tiny_checkpoint[0]
     train_file = write_jsonl(tmp / "train.jsonl", retrieval_examples(random_docs, 192))
 
     def args(out):
         return ["train", "--model", str(released), "--data", str(train_file), "--out",
                 str(out), "--steps", str(CLI_STEPS), "--batch-size", "8", "--lr", "1e-3",
                 "--warmup-steps", "10", "--query-length", "24", "--document-length", "48",
-                "--checkpoint-every", "25", "--seed", "1"]
+                "--checkpoint-every", str(CHECKPOINT_EVERY), "--seed", "1"]
 
-    def cli_runs():
-        full = run_python("-m", "cde_jax.cli", *args(tmp / "full"))
-        assert full.returncode == 0, full.stderr[-3000:]
-        killed = run_python(str(TESTS / "train_killed.py"), str(KILL_AT),
-                            *args(tmp / "resumed"))
-        assert killed.returncode == -9, killed.stderr[-3000:]
-        logged = metrics(tmp / "resumed")
-        resumed = run_python("-m", "cde_jax.cli", *args(tmp / "resumed"), "--resume")
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        return CliRuns(tmp, released, logged, resumed.stdout, args(tmp / "full"))
-
-    def devices():
-        devices_file = write_jsonl(tmp / "devices.jsonl",
-                                   retrieval_examples(random_docs, 48, negatives=1))
-        proc = run_python(str(TESTS / "multidevice_step.py"), str(released), str(devices_file))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    with ThreadPoolExecutor(2) as pool:
-        yield {"cli": pool.submit(cli_runs), "devices": pool.submit(devices)}
+    full = run_python("-m", "cde_jax.cli", *args(tmp / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run_python(str(TESTS / "train_killed.py"), str(KILL_AT), *args(tmp / "resumed"))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    logged = metrics(tmp / "resumed")
+    resumed = run_python("-m", "cde_jax.cli", *args(tmp / "resumed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return CliRuns(tmp, released, logged, resumed.stdout, args(tmp / "full"))
 
 
-def test_synthetic_retrieval_task_learns(background):
-    rows = metrics(background["cli"].result().tmp / "full")
+@early
+def devices(tiny_checkpoint, random_docs, tmp):
+    """One train step on 8 simulated devices and on 1 (tests/multidevice_step.py)."""
+    devices_file = write_jsonl(tmp / "devices.jsonl",
+                               retrieval_examples(random_docs, 48, negatives=1))
+    proc = run_python(str(TESTS / "multidevice_step.py"), str(tiny_checkpoint[0]),
+                      str(devices_file))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_synthetic_retrieval_task_learns(cli_runs):
+    rows = metrics(cli_runs.tmp / "full")
     assert [r["step"] for r in rows] == list(range(1, CLI_STEPS + 1))
     loss = np.array([r["loss"] for r in rows])
     acc = np.array([r["accuracy"] for r in rows])
-    first, last = slice(0, 10), slice(90, 100)
+    first, last = slice(0, 10), slice(CLI_STEPS - 10, CLI_STEPS)
     print("loss every 10 steps:", np.round(loss[::10], 3).tolist(), "last", round(loss[-1], 3))
     print("accuracy every 10 steps:", np.round(acc[::10], 3).tolist(), "last", acc[-1])
     print(f"mean loss {loss[first].mean():.3f} -> {loss[last].mean():.3f}; mean accuracy "
@@ -269,11 +259,10 @@ def test_synthetic_retrieval_task_learns(background):
     assert acc[last].mean() - acc[first].mean() >= 0.15
 
 
-def test_killed_and_resumed_run_ends_bit_identical(background):
-    runs = background["cli"].result()
-    tmp = runs.tmp
-    assert runs.logged_before_kill[-1]["step"] > 50  # steps after the checkpoint ran
-    assert "resumed from step 50" in runs.resumed_stdout
+def test_killed_and_resumed_run_ends_bit_identical(cli_runs):
+    tmp = cli_runs.tmp
+    assert cli_runs.logged_before_kill[-1]["step"] > 30  # steps after the checkpoint ran
+    assert "resumed from step 30" in cli_runs.resumed_stdout
     full = load_file(str(tmp / "full" / "model" / "model.safetensors"))
     resumed = load_file(str(tmp / "resumed" / "model" / "model.safetensors"))
     assert full.keys() == resumed.keys()
@@ -290,18 +279,16 @@ def in_process_cli(monkeypatch):
     return cli.main
 
 
-def test_resume_refuses_other_settings(background, in_process_cli, capsys):
-    runs = background["cli"].result()
-    log_before = (runs.tmp / "full" / "metrics.jsonl").read_bytes()
-    code = in_process_cli([*runs.args, "--resume", "--lr", "5e-4"])
+def test_resume_refuses_other_settings(cli_runs, in_process_cli, capsys):
+    log_before = (cli_runs.tmp / "full" / "metrics.jsonl").read_bytes()
+    code = in_process_cli([*cli_runs.args, "--resume", "--lr", "5e-4"])
     assert code == 2
     assert "step.learning_rate 0.001 -> 0.0005" in capsys.readouterr().err
-    assert (runs.tmp / "full" / "metrics.jsonl").read_bytes() == log_before
+    assert (cli_runs.tmp / "full" / "metrics.jsonl").read_bytes() == log_before
 
 
-def test_export_loads_in_cde_jax_and_torch(background, random_docs):
-    runs = background["cli"].result()
-    released, exported = runs.released, runs.tmp / "full" / "model"
+def test_export_loads_in_cde_jax_and_torch(cli_runs, random_docs):
+    released, exported = cli_runs.released, cli_runs.tmp / "full" / "model"
     ours, ref = cde_jax.load(exported), TorchCde(exported)
     assert json.loads((exported / "config.json").read_text())["transductive_corpus_size"] == 512
     before = load_file(str(released / "model.safetensors"))
@@ -317,16 +304,15 @@ def test_export_loads_in_cde_jax_and_torch(background, random_docs):
 
 
 # --- 8 simulated devices ----------------------------------------------------------------------
-def test_eight_devices_match_one(background):
-    got = background["devices"].result()
-    print(got)
-    assert got["batch_specs_8"] == [str(PartitionSpec(None, "data"))]
-    one, eight = got["metrics_1"], got["metrics_8"]
+def test_eight_devices_match_one(devices):
+    print(devices)
+    assert devices["batch_specs_8"] == [str(PartitionSpec(None, "data"))]
+    one, eight = devices["metrics_1"], devices["metrics_8"]
     for key in ("loss", "grad_norm"):
         assert abs(eight[key] - one[key]) <= 1e-5 * one[key]
     assert eight["accuracy"] == one["accuracy"]
-    assert got["max_update"] > 1e-5  # the step really moved the parameters
-    assert got["params_rel_err"] <= 1e-5  # max |a - b| / max |b| over the whole model
+    assert devices["max_update"] > 1e-5  # the step really moved the parameters
+    assert devices["params_rel_err"] <= 1e-5  # max |a - b| / max |b| over the whole model
 
 
 # --- data ----------------------------------------------------------------------------------------
