@@ -59,9 +59,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(n, *args, popen=False):
-    """The n processes' (returncode, stderr), each joined by jax.distributed when n > 1;
-    `popen=True` returns the running processes."""
+def run_processes(n, *args, popen=False):
+    """`cde-jax ARGS` on n processes, joined by jax.distributed when n > 1: each one's
+    (returncode, stderr), or with `popen=True` the running processes."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     port = free_port()
     procs = []
@@ -92,7 +92,7 @@ def corpus(tiny_checkpoint, random_docs, tmp):
     path.write_text("".join(json.dumps({"_id": f"doc-{i}", "text": t}) + "\n"
                             for i, t in enumerate(texts)))
     model = tiny_checkpoint[1]
-    ok(run_cli(1, "dataset-embeddings", "--model", model, "--input", path, "--seed", 0,
+    ok(run_processes(1, "dataset-embeddings", "--model", model, "--input", path, "--seed", 0,
                "--out", tmp / "ds.npz", "--batch-size", 8))
     return model, tmp / "ds.npz", path
 
@@ -115,7 +115,7 @@ def output_bytes(out) -> dict[str, bytes]:
 @early
 def single(corpus, tmp):
     """One process, .npy with its ids: the reference of every multi-process run (15 chunks)."""
-    ok(run_cli(1, *embed_args(corpus, tmp / "one.npy")))
+    ok(run_processes(1, *embed_args(corpus, tmp / "one.npy")))
     return tmp / "one.npy"
 
 
@@ -126,7 +126,7 @@ def many(corpus, tmp):
     outs = {(2, "zarr"): tmp / "2" / "many.zarr", (3, "parquet"): tmp / "3" / "many.parquet"}
     for (n, _), out in outs.items():
         out.parent.mkdir()
-        ok(run_cli(n, *embed_args(corpus, out)))
+        ok(run_processes(n, *embed_args(corpus, out)))
     return outs
 
 
@@ -149,7 +149,7 @@ def seven_rows(corpus, tmp):
     model, dataset, path = corpus
     short = tmp / "seven.jsonl"
     short.write_text("".join(path.read_text().splitlines(keepends=True)[:7]))
-    ok(run_cli(3, *embed_args((model, dataset, short), tmp / "three.zarr")))
+    ok(run_processes(3, *embed_args((model, dataset, short), tmp / "three.zarr")))
     return tmp / "three.zarr"
 
 
@@ -167,7 +167,7 @@ def committed(out) -> int:
 def kill_mid_run(args, out, n):
     """Starts n processes, SIGKILLs one once 2 chunks are committed, then the others (they
     would wait for it in their next collective)."""
-    procs = run_cli(n, *args, popen=True)
+    procs = run_processes(n, *args, popen=True)
     deadline = time.monotonic() + 300
     while committed(out) < 2:
         assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-2000:]
@@ -195,7 +195,7 @@ def killed_and_restarted(corpus, tmp):
         args = embed_args(corpus, out)
         done = kill_mid_run(args, out, first)
         exists = sinks.exists(out)
-        runs[first, then] = (done, exists, out, ok(run_cli(then, *args))[0][1])
+        runs[first, then] = (done, exists, out, ok(run_processes(then, *args))[0][1])
     return runs
 
 
@@ -220,10 +220,10 @@ def two_process_commands(corpus, random_docs, tmp):
     from test_evaluation import write_beir
 
     model_dir, _, path = corpus
-    ok(run_cli(2, "dataset-embeddings", "--model", model_dir, "--input", path, "--seed", 3,
+    ok(run_processes(2, "dataset-embeddings", "--model", model_dir, "--input", path, "--seed", 3,
                "--out", tmp / "ds2.npz", "--batch-size", 8))
     write_beir(tmp / "beir", random_docs)
-    ok(run_cli(2, "eval", "--model", model_dir, "--dataset", tmp / "beir", "--out",
+    ok(run_processes(2, "eval", "--model", model_dir, "--dataset", tmp / "beir", "--out",
                tmp / "r2.json", "--k", "1,5", "--batch-size", 8))
     return tmp / "ds2.npz", tmp / "r2.json", tmp / "beir"
 
@@ -263,7 +263,7 @@ def two_process_training(tiny_checkpoint, random_docs, tmp):
                 "--steps", 4, "--batch-size", 8, "--lr", "1e-3", "--query-length", 24,
                 "--document-length", 48, "--checkpoint-every", 2, "--seed", 1)
 
-    ok(run_cli(1, *args(tmp / "one")))
+    ok(run_processes(1, *args(tmp / "one")))
     port, killed = free_port(), tmp / "two"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen(
@@ -274,7 +274,7 @@ def two_process_training(tiny_checkpoint, random_docs, tmp):
     assert procs[1].wait(timeout=600) == -signal.SIGKILL, procs[1].communicate()[1][-3000:]
     procs[0].kill()
     procs[0].communicate()
-    ok(run_cli(2, *args(killed), "--resume"))
+    ok(run_processes(2, *args(killed), "--resume"))
     return tmp / "one", killed
 
 

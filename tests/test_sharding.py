@@ -1,7 +1,6 @@
 """The same numbers on 1 device, 8 simulated devices (data and tensor parallel) and 2
 processes joined by jax.distributed (each feeding its own rows)."""
 
-import os
 import re
 import socket
 import subprocess
@@ -17,11 +16,9 @@ from cde_jax.sharding import PARAM_AXES, logical_axes, make_mesh, spec
 WORKER = Path(__file__).with_name("sharded_worker.py")
 
 
-def run_worker(ckpt, out, *args, env_extra=None, check=True):
-    env = {**os.environ, **(env_extra or {})}
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(ckpt), str(out), *map(str, args)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return proc
+def run_worker(ckpt, out, *args):
+    return subprocess.Popen([sys.executable, str(WORKER), str(ckpt), str(out), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc, timeout=600):
