@@ -2,11 +2,11 @@
 
 Every kernel computes the same function, ModernBERT's masked attention (docs/model.md):
 
-    kernel(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius) -> o_bthe
+    kernel(q_bthe, k_bshe, v_bshe, mask: ops.MaskSpec) -> o_bthe
 
-Key j is visible to query i when `key_mask_bs[:, j]` and, in a local layer
-(`window_radius` not None), `|q_pos_t[i] - k_pos_s[j]| <= window_radius`. Queries may be a
-suffix of the keys (t < s: the second stage's last layer). Scale 1/sqrt(e); logits, softmax
+Key j is visible to query i when `mask.key_mask_bs[:, j]` and, in a local layer
+(`mask.window_radius` not None), `|q_pos_t[i] - k_pos_s[j]| <= window_radius`. Queries may
+be a suffix of the keys (t < s: the second stage's last layer). Scale 1/sqrt(e); logits, softmax
 and accumulation in float32; the output has q's dtype. Keys are right-padded and sit at
 0..s-1, queries at the last t of them (how the encoder calls attention).
 
@@ -20,7 +20,8 @@ Kernels:
               layers. The reference, and the fallback everywhere.
   head_major  the same computation laid out (b, h, s, e) for XLA:CPU: plain batched GEMMs,
               q scaled before the logits, normalization after the value matmul; block-local
-              for long local layers. The CPU choice of "auto" (scripts/benchmark.py).
+              for long local layers. The CPU choice of "auto" (measured by
+              scripts/benchmark.py).
   cudnn       cuDNN flash attention (NVIDIA GPU, bfloat16/float16): padding as sequence
               lengths, the local window as a static (1, 1, t, s) mask.
   splash      Pallas splash attention (TPU; interpret mode elsewhere, for tests).
@@ -39,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import ops
+from .ops import MaskSpec
 from .validation import UserError
 
-Kernel = Callable[..., jax.Array]
+Kernel = Callable[[jax.Array, jax.Array, jax.Array, MaskSpec], jax.Array]
 
 # Finite "minus infinity" for masked logits, the value jax.nn.dot_product_attention uses: a
 # query that sees nothing softmaxes to a uniform row instead of NaN.
@@ -49,10 +51,9 @@ MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
 
 # --- the reference ------------------------------------------------------------------------
-def dense_attention(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius):
+def dense_attention(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
     """`jax.nn.dot_product_attention` with the full boolean (b, 1, t, s) mask."""
-    mask_b1ts = ops.attention_mask(key_mask_bs, q_pos_t, k_pos_s, window_radius)
-    return jax.nn.dot_product_attention(q_bthe, k_bshe, v_bshe, mask=mask_b1ts)
+    return jax.nn.dot_product_attention(q_bthe, k_bshe, v_bshe, mask=ops.attention_mask(mask))
 
 
 # --- block-local attention: local layers over long sequences ------------------------------
@@ -74,9 +75,10 @@ def _query_blocks(x, axis: int, block: int, n: int):
     return x.reshape(*x.shape[:axis], n, block, *x.shape[axis + 1:])
 
 
-def _window_offsets(block: int):
-    """Positions within a 3-block window: queries at block..2*block-1, keys at 0..3*block-1."""
-    return jnp.arange(block) + block, jnp.arange(3 * block)
+def _window_mask(key_mask_ws, block: int) -> MaskSpec:
+    """The mask within 3-block windows: queries at block..2*block-1, keys at 0..3*block-1,
+    radius `block`."""
+    return MaskSpec(key_mask_ws, jnp.arange(block) + block, jnp.arange(3 * block), block)
 
 
 def local_block_attention(q_bshe, k_bshe, v_bshe, key_mask_bs, window_radius: int,
@@ -92,29 +94,29 @@ def local_block_attention(q_bshe, k_bshe, v_bshe, key_mask_bs, window_radius: in
     k_blocks, v_blocks = (_key_windows(x, 1, block, n).reshape(b * n, 3 * block, h, e)
                           for x in (k_bshe, v_bshe))
     key_mask_ws = _key_windows(key_mask_bs.astype(bool), 1, block, n).reshape(b * n, 3 * block)
-    q_pos_t, k_pos_s = _window_offsets(block)
-    out = attend(q_blocks, k_blocks, v_blocks, key_mask_ws, q_pos_t, k_pos_s, window_radius)
+    window = _window_mask(key_mask_ws, block)
+    out = attend(q_blocks, k_blocks, v_blocks, window)
     out_bshe = out.reshape(b, n * block, h, e)[:, :s]
-    near_ts = jnp.abs(q_pos_t[:, None] - k_pos_s[None, :]) <= window_radius
-    sees_any_bs = (key_mask_ws[:, None, :] & near_ts[None]).any(axis=-1).reshape(
+    sees_any_bs = (key_mask_ws[:, None, :] & window.window_ts()[None]).any(axis=-1).reshape(
         b, n * block)[:, :s]
     v_mean_bhe = v_bshe.astype(jnp.float32).mean(axis=1).astype(out_bshe.dtype)
     return jnp.where(sees_any_bs[:, :, None, None], out_bshe, v_mean_bhe[:, None])
 
 
-def uses_blocks(t: int, s: int, window_radius: int | None) -> bool:
+def uses_blocks(mask: MaskSpec) -> bool:
     """Block-local pays off for a local layer whose queries are all the keys and whose
     sequence is longer than 3 windows (below that a window spans the whole row)."""
-    return window_radius is not None and t == s and s > 3 * window_radius
+    s = mask.k_pos_s.shape[0]
+    return mask.window_radius is not None and mask.offset == 0 and s > 3 * mask.window_radius
 
 
 def blocked_local(attend: Kernel) -> Kernel:
     """`attend`, with long local self-attention done block by block (`local_block_attention`)."""
-    def kernel(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius):
-        if uses_blocks(q_bthe.shape[1], k_bshe.shape[1], window_radius):
-            return local_block_attention(q_bthe, k_bshe, v_bshe, key_mask_bs, window_radius,
-                                         attend)
-        return attend(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius)
+    def kernel(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
+        if uses_blocks(mask):
+            return local_block_attention(q_bthe, k_bshe, v_bshe, mask.key_mask_bs,
+                                         mask.window_radius, attend)
+        return attend(q_bthe, k_bshe, v_bshe, mask)
     return kernel
 
 
@@ -140,10 +142,10 @@ def _softmax_attend(q_xte, k_xse, v_xse, mask_xts) -> jax.Array:
     return o_xte / weights_xts.sum(axis=-1)[..., None]
 
 
-def head_major_dense(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius):
+def head_major_dense(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
     """Dense attention on (b, h, t, e) operands. A query that sees nothing averages every
     value of its row, as the reference does."""
-    mask_b1ts = ops.attention_mask(key_mask_bs, q_pos_t, k_pos_s, window_radius)
+    mask_b1ts = ops.attention_mask(mask)
     o_bhte = _softmax_attend(_head_major(q_bthe), _head_major(k_bshe), _head_major(v_bshe),
                              mask_b1ts)
     return _head_major(o_bhte).astype(q_bthe.dtype)
@@ -158,27 +160,25 @@ def head_major_local(q_bshe, k_bshe, v_bshe, key_mask_bs, window_radius: int) ->
     block, n = window_radius, -(-s // window_radius)
     q_bhnqe = _query_blocks(_head_major(q_bshe), 2, block, n)
     k_bhnke, v_bhnke = (_key_windows(_head_major(x), 2, block, n) for x in (k_bshe, v_bshe))
-    q_pos_q, k_pos_k = _window_offsets(block)
-    near_qk = jnp.abs(q_pos_q[:, None] - k_pos_k[None, :]) <= window_radius
-    mask_b1nqk = (_key_windows(key_mask_bs.astype(bool), 1, block, n)[:, :, None, :]
-                  & near_qk)[:, None]
+    key_mask_bnk = _key_windows(key_mask_bs.astype(bool), 1, block, n)
+    mask_b1nqk = (key_mask_bnk[:, :, None, :]
+                  & _window_mask(key_mask_bnk, block).window_ts())[:, None]
     o_bhnqe = _softmax_attend(q_bhnqe, k_bhnke, v_bhnke, mask_b1nqk)
     return _head_major(o_bhnqe.reshape(b, h, n * block, e)[:, :, :s]).astype(q_bshe.dtype)
 
 
-def head_major(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius):
+def head_major(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
     """The CPU kernel: `head_major_local` where blocks pay off, else `head_major_dense`."""
-    if uses_blocks(q_bthe.shape[1], k_bshe.shape[1], window_radius):
-        return head_major_local(q_bthe, k_bshe, v_bshe, key_mask_bs, window_radius)
-    return head_major_dense(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s,
-                            window_radius)
+    if uses_blocks(mask):
+        return head_major_local(q_bthe, k_bshe, v_bshe, mask.key_mask_bs, mask.window_radius)
+    return head_major_dense(q_bthe, k_bshe, v_bshe, mask)
 
 
 # --- cudnn: NVIDIA GPUs -------------------------------------------------------------------
 HALF_DTYPES = ("bfloat16", "float16")
 
 
-def cudnn_arguments(key_mask_bs, q_pos_t, k_pos_s, window_radius: int | None) -> dict:
+def cudnn_arguments(mask: MaskSpec) -> dict:
     """Keyword arguments that make `jax.nn.dot_product_attention` compute our semantics on
     its cuDNN path (and, identically, on its XLA path: how this is tested on CPU).
 
@@ -193,28 +193,24 @@ def cudnn_arguments(key_mask_bs, q_pos_t, k_pos_s, window_radius: int | None) ->
       Local layers take this dense-with-mask path rather than blocks: block windows have
       padding on both sides (the first window's left fill), which lengths cannot express,
       so blocks would need a per-window (b * n, 1, q, k) mask plus 3x copies of k and v,
-      to save the out-of-window FLOPs: 7% to 11% of a second-stage step's (16 to 256 text
-      tokens after the 520-token prefix, `flops.second_stage_flops` dense vs windowed).
+      to save only the out-of-window FLOPs (`flops.second_stage_flops`, dense vs windowed).
     """
-    key_mask_bs = key_mask_bs.astype(bool)
-    kv_len_b = key_mask_bs.sum(axis=-1, dtype=jnp.int32)
-    offset = key_mask_bs.shape[1] - q_pos_t.shape[0]  # s - t
-    arguments = dict(query_seq_lengths=jnp.maximum(kv_len_b - offset, 0),
+    kv_len_b = mask.key_mask_bs.astype(bool).sum(axis=-1, dtype=jnp.int32)
+    arguments = dict(query_seq_lengths=jnp.maximum(kv_len_b - mask.offset, 0),
                      key_value_seq_lengths=kv_len_b)
-    if window_radius is not None:
-        near_ts = jnp.abs(q_pos_t[:, None] - k_pos_s[None, :]) <= window_radius
-        arguments["mask"] = near_ts[None, None]
+    window_ts = mask.window_ts()
+    if window_ts is not None:
+        arguments["mask"] = window_ts[None, None]
     return arguments
 
 
-def cudnn(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius):
+def cudnn(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
     """cuDNN flash attention. bfloat16/float16 only: cuDNN has no float32 kernel, and a
     silent downcast would hide a precision change, so float32 raises."""
     if q_bthe.dtype not in (jnp.bfloat16, jnp.float16):
         raise UserError(f"cudnn attention computes in bfloat16 or float16, not {q_bthe.dtype}")
     return jax.nn.dot_product_attention(
-        q_bthe, k_bshe, v_bshe, implementation="cudnn",
-        **cudnn_arguments(key_mask_bs, q_pos_t, k_pos_s, window_radius))
+        q_bthe, k_bshe, v_bshe, implementation="cudnn", **cudnn_arguments(mask))
 
 
 def cudnn_version() -> int | None:
@@ -275,7 +271,7 @@ def _splash_kernel(h: int, t_pad: int, s_pad: int, offset: int, window_radius: i
                                           interpret=interpret)
 
 
-def splash(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius):
+def splash(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
     """Splash attention vmapped over the batch; in interpret mode unless JAX's default
     backend is a TPU (so the same code is tested on CPU).
 
@@ -288,7 +284,7 @@ def splash(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius)
     b, t, h, e = q_bthe.shape
     s = k_bshe.shape[1]
     t_pad, s_pad = _round_up(t, SPLASH_TILE), _round_up(s, SPLASH_TILE)
-    kernel = _splash_kernel(h, t_pad, s_pad, s - t, window_radius,
+    kernel = _splash_kernel(h, t_pad, s_pad, mask.offset, mask.window_radius,
                             jax.default_backend() != "tpu")
 
     def kernel_layout(x_bshe, padded):  # (b, s, h, e) -> (b, h, padded, e)
@@ -297,7 +293,7 @@ def splash(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s, window_radius)
 
     segment_ids = splash_lib.SegmentIds(
         q=jnp.ones((b, t_pad), jnp.int32),
-        kv=jnp.pad(key_mask_bs.astype(jnp.int32), ((0, 0), (0, s_pad - s))))
+        kv=jnp.pad(mask.key_mask_bs.astype(jnp.int32), ((0, 0), (0, s_pad - s))))
     q_scaled_bthe = q_bthe * jnp.asarray(1.0 / np.sqrt(e), q_bthe.dtype)
     o_bhte = jax.vmap(kernel)(kernel_layout(q_scaled_bthe, t_pad), kernel_layout(k_bshe, s_pad),
                               kernel_layout(v_bshe, s_pad), segment_ids)
@@ -357,6 +353,7 @@ def resolve(name: str, device=None, dtype: str = "float32") -> str:
     return name
 
 
-def kernel(name: str) -> Kernel:
-    """The kernel of a resolved name ("auto": resolved for JAX's first device, float32)."""
-    return KERNELS[resolve(name) if name == "auto" else check(name)]
+def kernel(name: str, dtype: str = "float32") -> Kernel:
+    """The kernel of `name`; "auto" is resolved for JAX's first device and compute `dtype`
+    (`resolve`), as `load` resolves it for the mesh's devices."""
+    return KERNELS[resolve(name, dtype=dtype) if name == "auto" else check(name)]

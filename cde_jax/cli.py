@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     try:
         with cli_logging(args.quiet, args.verbose):
             return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, FileExistsError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"cde-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,6 +17,12 @@ from .attention import check as check_attention
 from .validation import UserError
 
 GLOBAL, LOCAL = "global", "local"
+
+
+def setting(default=dataclasses.MISSING, *, help: str, choices=None):
+    """A config field with what its command-line flag shows (`commands.flags` makes one flag
+    per field): the help text and, optionally, the choices."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 # Compute and parameter dtypes, by their numpy names. In "bfloat16"/"float16" the matmuls
 # take half-precision inputs and accumulate in float32; everything else stays float32.
 DTYPES = ("float32", "bfloat16", "float16")

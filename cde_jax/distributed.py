@@ -1,27 +1,31 @@
-"""Several processes (one per host), one mesh: joining `jax.distributed` from the command line,
-and the few things the processes must agree on.
+"""Several processes (one per host), one mesh: the only module that talks across processes.
 
 A command runs unchanged under N processes: `--coordinator HOST:PORT --num-processes N
 --process-id I`, or no flags where `jax.distributed.initialize()` finds the cluster itself
 (Cloud TPU pod slices, SLURM with several tasks). Every process then sees every device
 (`jax.devices()`), reads its own share of the input and joins every collective; process 0
 writes what only one process may write.
+
+Everything that crosses processes goes through here, so that the rest of the package reads
+as single-process code: who this process is (`process_index`, `is_main`, `process_share`),
+agreeing (`barrier`, `all_succeed`, `sum_all`, `max_all`), gathering (`concat_all`,
+`gather_rows`, `to_host`) and the two moves of a batch between this host and the devices
+(`put_rows`, `get_rows`). A test fails if another module imports `multihost_utils` or asks
+JAX for the process index itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 
-from .io_utils import output_lock
 from .validation import UserError
 
 T = TypeVar("T")
@@ -62,10 +66,27 @@ def initialize(args: argparse.Namespace) -> None:
                                    process_id=args.process_id)
 
 
+# --- who this process is -------------------------------------------------------------------
+def process_index() -> int:
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
 def is_main() -> bool:
+    """Process 0: the one that writes what only one process may write."""
     return jax.process_index() == 0
 
 
+def process_share(n: int) -> slice:
+    """This process's contiguous share of `n` items (the last shares may be short or empty)."""
+    per = -(-n // jax.process_count())
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+# --- agreeing ------------------------------------------------------------------------------
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
@@ -103,13 +124,47 @@ def max_all(values: np.ndarray) -> np.ndarray:
     return multihost_utils.process_allgather(values).max(axis=0)
 
 
-@contextlib.contextmanager
-def main_writes(out: str | Path):
-    """For the block, process 0 holds `output_lock(out)` (one run per output; a remote
-    path has no local lock). If it cannot, every process fails, naming the holder."""
-    with contextlib.ExitStack() as stack:
-        def claim():
-            if is_main() and "://" not in str(out):
-                stack.enter_context(output_lock(out))
-        all_succeed(claim, "claiming the output")
-        yield
+# --- gathering -----------------------------------------------------------------------------
+def concat_all(values: np.ndarray) -> np.ndarray:
+    """Every process's 1-D array (of any length), concatenated in process order."""
+    if jax.process_count() == 1:
+        return values
+    sizes = multihost_utils.process_allgather(np.asarray(len(values)))
+    padded = np.zeros(int(sizes.max()), values.dtype)
+    padded[:len(values)] = values
+    rows = multihost_utils.process_allgather(padded)
+    return np.concatenate([row[:size] for row, size in zip(rows, sizes)])
+
+
+def gather_rows(rows_nd: np.ndarray, total: int) -> np.ndarray:
+    """Every process's rows, each a `process_share` of `total`, in process order, on every
+    process."""
+    if jax.process_count() == 1:
+        return rows_nd
+    per = -(-total // jax.process_count())
+    padded = np.zeros((per,) + rows_nd.shape[1:], rows_nd.dtype)
+    padded[:len(rows_nd)] = rows_nd
+    gathered = multihost_utils.process_allgather(padded)
+    return gathered.reshape((-1,) + rows_nd.shape[1:])[:total]
+
+
+def to_host(array) -> np.ndarray:
+    """The whole value of a (possibly multi-host) array on this host; every process calls it
+    for an array spread over several."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)
+
+
+# --- a batch between this host and the devices ---------------------------------------------
+def put_rows(local_rows: np.ndarray, rows: NamedSharding) -> jax.Array:
+    """This process's rows of a batch -> the global array split by `rows` (every process
+    passes the same number of rows)."""
+    return jax.make_array_from_process_local_data(rows, local_rows)
+
+
+def get_rows(out: jax.Array, mesh: Mesh, rows: NamedSharding) -> np.ndarray:
+    """This process's rows of a row-split global array, in the order it put them."""
+    if out.is_fully_addressable:
+        return np.asarray(out)
+    return np.asarray(multihost_utils.global_array_to_host_local_array(out, mesh, rows.spec))

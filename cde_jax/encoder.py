@@ -79,7 +79,7 @@ class EncoderLayer(nnx.Module):
         self.window_radius = None if self.layer_type == GLOBAL else cfg.window_radius
         self.rope_theta = cfg.rope_theta(self.layer_type)
         self.head_dim, self.dtype = cfg.head_dim, cfg.jnp_dtype
-        self.kernel = attention.kernel(cfg.attention)
+        self.kernel = attention.kernel(cfg.attention, cfg.dtype)
         self.attn_norm = None if index == 0 else layer_norm(cfg, rngs)  # layer 0: identity
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = layer_norm(cfg, rngs)
@@ -97,8 +97,8 @@ class EncoderLayer(nnx.Module):
 
     def attend(self, q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s) -> jax.Array:
         """Attention (the configured kernel, `attention.py`) projected back to (b, t, d)."""
-        return self.attn.wo(self.kernel(q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s,
-                                        self.window_radius))
+        mask = ops.MaskSpec(key_mask_bs, q_pos_t, k_pos_s, self.window_radius)
+        return self.attn.wo(self.kernel(q_bthe, k_bshe, v_bshe, mask))
 
     def mlp_block(self, h_bsd: jax.Array) -> jax.Array:
         return h_bsd + self.mlp(self.mlp_norm(h_bsd))

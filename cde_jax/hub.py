@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import tempfile
 from pathlib import Path
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
-
-from . import convert, params
+from . import convert, distributed, params
 from .convert import source
 from .convert.released import CheckpointError
+from .outputs import OutputExistsError
+from .resources import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +42,7 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 def converted_cache_dir() -> Path:
     """Where hub checkpoints are converted to: $CDE_JAX_CONVERTED_DIR, else
     $XDG_CACHE_HOME/cde-jax/converted (default ~/.cache/cde-jax/converted)."""
-    if os.environ.get(CONVERTED_ENV):
-        return Path(os.environ[CONVERTED_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cde-jax" / "converted"
+    return cache_dir("converted", CONVERTED_ENV)
 
 
 def _repo_dir(repo_id: str) -> Path:
@@ -94,7 +88,7 @@ def converted_dir(repo_id: str, revision: str | None = None, *,
     log.info("converting %s@%s into %s (once)", repo_id, commit, out)
     try:
         convert.convert(repo_id, out, revision=commit, backbone_config=backbone_config)
-    except FileExistsError:  # another process converted it meanwhile
+    except OutputExistsError:  # another process converted it meanwhile
         if not convert.is_converted(out):
             raise
     return out
@@ -109,12 +103,6 @@ def local_path(path: str | Path, revision: str | None = None, *,
         raise CheckpointError(f"{path}: revision= applies to hub ids (owner/name), not to a "
                               "local directory")
     return Path(path)
-
-
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
 
 
 MODEL_CARD = """---
@@ -148,8 +136,9 @@ class HubMixin:
         overwrite=True): the parameters as held (float32 unless loaded with another
         `param_dtype`), the configs and the tokenizer files. With several processes every
         process must call it; process 0 writes."""
-        flat = {path: _host(x) for path, x in params.flatten(self.runner.params).items()}
-        if jax.process_index() != 0:
+        flat = {path: distributed.to_host(x)
+                for path, x in params.flatten(self.runner.params).items()}
+        if not distributed.is_main():
             return Path(out)
         ckpt = convert.Checkpoint(flat, self.backbone_config, self.config, self.config_json,
                                   self.fingerprint, self.tokenizer_dir)
@@ -167,7 +156,7 @@ class HubMixin:
 
         with tempfile.TemporaryDirectory(prefix="cde-jax-push-") as tmp:
             folder = self.save_pretrained(Path(tmp) / "model")
-            if jax.process_index() != 0:
+            if not distributed.is_main():
                 return None
             (folder / "README.md").write_text(MODEL_CARD.format(
                 repo_id=repo_id, embedder=self.config.embedder, width=self.hidden_size,

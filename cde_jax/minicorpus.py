@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import prompts, validation
-from .io_utils import atomic_file
-from .tokenization import packaged_data
+from .outputs import atomic_file
+from .resources import packaged_data
 from .validation import UserError
 
 
@@ -62,6 +62,13 @@ class DatasetEmbeddings:
             np.savez(f, embeddings=self.embeddings, fingerprint=self.fingerprint,
                      prefix=self.prefix, seed=self.seed)
         return Path(path)
+
+    def for_model(self, fingerprint: str) -> np.ndarray:
+        """The embeddings, when they were made by the weights with this fingerprint."""
+        if self.fingerprint != fingerprint:
+            raise UserError(f"dataset embeddings made by model {self.fingerprint}; this model "
+                            f"is {fingerprint}")
+        return self.embeddings
 
     @classmethod
     def load(cls, path: str | Path, *, fingerprint: str, width: int) -> DatasetEmbeddings:

@@ -155,7 +155,11 @@ class SecondStage(nnx.Module):
 
 
 class ContextualEmbedder(nnx.Module):
-    """Both stages of a cde checkpoint, with the HF module names (`first_stage_model` ...)."""
+    """Both stages of a cde checkpoint, with the HF module names (`first_stage_model` ...).
+
+    `first_stage` and `second_stage` are the stages as functions of jax arrays, for use
+    inside other JAX code (`jit`, `grad` w.r.t. the parameters or the dataset embeddings,
+    `vmap`, `shard_map`); `CdeModel.module` gives a loaded checkpoint's module."""
 
     def __init__(self, backbone: ModernBertConfig, cde: CdeConfig, *,
                  has_null_embedding: bool = False, rngs: nnx.Rngs):
@@ -163,10 +167,19 @@ class ContextualEmbedder(nnx.Module):
         self.second_stage_model = SecondStage(backbone, cde, has_null_embedding=has_null_embedding,
                                               rngs=rngs)
 
+    def first_stage(self, input_ids_bs: jax.Array, attention_mask_bs: jax.Array) -> jax.Array:
+        """Dataset embeddings (b, d) float32 of tokenized minicorpus documents."""
+        return self.first_stage_model(input_ids_bs, attention_mask_bs)
+
+    def second_stage(self, input_ids_bs: jax.Array, attention_mask_bs: jax.Array,
+                     dataset_embeddings_md: jax.Array | None) -> jax.Array:
+        """Embeddings (b, d) float32, unnormalized, of tokenized texts against dataset
+        embeddings (m, d) (None: null-dataset mode); differentiable in both."""
+        stage = self.second_stage_model
+        return stage(input_ids_bs, attention_mask_bs, stage.prefix(dataset_embeddings_md))
+
     def __call__(self, input_ids_bs, attention_mask_bs, dataset_input_ids_ms,
                  dataset_attention_mask_ms) -> jax.Array:
         """Upstream's `forward`: both stages end to end."""
-        dataset_embeddings_md = self.first_stage_model(dataset_input_ids_ms,
-                                                       dataset_attention_mask_ms)
-        prefix = self.second_stage_model.prefix(dataset_embeddings_md)
-        return self.second_stage_model(input_ids_bs, attention_mask_bs, prefix)
+        dataset_embeddings_md = self.first_stage(dataset_input_ids_ms, dataset_attention_mask_ms)
+        return self.second_stage(input_ids_bs, attention_mask_bs, dataset_embeddings_md)

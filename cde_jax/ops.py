@@ -1,11 +1,17 @@
-"""Pure functions shared by the encoder and both stages: RoPE, attention masks, pooling.
+"""Pure functions shared by the encoder, both stages and the text API: RoPE, attention masks,
+pooling, L2 normalization and cosine similarity.
 Shapes are suffixed with the package's dimension key (cde_jax/__init__.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .validation import UserError
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
@@ -30,15 +36,39 @@ def apply_rope(x_bshe: jax.Array, cos_se: jax.Array, sin_se: jax.Array) -> jax.A
     return out.astype(x_bshe.dtype)
 
 
-def attention_mask(key_mask_bs: jax.Array, q_pos_t: jax.Array, k_pos_s: jax.Array,
-                   window_radius: int | None) -> jax.Array:
-    """Boolean (b, 1, t, s): key j is visible to query i when it is not padding and, in a
-    local layer, `|pos_i - pos_j| <= window_radius`. A query that sees nothing gets a uniform
-    softmax over finite large negatives in `jax.nn.dot_product_attention` (never NaN)."""
-    mask_b1ts = key_mask_bs.astype(bool)[:, None, None, :]
-    if window_radius is not None:
-        near_ts = jnp.abs(q_pos_t[:, None] - k_pos_s[None, :]) <= window_radius
-        mask_b1ts = mask_b1ts & near_ts[None, None]
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("key_mask_bs", "q_pos_t", "k_pos_s"),
+                   meta_fields=("window_radius",))
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Which keys each query sees, as every attention kernel takes it (one small pytree, the
+    window radius static): key j is visible to query i when `key_mask_bs[:, j]` and, in a
+    local layer (`window_radius` not None), `|q_pos_t[i] - k_pos_s[j]| <= window_radius`."""
+
+    key_mask_bs: jax.Array  # (b, s), True/1 for real keys
+    q_pos_t: jax.Array      # (t,) positions of the queries
+    k_pos_s: jax.Array      # (s,) positions of the keys
+    window_radius: int | None = None
+
+    @property
+    def offset(self) -> int:
+        """s - t: queries are the last t of the s keys."""
+        return self.k_pos_s.shape[0] - self.q_pos_t.shape[0]
+
+    def window_ts(self) -> jax.Array | None:
+        """(t, s) boolean: within the local window (None in a global layer)."""
+        if self.window_radius is None:
+            return None
+        return jnp.abs(self.q_pos_t[:, None] - self.k_pos_s[None, :]) <= self.window_radius
+
+
+def attention_mask(spec: MaskSpec) -> jax.Array:
+    """Boolean (b, 1, t, s) of `spec`. A query that sees nothing gets a uniform softmax over
+    finite large negatives in `jax.nn.dot_product_attention` (never NaN)."""
+    mask_b1ts = spec.key_mask_bs.astype(bool)[:, None, None, :]
+    window_ts = spec.window_ts()
+    if window_ts is not None:
+        mask_b1ts = mask_b1ts & window_ts[None, None]
     return mask_b1ts
 
 
@@ -65,3 +95,22 @@ def instruction_pool_mask(input_ids_bs: jax.Array, mask_bs: jax.Array,
     end_b = jnp.argmax(is_end_bs, axis=1)  # first hit; 0 when there is none
     instruction_bs = (pos_s[None, :] <= end_b[:, None]) & (end_b > 0)[:, None]
     return mask & ~instruction_bs
+
+
+def l2_normalize(x_nd, epsilon: float = 1e-12):
+    """Rows (the last axis) scaled to unit L2 norm; a row of norm below `epsilon` is divided
+    by `epsilon` instead (a zero row stays zero, never NaN). numpy in, numpy out; jax in
+    (also under `jit` / `grad`), jax out."""
+    xp = jnp if isinstance(x_nd, jax.Array) else np
+    norm = xp.linalg.norm(x_nd, axis=-1, keepdims=True)
+    return x_nd / xp.maximum(norm, epsilon)
+
+
+def cosine_similarity(a, b) -> np.ndarray:
+    """Cosine similarity matrix (n, m) of embeddings a (n, d) and b (m, d), float32 numpy; a
+    single (d,) vector counts as one row."""
+    a_nd, b_md = (np.atleast_2d(np.asarray(x, np.float32)) for x in (a, b))
+    if a_nd.ndim != 2 or a_nd.shape[1:] != b_md.shape[1:]:
+        raise UserError(f"similarity needs (n, d) and (m, d) embeddings, got shapes "
+                        f"{np.shape(a)} and {np.shape(b)}")
+    return l2_normalize(a_nd) @ l2_normalize(b_md).T

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx, traverse_util
 
 from .config import CdeConfig, ModernBertConfig
@@ -62,11 +60,3 @@ def fill(params: Mapping, flat: Mapping, fn: Callable = lambda path, value, like
         raise KeyError(f"parameter names differ from the model's: "
                        f"{sorted(names ^ set(flat))[:10]}")
     return map_params(params, lambda p, like: fn(p, flat[p], like))
-
-
-def with_params(model: nnx.Module, flat: Mapping[str, jnp.ndarray | np.ndarray],
-                dtype=None) -> nnx.Module:
-    """A copy of `model` (abstract or not) holding `flat`'s values, cast to `dtype`."""
-    graphdef, params = split(model)
-    return nnx.merge(graphdef, fill(params, flat, lambda p, value, like: jnp.asarray(value,
-                                                                                     dtype)))

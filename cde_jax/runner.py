@@ -1,10 +1,10 @@
 """The stage runner: parameters on the mesh, the compiled stages, batches in and rows out.
 
-Everything between host arrays and devices happens here. A process hands in its own rows
-(numpy); the runner pads them to a multiple of its data shards, assembles the global batch
-from every process's rows (`make_array_from_process_local_data`), runs the compiled stage
-and gives each process back its own rows. `run` does that for one batch; `run_buckets`
-for many, in length buckets (`pipeline`), overlapping host and device work (`IN_FLIGHT`).
+A process hands in its own rows (numpy); the runner pads them to a multiple of its data
+shards, assembles the global batch from every process's rows (`distributed.put_rows`), runs
+the compiled stage and gives each process back its own rows (`distributed.get_rows`). `run`
+does that for one batch; `run_buckets` for many, in length buckets (`buckets`), overlapping
+host and device work (`IN_FLIGHT`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from . import pipeline, sharding
+from . import buckets, distributed, sharding
 from .model import ContextualEmbedder, Prefix
 from .tokenization import pad_batch
 
@@ -27,8 +26,7 @@ Stage = Callable[[jax.Array, jax.Array], jax.Array]  # (ids_bs, mask_bs) -> (b, 
 # Batches dispatched and not yet read back while the host builds the next one. Dispatch is
 # asynchronous, so padding and placing batch i+1, and copying batch i-2's result back, run
 # while the device computes batches i-1 and i: with two queued, the device always has the
-# next batch when it finishes one, and host memory holds at most three batches' arrays
-# (scripts/benchmark.py measures the device-idle fraction for 0, 2 and unbounded).
+# next batch when it finishes one, and host memory holds at most three batches' arrays.
 IN_FLIGHT = 2
 
 
@@ -82,20 +80,17 @@ class StageRunner:
     @property
     def rows_multiple(self) -> int:
         """A process's batch rows must be a multiple of this (its share of the data shards)."""
-        return max(1, sharding.data_shards(self.mesh) // jax.process_count())
+        return max(1, sharding.data_shards(self.mesh) // distributed.process_count())
 
     def place(self, *arrays_bs: np.ndarray) -> list[jax.Array]:
         """This process's rows of a batch -> global arrays split over "data"."""
         rows = sharding.batch_sharding(self.mesh)
-        return [jax.make_array_from_process_local_data(rows, a) for a in arrays_bs]
+        return [distributed.put_rows(a, rows) for a in arrays_bs]
 
     def local_rows(self, out: jax.Array) -> np.ndarray:
         """This process's rows of a batch-sharded global result, in the order it fed them."""
-        if out.is_fully_addressable:
-            return np.asarray(out, dtype=np.float32)
-        local = multihost_utils.global_array_to_host_local_array(
-            out, self.mesh, sharding.batch_sharding(self.mesh).spec)
-        return np.asarray(local, dtype=np.float32)
+        rows = distributed.get_rows(out, self.mesh, sharding.batch_sharding(self.mesh))
+        return rows.astype(np.float32, copy=False)
 
     def run(self, stage: Stage, input_ids_bs: np.ndarray,
             attention_mask_bs: np.ndarray) -> np.ndarray:
@@ -107,7 +102,7 @@ class StageRunner:
         return self.local_rows(out)[:b]
 
     def run_buckets(self, token_ids: Sequence[Sequence[int]], stage: Stage, *,
-                    plan: pipeline.BucketPlan, pad_id: int, width: int, extra_len: int = 0,
+                    plan: buckets.BucketPlan, pad_id: int, width: int, extra_len: int = 0,
                     progress: Callable[[int], None] | None = None,
                     in_flight: int | None = IN_FLIGHT) -> np.ndarray:
         """`stage` over all of this process's texts (token id lists) in length buckets;
@@ -116,7 +111,7 @@ class StageRunner:
         batches left running while the next is built (None: all of them)."""
         n_data = sharding.data_shards(self.mesh)
         local_size = lambda length: (plan.batch_size(length, n_data, extra_len)  # noqa: E731
-                                     // jax.process_count())
+                                     // distributed.process_count())
         out = np.zeros((len(token_ids), width), np.float32)
 
         def collect(rows, result):
@@ -126,7 +121,7 @@ class StageRunner:
                 progress(int(keep.sum()))
 
         pending = collections.deque()
-        for length, rows in pipeline.plan_batches([len(t) for t in token_ids], plan,
+        for length, rows in buckets.plan_batches([len(t) for t in token_ids], plan,
                                                   local_size):
             pending.append((rows, stage(*self.place(*pad_batch(token_ids, rows, length,
                                                                 pad_id)))))
@@ -135,20 +130,3 @@ class StageRunner:
         while pending:
             collect(*pending.popleft())
         return out
-
-    def gather(self, rows_nd: np.ndarray, total: int) -> np.ndarray:
-        """Every process's rows (each a contiguous share of `total`, in process order), on
-        every process."""
-        if jax.process_count() == 1:
-            return rows_nd
-        per = -(-total // jax.process_count())
-        padded = np.zeros((per,) + rows_nd.shape[1:], rows_nd.dtype)
-        padded[:len(rows_nd)] = rows_nd
-        gathered = multihost_utils.process_allgather(padded)
-        return gathered.reshape((-1,) + rows_nd.shape[1:])[:total]
-
-
-def process_share(n: int) -> slice:
-    """This process's contiguous share of `n` items (the last shares may be short or empty)."""
-    per = -(-n // jax.process_count())
-    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)

@@ -13,11 +13,9 @@ import re
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .params import map_params
 from .validation import UserError
 
 DATA, MODEL = "data", "model"
@@ -85,11 +83,6 @@ def param_shardings(shapes: dict[str, tuple[int, ...]], mesh: Mesh) -> dict[str,
     return {path: param_sharding(path, shape, mesh) for path, shape in shapes.items()}
 
 
-def place_params(params: dict, mesh: Mesh) -> dict:
-    """A nested parameter dict (host or device arrays) laid out on the mesh by the rules."""
-    return map_params(params, lambda path, x: place(x, param_sharding(path, x.shape, mesh)))
-
-
 def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
     """Axis `axis` (the rows) split over "data", every other axis whole."""
     return NamedSharding(mesh, P(*[None] * axis, LOGICAL_RULES["batch"]))
@@ -114,13 +107,6 @@ def place(value, shard: NamedSharding) -> jax.Array:
         return value
     value = value if isinstance(value, jax.Array) else np.asarray(value)
     return jax.make_array_from_callback(value.shape, shard, lambda idx: value[idx])
-
-
-def to_host(array: jax.Array) -> np.ndarray:
-    """The whole value of a (possibly multi-host) array on this host; every process calls it."""
-    if array.is_fully_addressable:
-        return np.asarray(array)
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def data_shards(mesh: Mesh) -> int:

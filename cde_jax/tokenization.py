@@ -3,8 +3,8 @@ truncated at 512 tokens with a counted warning, padded on the right with the pad
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,11 +31,6 @@ def instruction_end_id(tokenizer: Tokenizer) -> int:
     return tokenizer.encode(": ", add_special_tokens=False).ids[0]
 
 
-def packaged_data(name: str) -> Path:
-    """A file or folder shipped in `cde_jax/data` (the ModernBERT tokenizer, random_docs.txt)."""
-    return Path(str(importlib.resources.files("cde_jax") / "data" / name))
-
-
 def pad_batch(token_ids: Sequence[Sequence[int]], rows: np.ndarray, length: int,
               pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """The one batch builder: (ids, mask) int32 (len(rows), length) holding `token_ids[i]`
@@ -50,34 +45,40 @@ def pad_batch(token_ids: Sequence[Sequence[int]], rows: np.ndarray, length: int,
 
 
 class TextTokenizer:
-    """Texts -> token id lists ([CLS] ... [SEP]) -> right-padded (ids, mask) arrays."""
+    """Texts -> token id lists ([CLS] ... [SEP]) -> right-padded (ids, mask) arrays.
+
+    Safe to share between threads (the corpus job tokenizes in its reader threads): the
+    length a call cuts at is an argument, never a setting one call changes under another.
+    The `tokenizers` library holds truncation as a setting of a `Tokenizer`, so there is one
+    private copy per length, made on first use."""
 
     def __init__(self, tokenizer: Tokenizer, *, pad_id: int, max_length: int = MAX_LENGTH):
-        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())  # own copy: settings below
-        self.tokenizer.no_padding()
-        self.pad_id, self.max_length = pad_id, max_length
-        self.truncated = 0       # texts cut at max_length, all calls together (training)
-        self.last_truncated = 0  # texts cut by the last `encode` call
+        self.tokenizer = tokenizer
+        self.pad_id, self.max_length = pad_id, max_length  # max_length: the default cut
+        self.truncated = 0  # texts cut, all calls together (training reports the total)
+        self._lock = threading.Lock()
+        self._by_length: dict[int, Tokenizer] = {}
 
-    @property
-    def max_length(self) -> int:
-        """Tokens per text, [CLS] and [SEP] included; longer texts are cut."""
-        return self._max_length
+    def _cutting_at(self, max_length: int) -> Tokenizer:
+        with self._lock:
+            if max_length not in self._by_length:
+                copy = Tokenizer.from_str(self.tokenizer.to_str())
+                copy.no_padding()
+                copy.enable_truncation(max_length)
+                self._by_length[max_length] = copy
+            return self._by_length[max_length]
 
-    @max_length.setter
-    def max_length(self, value: int) -> None:
-        self._max_length = value
-        self.tokenizer.enable_truncation(value)
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids ([CLS] ... [SEP]) per text; a warning per call counts the texts of
-        this call that were cut at `max_length`."""
-        encodings = self.tokenizer.encode_batch(validation.texts(texts))
-        self.last_truncated = sum(1 for e in encodings if e.overflowing)
-        if self.last_truncated:
-            self.truncated += self.last_truncated
-            log.warning("%d of %d text(s) truncated to %d tokens", self.last_truncated,
-                        len(encodings), self.max_length)
+    def encode(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        """Token ids ([CLS] ... [SEP]) per text, cut at `max_length` (default: the
+        tokenizer's); a warning per call counts the texts of this call that were cut."""
+        max_length = max_length or self.max_length
+        encodings = self._cutting_at(max_length).encode_batch(validation.texts(texts))
+        cut = sum(1 for e in encodings if e.overflowing)
+        if cut:
+            with self._lock:
+                self.truncated += cut
+            log.warning("%d of %d text(s) truncated to %d tokens", cut, len(encodings),
+                        max_length)
         return [e.ids for e in encodings]
 
     def pad(self, ids: list[list[int]], length: int | None = None):

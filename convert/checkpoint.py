@@ -10,6 +10,8 @@ A converted dir holds:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,7 +24,7 @@ import numpy as np
 
 from cde_jax import sharding
 from cde_jax.config import CdeConfig, ModernBertConfig
-from cde_jax.io_utils import atomic_dir, output_lock, settled_event_loops
+from cde_jax.outputs import atomic_dir, claim
 from cde_jax.params import abstract_model, flat_shapes, flatten, unflatten
 from cde_jax.tokenization import instruction_end_id, load_tokenizer
 
@@ -175,6 +177,39 @@ def read_converted(path: str | Path, *, mesh=None) -> Checkpoint:
     return Checkpoint(flat, backbone, cde, config_json, meta["fingerprint"], tok_dir)
 
 
+class _SettlingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first lets the tasks still on it finish."""
+
+    def close(self) -> None:
+        if not self.is_closed() and not self.is_running():
+            pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+            if pending:
+                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _SettlingEventLoop()
+
+
+@contextlib.contextmanager
+def settled_event_loops():
+    """Event loops created in the block finish their pending tasks before they close.
+
+    Orbax runs a restore on a fresh loop and closes it as soon as one array fails, with the
+    other arrays' reads still pending: tensorstore then calls back into the closed loop
+    ("RuntimeError: Event loop is closed", printed from its threads) and the abandoned
+    coroutines fail again at interpreter exit. Settling the loop ends them properly.
+    """
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_SettlingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
 # tensorstore's errors start with an absl status code; a stored shape that is not the
 # model's comes from orbax.
 _ORBAX_READ_ERROR = re.compile(r"[A-Z_]+: |Requested shape: .* is not compatible")
@@ -200,21 +235,14 @@ def convert(source_name: str | Path, out: str | Path, *, param_dtype: str = "flo
             backbone_config: str | Path | None = None, overwrite: bool = False,
             revision: str | None = None) -> Path:
     """Released checkpoint (dir, or hub id at `revision`) -> converted dir, written
-    atomically, by one writer at a time (`output_lock`)."""
-    with output_lock(out):
-        return _convert(source_name, out, param_dtype=param_dtype,
-                        backbone_config=backbone_config, overwrite=overwrite,
-                        revision=revision)
-
-
-def _convert(source_name, out, *, param_dtype, backbone_config, overwrite, revision) -> Path:
-    if Path(out).exists() and not overwrite:  # before the download and the reading
-        raise FileExistsError(f"{out} already exists (refusing to overwrite it)")
-    ckpt_dir = source.local_checkpoint(source_name, revision)
-    ckpt = read_released(ckpt_dir, backbone_config=backbone_config, param_dtype=param_dtype)
-    if ckpt.tokenizer_dir is None:  # released cde checkpoints may lack the tokenizer files
-        ckpt.tokenizer_dir = source.embedder_tokenizer(ckpt.cde.embedder)
-        if ckpt.tokenizer_dir is not None:
-            ckpt.cde, _ = _with_tokenizer(ckpt.tokenizer_dir, ckpt.cde)
-    name = str(source_name) if revision is None else f"{source_name}@{revision}"
-    return write_converted(ckpt, out, source_name=name, overwrite=overwrite)
+    atomically by this process (`outputs.claim`, before the download and the reading)."""
+    with claim(out, overwrite=overwrite, alone=True):
+        ckpt_dir = source.local_checkpoint(source_name, revision)
+        ckpt = read_released(ckpt_dir, backbone_config=backbone_config,
+                             param_dtype=param_dtype)
+        if ckpt.tokenizer_dir is None:  # released cde checkpoints may lack the tokenizer
+            ckpt.tokenizer_dir = source.embedder_tokenizer(ckpt.cde.embedder)
+            if ckpt.tokenizer_dir is not None:
+                ckpt.cde, _ = _with_tokenizer(ckpt.tokenizer_dir, ckpt.cde)
+        name = str(source_name) if revision is None else f"{source_name}@{revision}"
+        return write_converted(ckpt, out, source_name=name, overwrite=overwrite)

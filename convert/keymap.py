@@ -44,7 +44,7 @@ class Transform(enum.Enum):
 T = Transform
 
 # The ModernBERT encoders of the checkpoint: released prefix -> JAX prefix.
-STAGES = {
+ENCODERS = {
     "first_stage_model.embedder": "first_stage_model/embedder",
     "second_stage_model.backbone": "second_stage_model/backbone",
 }
@@ -83,38 +83,38 @@ KEY_MAP: tuple[tuple[str, str, Transform], ...] = (
 _HEADS = ("prompt_projection", "output_projection")
 
 
-def _compile(template: str, stage_names) -> re.Pattern:
+def _compile(template: str, encoder_names) -> re.Pattern:
     pattern = re.escape(template)
-    for name, alternatives in (("stage", stage_names), ("head", _HEADS)):
+    for name, alternatives in (("stage", encoder_names), ("head", _HEADS)):
         alt = "|".join(re.escape(a) for a in alternatives)
         pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{alt})")
     pattern = pattern.replace(re.escape("{i}"), r"(?P<i>\d+)")
     return re.compile(pattern + r"\Z")
 
 
-_TO_JAX = [(_compile(hf, STAGES), jx, tf) for hf, jx, tf in KEY_MAP]
-_TO_HF = [(_compile(jx, STAGES.values()), hf, tf) for hf, jx, tf in KEY_MAP]
-_STAGE_TO_HF = {v: k for k, v in STAGES.items()}
+_TO_JAX = [(_compile(hf, ENCODERS), jx, tf) for hf, jx, tf in KEY_MAP]
+_TO_HF = [(_compile(jx, ENCODERS.values()), hf, tf) for hf, jx, tf in KEY_MAP]
+_ENCODER_TO_HF = {v: k for k, v in ENCODERS.items()}
 
 
-def _lookup(table, name: str, stages: dict[str, str]) -> tuple[str, Transform] | None:
+def _lookup(table, name: str, encoders: dict[str, str]) -> tuple[str, Transform] | None:
     for pattern, template, transform in table:
         m = pattern.match(name)
         if m:
             groups = m.groupdict()
             if "stage" in groups:
-                groups["stage"] = stages[groups["stage"]]
+                groups["stage"] = encoders[groups["stage"]]
             return template.format(**groups), transform
     return None
 
 
 def to_jax_path(hf_key: str) -> tuple[str, Transform] | None:
     """Released name -> ('a/b/0/kernel', transform), or None for a name not in the table."""
-    return _lookup(_TO_JAX, hf_key, STAGES)
+    return _lookup(_TO_JAX, hf_key, ENCODERS)
 
 
 def to_hf_key(jax_path: str) -> tuple[str, Transform]:
-    found = _lookup(_TO_HF, jax_path, _STAGE_TO_HF)
+    found = _lookup(_TO_HF, jax_path, _ENCODER_TO_HF)
     if found is None:
         raise KeyError(f"no released name for parameter {jax_path!r}: add a row to KEY_MAP")
     return found

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from cde_jax.config import EMBEDDER_PRESETS, ModernBertConfig
-from cde_jax.tokenization import packaged_data
+from cde_jax.resources import packaged_data
 
 from .released import CheckpointError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cde_jax.config import PRESETS, ModernBertConfig
-from cde_jax.io_utils import atomic_dir
+from cde_jax.outputs import atomic_dir
 
 from . import released, source
 

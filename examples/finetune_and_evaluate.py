@@ -2,7 +2,7 @@
 """Fine-tune a cde model for a few steps, then evaluate it against the model it started
 from on a held-out retrieval set (nDCG@10, Recall@10, MRR@10).
 
-    python examples/finetune_and_evaluate.py MODEL OUT [--steps N] [--batch-size B]
+    python examples/finetune_and_evaluate.py MODEL OUT [--total-steps N] [--batch-size B]
         [--examples N] [--json FILE]
 
 MODEL: a hub id (jxm/cde-small-v2; --revision), a converted dir or a released-layout dir.
@@ -23,7 +23,7 @@ import cde_jax
 from cde_jax import hub
 from cde_jax.convert.synthetic import is_synthetic
 from cde_jax.evaluation import evaluate_retrieval, load_beir
-from cde_jax.tokenization import packaged_data
+from cde_jax.resources import packaged_data
 from cde_jax.training import BatchConfig, StepConfig, TrainConfig, train
 
 K_VALUES = [1, 10]
@@ -61,9 +61,9 @@ def main(argv=None) -> dict:
     ap.add_argument("model")
     ap.add_argument("out", type=Path)
     ap.add_argument("--revision", help="hub branch, tag or commit (hub ids only)")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--total-steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--learning-rate", type=float, default=1e-4)
     ap.add_argument("--examples", type=int, default=64, help="training examples")
     ap.add_argument("--test", type=int, default=64, help="held-out queries (and documents)")
     ap.add_argument("--json", help="write the metrics and losses here")
@@ -77,7 +77,8 @@ def main(argv=None) -> dict:
     result = train(TrainConfig(
         model=str(base_dir), data=str(train_file), out=str(args.out / "run"),
         batch=BatchConfig(batch_size=args.batch_size, query_length=32, document_length=96),
-        step=StepConfig(total_steps=args.steps, learning_rate=args.lr)), show_progress=False)
+        step=StepConfig(total_steps=args.total_steps, learning_rate=args.learning_rate)),
+        show_progress=False)
     losses = [round(m["loss"], 6) for m in result.history]
     print(f"trained {result.step} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}: "
           f"{result.model_dir}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import cde_jax
 from cde_jax.convert.synthetic import is_synthetic
-from cde_jax.tokenization import packaged_data
+from cde_jax.resources import packaged_data
 
 QUERIES = ["how do I check my phone's data usage?", "who is Jason Voorhees?",
            "macdonald polynomials"]

@@ -40,8 +40,8 @@ import benchmark as bench  # noqa: E402  (the harness)
 import cde_jax  # noqa: E402
 from cde_jax.convert import convert  # noqa: E402
 from cde_jax.convert.synthetic import make_synthetic_checkpoint  # noqa: E402
-from cde_jax.io_utils import atomic_file  # noqa: E402
 from cde_jax.minicorpus import fallback_minicorpus  # noqa: E402
+from cde_jax.outputs import atomic_file  # noqa: E402
 from cde_jax.prompts import DOCUMENT as DOCUMENT_PREFIX  # noqa: E402
 from cde_jax.testing.torch_reference import TorchCde  # noqa: E402
 
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     ids, mask = bench.fixed_length_batch(tok, texts, "", batch, length, cfg.sep_token_id)
     profiles = {}
     for name, model in ours.items():
-        prefix = model.prefix(dataset_nd)
+        prefix = model.context(dataset_nd)
         try:
             profiles[name] = bench.profile_split(lambda m=model, p=prefix: m.second_stage(
                 ids, mask, p), work / f"profile-{name}") | {"case": f"{kind} {batch}x{length}"}

@@ -56,19 +56,20 @@ import transformers
 from flax import nnx
 
 import cde_jax
-from cde_jax import attention, flops, pipeline
+from cde_jax import attention, buckets, flops, ops
 from cde_jax.commands.runtime import CACHE_ENV
 from cde_jax.config import PRESETS
 from cde_jax.convert import convert, released
 from cde_jax.convert.synthetic import make_synthetic_checkpoint
-from cde_jax.io_utils import atomic_file
 from cde_jax.minicorpus import fallback_minicorpus, sample_minicorpus
+from cde_jax.outputs import atomic_file
 from cde_jax.profiling import count_compiles
 from cde_jax.prompts import DOCUMENT as DOCUMENT_PREFIX
 from cde_jax.prompts import PROMPTS
+from cde_jax.resources import packaged_data
 from cde_jax.sharding import data_shards
 from cde_jax.testing.torch_reference import TorchCde
-from cde_jax.tokenization import packaged_data, pad_batch
+from cde_jax.tokenization import pad_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -231,7 +232,7 @@ def bench_second_stage(ours: dict[str, cde_jax.CdeModel], refs: dict[str, object
     cfg, tok = first.backbone_config, first.tokenizer.tokenizer
     prefix_len = min(len(dataset_nd), first.config.num_context_tokens) + \
         first.config.num_soft_prompt_tokens
-    prefixes = {name: m.prefix(dataset_nd) for name, m in ours.items()}
+    prefixes = {name: m.context(dataset_nd) for name, m in ours.items()}
     reference = next(iter(refs))
     out = {}
     for kind, batch, length in kinds:
@@ -333,11 +334,11 @@ def bench_attention(cfg, sizes: Sizes) -> dict:
         q_bthe, k_bshe, v_bshe = (jax.random.normal(k, (b, n, h, e), jnp.float32)
                                   for k, n in zip(keys, (t, s, s)))
         lengths_b = np.linspace(s, s // 2, b).astype(np.int32)
-        args = (q_bthe, k_bshe, v_bshe, jnp.arange(s)[None, :] < lengths_b[:, None],
-                jnp.arange(s - t, s), jnp.arange(s))
+        key_mask_bs = jnp.arange(s)[None, :] < lengths_b[:, None]
         for radius, layer in ((None, "global"), (cfg.window_radius, "local")):
-            fns = {n: jax.jit(lambda *a, f=attention.KERNELS[n], r=radius: f(*a, r))
-                   for n in names}
+            args = (q_bthe, k_bshe, v_bshe,
+                    ops.MaskSpec(key_mask_bs, jnp.arange(s - t, s), jnp.arange(s), radius))
+            fns = {n: jax.jit(attention.KERNELS[n]) for n in names}
             contenders = {n: (lambda f=f, a=args: f(*a).block_until_ready())
                           for n, f in fns.items()}
             seconds, _ = alternate(contenders, warmup=sizes.warmup, repeats=sizes.repeats)
@@ -367,7 +368,7 @@ def bench_overlap(ours: cde_jax.CdeModel, sizes: Sizes) -> dict:
     plan = dataclasses.replace(ours.plan, tokens_per_batch=sizes.overlap_tokens_per_batch)
     pad, width = ours.backbone_config.pad_token_id, ours.hidden_size
     size = lambda length: plan.batch_size(length, data_shards(ours.mesh))
-    batches = pipeline.plan_batches([len(t) for t in token_ids], plan, size)
+    batches = buckets.plan_batches([len(t) for t in token_ids], plan, size)
     placed = [runner.place(*pad_batch(token_ids, rows, length, pad)) for length, rows in batches]
 
     def device_only():
@@ -594,7 +595,7 @@ def main(argv=None) -> int:
         ids, mask = fixed_length_batch(ours.tokenizer.tokenizer, fallback_minicorpus(),
                                        PROMPTS[kind], batch, length,
                                        ours.backbone_config.sep_token_id)
-        prefix = ours.prefix(dataset_nd)
+        prefix = ours.context(dataset_nd)
         results["second_stage_profile"] = section(
             "profile", profile_split, functools.partial(ours.second_stage, ids, mask, prefix),
             work / "profile") | {"case": f"{kind} {batch}x{length}, float32"}

@@ -44,19 +44,20 @@ def make_corpus(path: Path, docs: int, words: int) -> None:
 
 
 def tokenizer():
-    from cde_jax.tokenization import TextTokenizer, load_tokenizer, packaged_data
+    from cde_jax.resources import packaged_data
+    from cde_jax.tokenization import TextTokenizer, load_tokenizer
 
     return TextTokenizer(load_tokenizer(packaged_data("modernbert-tokenizer")), pad_id=50283)
 
 
 def pad_buckets(token_ids) -> int:
     """Pads the chunk into the runner's bucket batches; returns the padded token count."""
-    from cde_jax import pipeline
+    from cde_jax import buckets
     from cde_jax.tokenization import pad_batch
 
-    plan = pipeline.BucketPlan()
+    plan = buckets.BucketPlan()
     padded = 0
-    for length, rows in pipeline.plan_batches([len(t) for t in token_ids], plan,
+    for length, rows in buckets.plan_batches([len(t) for t in token_ids], plan,
                                               lambda n: plan.batch_size(n, 1)):
         ids, _ = pad_batch(token_ids, rows, length, 50283)
         padded += ids.size

@@ -30,7 +30,7 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".st
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from cde_jax.tokenization import packaged_data  # noqa: E402
+from cde_jax.resources import packaged_data  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -54,9 +54,30 @@ def main():
     emb = model.encode(mine, prompt_name="document", dataset_embeddings=ctx)
     raw = model.second_stage(*model.tokenizer(["search_query: " + t for t in mine[:6]]), ctx)
     from cde_jax.params import flat_params
-    wqkv = flat_params(model.runner.model)["second_stage_model/backbone/layers/0/attn/wqkv/kernel"]
+    wqkv = flat_params(model.module)["second_stage_model/backbone/layers/0/attn/wqkv/kernel"]
     np.savez(args.out, context=ctx, embeddings=emb, raw=raw, start=start,
-             devices=len(jax.devices()), wqkv_spec=str(tuple(wqkv.sharding.spec)))
+             devices=len(jax.devices()), wqkv_spec=str(tuple(wqkv.sharding.spec)),
+             **users_shard_map(model, mesh, ctx, texts)
+             if args.devices > 1 and args.model_parallel == 1 else {})
+
+
+def users_shard_map(model, mesh, ctx, texts) -> dict:
+    """The second stage inside a user's own `shard_map` over the data axis (README: "Inside
+    your JAX code"), and the runner's result for the same rows."""
+    import jax
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    graphdef = model.graphdef
+    ids, mask = model.tokenizer(["search_query: " + t for t in texts[:16]])
+
+    def user_fn(params, ids, mask, dataset):
+        return nnx.merge(graphdef, params).second_stage(ids, mask, dataset)
+
+    sharded = jax.jit(jax.shard_map(user_fn, mesh=mesh, in_specs=(P(), P("data"), P("data"), P()),
+                                    out_specs=P("data")))
+    return {"shard_map": sharded(model.params, ids, mask, ctx),
+            "shard_map_runner": model.second_stage(ids, mask, ctx)}
 
 
 if __name__ == "__main__":

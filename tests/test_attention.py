@@ -16,6 +16,7 @@ from conftest import max_rel_err
 import cde_jax
 from cde_jax import attention, ops
 from cde_jax.config import ModernBertConfig
+from cde_jax.ops import MaskSpec
 from cde_jax.tokenization import pad_batch
 
 
@@ -29,7 +30,7 @@ def qkv_inputs(seed: int, b: int, s: int, lengths, h: int = 2, e: int = 8, dtype
 
 def rows_that_see_a_key(key_mask_bs, q_pos_t, k_pos_s, radius):
     """(b, t) bool: queries with at least one visible key."""
-    mask_b1ts = ops.attention_mask(key_mask_bs, q_pos_t, k_pos_s, radius)
+    mask_b1ts = ops.attention_mask(MaskSpec(key_mask_bs, q_pos_t, k_pos_s, radius))
     b, t, s = key_mask_bs.shape[0], q_pos_t.shape[0], k_pos_s.shape[0]
     return jnp.broadcast_to(mask_b1ts, (b, 1, t, s)).any(-1)[:, 0]
 
@@ -55,7 +56,7 @@ CASES = [(37, 4, [37, 20, 1, 0]), (100, 7, [100, 63, 5, 0]), (129, 16, [129, 128
 def test_local_block_attention_equals_dense(s, radius, lengths):
     q, k, v, key_mask_bs = qkv_inputs(s, len(lengths), s, lengths)
     pos = jnp.arange(s)
-    dense = attention.dense_attention(q, k, v, key_mask_bs, pos, pos, radius)
+    dense = attention.dense_attention(q, k, v, MaskSpec(key_mask_bs, pos, pos, radius))
     blocked = attention.local_block_attention(q, k, v, key_mask_bs, radius)
     assert np.isfinite(np.asarray(blocked)).all()
     # Every position, the rows that see no key included: both average the row's values.
@@ -66,7 +67,7 @@ def test_local_block_attention_equals_dense(s, radius, lengths):
 def test_head_major_local_equals_dense(s, radius, lengths):
     q, k, v, key_mask_bs = qkv_inputs(s, len(lengths), s, lengths)
     pos = jnp.arange(s)
-    dense = attention.dense_attention(q, k, v, key_mask_bs, pos, pos, radius)
+    dense = attention.dense_attention(q, k, v, MaskSpec(key_mask_bs, pos, pos, radius))
     blocked = jax.jit(attention.head_major_local, static_argnums=4)(q, k, v, key_mask_bs, radius)
     rows_bt = rows_that_see_a_key(key_mask_bs, pos, pos, radius)
     assert not rows_bt.all()  # the cases include blind padding rows
@@ -83,9 +84,8 @@ def test_every_kernel_matches_the_reference(name, radius, t):
     q, k, v, key_mask_bs = qkv_inputs(t + 100 * (radius or 0), len(lengths), s, lengths)
     pos = jnp.arange(s)
     q_t, q_pos = q[:, s - t:], pos[s - t:]
-    want = attention.dense_attention(q_t, k, v, key_mask_bs, q_pos, pos, radius)
-    got = jax.jit(attention.KERNELS[name], static_argnums=6)(q_t, k, v, key_mask_bs, q_pos,
-                                                             pos, radius)
+    want = attention.dense_attention(q_t, k, v, MaskSpec(key_mask_bs, q_pos, pos, radius))
+    got = jax.jit(attention.KERNELS[name])(q_t, k, v, MaskSpec(key_mask_bs, q_pos, pos, radius))
     assert got.shape == want.shape and got.dtype == want.dtype
     rows_bt = (jnp.ones((len(lengths), t), bool) if name == "xla"
                else rows_that_see_a_key(key_mask_bs, q_pos, pos, radius))
@@ -103,9 +103,8 @@ def test_kernels_on_longer_rows(name, t, s, radius, lengths):
     q, k, v, key_mask_bs = qkv_inputs(t + s, len(lengths), s, lengths, h=2, e=16)
     pos = jnp.arange(s)
     q_t, q_pos = q[:, s - t:], pos[s - t:]
-    want = attention.dense_attention(q_t, k, v, key_mask_bs, q_pos, pos, radius)
-    got = jax.jit(attention.KERNELS[name], static_argnums=6)(q_t, k, v, key_mask_bs, q_pos,
-                                                             pos, radius)
+    want = attention.dense_attention(q_t, k, v, MaskSpec(key_mask_bs, q_pos, pos, radius))
+    got = jax.jit(attention.KERNELS[name])(q_t, k, v, MaskSpec(key_mask_bs, q_pos, pos, radius))
     rows_bt = rows_that_see_a_key(key_mask_bs, q_pos, pos, radius)
     assert err_on_rows(got, want, rows_bt) <= 1e-5
 
@@ -122,7 +121,7 @@ def test_kernel_gradients_match_the_reference(name):
     weights_bthe = jnp.where(rows_bt[:, :, None, None], weights_bthe, 0.0)
 
     def loss(kernel, q, k, v):
-        out = kernel(q[:, s - t:], k, v, key_mask_bs, pos[s - t:], pos, radius)
+        out = kernel(q[:, s - t:], k, v, MaskSpec(key_mask_bs, pos[s - t:], pos, radius))
         return (out * weights_bthe).sum()
 
     want = jax.grad(loss, argnums=(1, 2, 3))(attention.dense_attention, q, k, v)
@@ -139,10 +138,10 @@ def test_head_major_bfloat16_accumulates_in_float32(radius):
     s, lengths = 100, (100, 60, 7)
     q, k, v, key_mask_bs = qkv_inputs(3, len(lengths), s, lengths, h=2, e=16)
     pos = jnp.arange(s)
-    want = attention.dense_attention(q, k, v, key_mask_bs, pos, pos, radius)
+    want = attention.dense_attention(q, k, v, MaskSpec(key_mask_bs, pos, pos, radius))
     half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    got = attention.head_major(*half, key_mask_bs, pos, pos, radius)
-    ref_bf16 = attention.dense_attention(*half, key_mask_bs, pos, pos, radius)
+    got = attention.head_major(*half, MaskSpec(key_mask_bs, pos, pos, radius))
+    ref_bf16 = attention.dense_attention(*half, MaskSpec(key_mask_bs, pos, pos, radius))
     assert got.dtype == jnp.bfloat16
     rows_bt = rows_that_see_a_key(key_mask_bs, pos, pos, radius)
     assert err_on_rows(got, want, rows_bt) <= 1.5 * err_on_rows(ref_bf16, want, rows_bt) + 1e-3
@@ -164,10 +163,10 @@ def test_cudnn_arguments_compute_the_reference(case, dtype):
     q, k, v, key_mask_bs = qkv_inputs(s, len(lengths), s, lengths, h=2, e=16, dtype=dtype)
     pos = jnp.arange(s)
     q_t, q_pos = q[:, s - t:], pos[s - t:]
-    arguments = attention.cudnn_arguments(key_mask_bs, q_pos, pos, radius)
+    arguments = attention.cudnn_arguments(MaskSpec(key_mask_bs, q_pos, pos, radius))
     got = jax.jit(lambda q, k, v, a: jax.nn.dot_product_attention(
         q, k, v, implementation=None, **a))(q_t, k, v, arguments)
-    want = attention.dense_attention(q_t, k, v, key_mask_bs, q_pos, pos, radius)
+    want = attention.dense_attention(q_t, k, v, MaskSpec(key_mask_bs, q_pos, pos, radius))
     real_bt = key_mask_bs[:, s - t:]  # real queries: the ones cuDNN computes
     assert err_on_rows(got, want, real_bt) <= (1e-5 if dtype == jnp.float32 else 1e-2)
     assert not np.asarray(jnp.where(real_bt[:, :, None, None], 0, got), np.float32).any()
@@ -176,12 +175,13 @@ def test_cudnn_arguments_compute_the_reference(case, dtype):
 def test_cudnn_argument_shapes():
     s, t = 536, 16
     key_mask_bs = jnp.arange(s)[None, :] < jnp.array([536, 530, 300, 0])[:, None]
-    suffix = attention.cudnn_arguments(key_mask_bs, jnp.arange(s - t, s), jnp.arange(s), 64)
+    suffix = attention.cudnn_arguments(MaskSpec(key_mask_bs, jnp.arange(s - t, s), jnp.arange(s),
+                                                       64))
     assert suffix["key_value_seq_lengths"].tolist() == [536, 530, 300, 0]
     assert suffix["query_seq_lengths"].tolist() == [16, 10, 0, 0]
     assert suffix["query_seq_lengths"].dtype == suffix["key_value_seq_lengths"].dtype == jnp.int32
     assert suffix["mask"].shape == (1, 1, t, s) and suffix["mask"].dtype == jnp.bool_
-    full = attention.cudnn_arguments(key_mask_bs, jnp.arange(s), jnp.arange(s), None)
+    full = attention.cudnn_arguments(MaskSpec(key_mask_bs, jnp.arange(s), jnp.arange(s)))
     assert full["query_seq_lengths"].tolist() == [536, 530, 300, 0] and "mask" not in full
 
 
@@ -193,7 +193,8 @@ def test_cudnn_accepts_the_window_mask_and_rejects_the_alternatives():
 
     t, s = 16, 200
     q, k, v, key_mask_bs = qkv_inputs(0, 3, s, (200, 100, 50), h=2, e=16, dtype=jnp.bfloat16)
-    arguments = attention.cudnn_arguments(key_mask_bs, jnp.arange(s - t, s), jnp.arange(s), 16)
+    arguments = attention.cudnn_arguments(MaskSpec(key_mask_bs, jnp.arange(s - t, s),
+                                                    jnp.arange(s), 16))
 
     def check(mask):
         bias = cudnn_lib.combine_bias_and_mask(None, mask, q.dtype)
@@ -215,7 +216,7 @@ def test_cudnn_needs_an_nvidia_gpu_and_half_precision(synthetic):
         cde_jax.load(synthetic()[1], attention="cudnn", dtype="bfloat16")
     q, k, v, key_mask_bs = qkv_inputs(0, 2, 16, (16, 3))
     with pytest.raises(ValueError, match="bfloat16 or float16, not float32"):
-        attention.cudnn(q, k, v, key_mask_bs, jnp.arange(16), jnp.arange(16), None)
+        attention.cudnn(q, k, v, MaskSpec(key_mask_bs, jnp.arange(16), jnp.arange(16)))
 
 
 class FakeGpu:
@@ -264,8 +265,8 @@ def test_load_takes_an_attention_name(synthetic, random_docs):
     dataset = xla.embed_minicorpus(docs)
     np.testing.assert_array_equal(auto.embed_minicorpus(docs), chosen.embed_minicorpus(docs))
     assert max_rel_err(auto.embed_minicorpus(docs), dataset) <= 1e-5
-    assert max_rel_err(auto.embed_documents(docs, dataset),
-                       xla.embed_documents(docs, dataset)) <= 1e-5
+    assert max_rel_err(auto.encode_document(docs, dataset_embeddings=dataset),
+                       xla.encode_document(docs, dataset_embeddings=dataset)) <= 1e-5
 
 
 # --- splash in the model (interpret mode on CPU) --------------------------------------------

@@ -28,7 +28,7 @@ WIDE = ModernBertConfig(num_hidden_layers=4, local_attention=32)
                                                 (0, 33, None), (39, 40, 0)])
 def test_visible_pairs_match_the_attention_mask(q_start, seq, radius):
     pos = jnp.arange(seq)
-    mask = ops.attention_mask(jnp.ones((1, seq), bool), pos[q_start:], pos, radius)
+    mask = ops.attention_mask(ops.MaskSpec(jnp.ones((1, seq), bool), pos[q_start:], pos, radius))
     pairs = jnp.broadcast_to(mask, (1, 1, seq - q_start, seq)).sum()
     assert flops.visible_pairs(q_start, seq, radius) == int(pairs)
 

@@ -276,19 +276,19 @@ def test_resumable_array_journal(tmp_path):
     rows_nd = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
     open_ = lambda key="k": ResumableArray(out, rows=7, width=3, chunk_rows=3, key=key)
     with open_() as a:
-        assert a.state == "new" and a.n_chunks == 3
-        a.write(2, rows_nd[6:])
-        assert a.rows_done == 1  # the short last chunk
+        assert not a.resumed and a.n_chunks == 3
+        a.write(2, rows_nd[6:])  # the short last chunk
+        assert a.chunk_slice(2) == slice(6, 7)
     with open(tmp_path / "a.npy.journal", "a") as f:
         f.write("1")  # a line torn by a kill: not a finished chunk
     with open_() as a:
-        assert a.state == "resumed" and a.done == {2}
+        assert a.resumed and a.done == {2}
         with pytest.raises(ValueError, match=r"chunk 0 needs shape \(3, 3\)"):
             a.write(0, rows_nd[:2])
         with pytest.raises(RuntimeError, match=r"chunks \[0, 1\] not written"):
             a.finish()
     with open_(key="other arguments") as a:
-        assert a.state == "restarted" and a.done == set()
+        assert not a.resumed and a.done == set()
         for chunk in range(3):
             a.write(chunk, rows_nd[a.chunk_slice(chunk)])
         a.finish()
@@ -298,7 +298,7 @@ def test_resumable_array_journal(tmp_path):
     (tmp_path / "a.npy.journal").write_text(
         json.dumps({"version": 1, "key": "k", "rows": 7, "width": 3, "chunk_rows": 3}) + "\n0\n")
     with open_() as a:
-        assert a.state == "restarted" and a.done == set()
+        assert not a.resumed and a.done == set()
 
 
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
@@ -363,7 +363,8 @@ def test_model_options_reach_the_model(command, monkeypatch, tmp_path, capsys):
     """--dtype and --attention, defined once (`runtime.add_model_args`), on every command
     that runs the model, validated by argparse and passed to `load` / training."""
     from cde_jax import cli
-    from cde_jax.commands import runtime, train
+    from cde_jax.commands import flags, runtime
+    from cde_jax.training import TrainConfig
 
     src = write_txt(tmp_path / "in.txt", ["a text"])
     required = {
@@ -371,7 +372,7 @@ def test_model_options_reach_the_model(command, monkeypatch, tmp_path, capsys):
         "embed": ["--input", src, "--role", "query", "--dataset-embeddings", "fallback",
                   "--out", tmp_path / "e.npy"],
         "eval": ["--dataset", tmp_path, "--out", tmp_path / "r.json"],
-        "train": ["--data", src, "--out", tmp_path / "run", "--steps", "1",
+        "train": ["--data", src, "--out", tmp_path / "run", "--total-steps", "1",
                   "--batch-size", "2"],
     }[command]
     argv = [command, "--model", "m", *map(str, required)]
@@ -380,7 +381,7 @@ def test_model_options_reach_the_model(command, monkeypatch, tmp_path, capsys):
     assert (defaults.dtype, defaults.attention) == (None, "auto")
     args = parser.parse_args(argv + ["--dtype", "bfloat16", "--attention", "xla"])
     if command == "train":
-        cfg = train.config_from_args(args)
+        cfg = flags.config_from_args(TrainConfig, args)
         assert (cfg.dtype, cfg.attention) == ("bfloat16", "xla")
     else:
         seen = {}

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 import cde_jax
 from cde_jax.convert import CheckpointError, convert, read_converted, read_released, write_released
+from cde_jax.outputs import OutputExistsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +158,7 @@ def test_existing_output_is_not_touched(synthetic, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputExistsError, match="already exists"):
         convert(synthetic()[0], out)
     assert (out / "keep.txt").read_text() == "mine"
 

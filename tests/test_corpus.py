@@ -260,8 +260,9 @@ def two_process_training(tiny_checkpoint, random_docs, tmp):
 
     def args(out):
         return ("train", "--model", tiny_checkpoint[0], "--data", data, "--out", out,
-                "--steps", 4, "--batch-size", 8, "--lr", "1e-3", "--query-length", 24,
-                "--document-length", 48, "--checkpoint-every", 2, "--seed", 1)
+                "--total-steps", 4, "--batch-size", 8, "--learning-rate", "1e-3",
+                "--query-length", 24, "--document-length", 48, "--checkpoint-every", 2,
+                "--seed", 1)
 
     ok(run_processes(1, *args(tmp / "one")))
     port, killed = free_port(), tmp / "two"

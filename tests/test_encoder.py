@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,7 @@ from flax import nnx
 from cde_jax.config import ModernBertConfig, modernbert_base
 from cde_jax.convert import keymap
 from cde_jax.encoder import ModernBert
-from cde_jax.params import with_params
+from cde_jax.params import fill, split
 from cde_jax.testing.torch_reference import hf_config
 
 SMALL = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -52,7 +53,9 @@ def torch_and_jax(cfg: ModernBertConfig, attn_implementation: str, seed: int = 0
         hf_key, transform = keymap.to_hf_key("first_stage_model/embedder/" + jax_path)
         flat[jax_path] = transform.to_jax(state[hf_key.removeprefix(
             "first_stage_model.embedder.")], var.get_value().shape)
-    return ref, with_params(ours, flat)
+    graphdef, abstract = split(ours)
+    return ref, nnx.merge(graphdef, fill(abstract, flat, lambda path, value, like:
+                                          jnp.asarray(value)))
 
 
 def padded_batch(rng, vocab: int, lengths: list[int], seq: int):

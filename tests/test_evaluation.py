@@ -30,7 +30,7 @@ from mteb.models.models_protocols import EncoderProtocol, SearchProtocol
 
 import cde_jax
 from cde_jax import cli
-from cde_jax.evaluation import SearchPlan, exact_top_k, load_beir, rank_corpus, ranking_metrics
+from cde_jax.evaluation import SearchTiles, exact_top_k, load_beir, rank_corpus, ranking_metrics
 from cde_jax.evaluation.mteb import CdeMtebModel
 from cde_jax.minicorpus import sample_minicorpus
 from cde_jax.profiling import count_compiles
@@ -104,41 +104,41 @@ def _assert_matches_argsort(queries, corpus, scores, ids, k):
     np.testing.assert_array_equal(scores, np.take_along_axis(queries @ corpus.T, ref, axis=1))
 
 
-@pytest.mark.parametrize("plan", [SearchPlan(), SearchPlan(query_block=8, rows_per_device=5),
-                                  SearchPlan(query_block=16, rows_per_device=40)])
+@pytest.mark.parametrize("tiles", [SearchTiles(), SearchTiles(query_block=8, rows_per_device=5),
+                                   SearchTiles(query_block=16, rows_per_device=40)])
 @pytest.mark.parametrize("k", [1, 10, 500])
-def test_exact_top_k_equals_argsort(plan, k):
+def test_exact_top_k_equals_argsort(tiles, k):
     queries, corpus = _integer_problem(0)
     # Each query's 203 scores take under 60 values: tie order is checked too.
     assert max(len(np.unique(row)) for row in queries @ corpus.T) < 60
-    scores, ids = exact_top_k(queries, corpus, k, plan=plan)
+    scores, ids = exact_top_k(queries, corpus, k, tiles=tiles)
     assert ids.shape == (37, min(k, 203)) and ids.dtype == np.int64
     _assert_matches_argsort(queries, corpus, scores, ids, min(k, 203))
 
 
-def test_exact_top_k_compiles_once_over_many_chunks():
+def test_exact_top_k_compiles_once_over_many_tiles():
     queries, corpus = _integer_problem(1, n=1000)
     with count_compiles() as compiles:
-        scores, ids = exact_top_k(queries, corpus, 7, plan=SearchPlan(rows_per_device=64))
+        scores, ids = exact_top_k(queries, corpus, 7, tiles=SearchTiles(rows_per_device=64))
     _assert_matches_argsort(queries, corpus, scores, ids, 7)
-    assert compiles.count == 1  # 16 chunks (the last one padded), one program
+    assert compiles.count == 1  # 16 tiles (the last one padded), one program
 
 
 @early
 def top_k_on_8_devices():
-    """Corpus rows split over 8 fake devices, in chunks: a script that checks the result
+    """Corpus rows split over 8 fake devices, in tiles: a script that checks the result
     against argsort (its CompletedProcess)."""
     script = textwrap.dedent("""
         import numpy as np, jax, test_evaluation as t
-        from cde_jax.evaluation import SearchPlan, exact_top_k
+        from cde_jax.evaluation import SearchTiles, exact_top_k
         assert jax.device_count() == 8
         rng = np.random.default_rng(3)
         problems = [t._integer_problem(2), (rng.standard_normal((50, 32), np.float32),
                                             rng.standard_normal((1001, 32), np.float32))]
         for queries, corpus in problems:
-            for plan in (SearchPlan(), SearchPlan(query_block=7, rows_per_device=3)):
+            for tiles in (SearchTiles(), SearchTiles(query_block=7, rows_per_device=3)):
                 for k in (10, 2000):
-                    scores, ids = exact_top_k(queries, corpus, k, plan=plan)
+                    scores, ids = exact_top_k(queries, corpus, k, tiles=tiles)
                     kk = min(k, len(corpus))
                     if queries[0, 0] == int(queries[0, 0]):
                         t._assert_matches_argsort(queries, corpus, scores, ids, kk)
@@ -166,9 +166,9 @@ def test_exact_top_k_sharded_over_8_devices(top_k_on_8_devices):
 
 def test_exact_top_k_rejects_bad_input():
     queries, corpus = _integer_problem(0)
-    corpus[[5, 6]] = np.nan  # in the second chunk of 4 rows: row numbers are global
+    corpus[[5, 6]] = np.nan  # in the second tile of 4 rows: row numbers are global
     with pytest.raises(ValueError, match=r"corpus have non-finite values in row\(s\) \[5, 6\]"):
-        exact_top_k(queries, corpus, 3, plan=SearchPlan(rows_per_device=4))
+        exact_top_k(queries, corpus, 3, tiles=SearchTiles(rows_per_device=4))
     with pytest.raises(ValueError, match=r"queries have non-finite values in row\(s\) \[0, 1\]"):
         exact_top_k(corpus[5:], queries, 3)
     with pytest.raises(ValueError, match="queries have width 16, corpus 8"):
@@ -239,18 +239,18 @@ def _replace_line(path: Path, number: int, text: str):
 
 
 @pytest.mark.parametrize("file,line,text,message", [
-    ("corpus.jsonl", 3, '{"_id": "doc2", "text": "x"', r"corpus.jsonl:3: invalid JSON"),
-    ("corpus.jsonl", 4, '{"_id": "doc3"}', r"corpus.jsonl:4: 'text' must be a string, got "
+    ("corpus.jsonl", 3, '{"_id": "doc2", "text": "x"', r"corpus.jsonl: line 3: invalid JSON"),
+    ("corpus.jsonl", 4, '{"_id": "doc3"}', r"corpus.jsonl: line 4: 'text' must be a string, got "
                                            r"missing"),
-    ("corpus.jsonl", 5, '{"_id": "doc0", "text": "x"}', r"corpus.jsonl:5: duplicate _id "
+    ("corpus.jsonl", 5, '{"_id": "doc0", "text": "x"}', r"corpus.jsonl: line 5: duplicate _id "
                                                         r"'doc0' \(first on line 1\)"),
-    ("corpus.jsonl", 2, '["doc1"]', r"corpus.jsonl:2: expected a JSON object, got an array"),
-    ("queries.jsonl", 2, '{"_id": "q1", "text": 7}', r"queries.jsonl:2: 'text' must be a "
+    ("corpus.jsonl", 2, '["doc1"]', r"corpus.jsonl: line 2: expected a JSON object, got an array"),
+    ("queries.jsonl", 2, '{"_id": "q1", "text": 7}', r"queries.jsonl: line 2: 'text' must be a "
                                                      r"string, got int 7"),
-    ("qrels/test.tsv", 1, "qid\tdid\tscore", r"test.tsv:1: expected the header"),
-    ("qrels/test.tsv", 3, "q1\tdoc1", r"test.tsv:3: expected 3 tab-separated fields, got 2"),
-    ("qrels/test.tsv", 4, "q2\tdoc2\thigh", r"test.tsv:4: score 'high' is not an integer"),
-    ("qrels/test.tsv", 5, "nope\tdoc2\t1", r"test.tsv:5: query-id 'nope' is not in "
+    ("qrels/test.tsv", 1, "qid\tdid\tscore", r"test.tsv: line 1: expected the header"),
+    ("qrels/test.tsv", 3, "q1\tdoc1", r"test.tsv: line 3: expected 3 tab-separated fields, got 2"),
+    ("qrels/test.tsv", 4, "q2\tdoc2\thigh", r"test.tsv: line 4: score 'high' is not an integer"),
+    ("qrels/test.tsv", 5, "nope\tdoc2\t1", r"test.tsv: line 5: query-id 'nope' is not in "
                                            r"queries.jsonl"),
 ])
 def test_beir_errors_name_file_and_line(beir, tmp_path, random_docs, file, line, text, message):
@@ -334,7 +334,7 @@ def test_cli_eval_errors_leave_nothing(synthetic, random_docs, tmp_path, capsys)
     _replace_line(bad / "queries.jsonl", 2, "{not json")
     args = ["eval", "--model", str(synthetic()[1]), "--dataset", str(bad), "--out", str(out)]
     assert cli.main(args) == 2
-    assert "queries.jsonl:2: invalid JSON" in capsys.readouterr().err
+    assert "queries.jsonl: line 2: invalid JSON" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no output, no temp file
     out.write_text("keep")
     assert cli.main(args) == 2
@@ -348,22 +348,25 @@ def test_cli_eval_errors_leave_nothing(synthetic, random_docs, tmp_path, capsys)
 # --- MTEB ---------------------------------------------------------------------------------
 
 class RecordingMteb(CdeMtebModel):
-    """Notes which task each model call served: (task, "context" | prompt, texts)."""
+    """Notes which task each model call served: (task, "context" | prompt, texts, seed)."""
 
     def __init__(self, model, **kw):
         super().__init__(model, **kw)
         self.task, self.calls = None, []
-        inner_dataset, inner_encode = model.embed_dataset, model.encode
+        inner_context = model.context
 
-        def embed_dataset(texts, **kw):
+        def context(texts, **kw):
             self.calls.append((self.task, "context", list(texts), kw["seed"]))
-            return inner_dataset(texts, **kw)
+            made = inner_context(texts, **kw)
+            inner_encode = made.encode
 
-        def encode(texts, **kw):
-            self.calls.append((self.task, kw["prompt"], list(texts), None))
-            return inner_encode(texts, **kw)
+            def encode(texts, **kw):
+                self.calls.append((self.task, kw["prompt"], list(texts), None))
+                return inner_encode(texts, **kw)
 
-        self.model = _Proxy(model, embed_dataset=embed_dataset, encode=encode)
+            return _Proxy(made, encode=encode)
+
+        self.model = _Proxy(model, context=context)
 
     def encode(self, inputs, *, task_metadata, **kw):
         self.task = task_metadata.name
@@ -499,11 +502,12 @@ def test_mteb_classification_minicorpus_is_the_train_split_per_subset(model):
             context = model.embed_dataset(train[subset], seed=42, batch_size=BATCH)
             want = model.encode(texts, prompt="classification: ", dataset_embeddings=context,
                                 batch_size=BATCH)
-            np.testing.assert_array_equal(wrapper.dataset_embeddings[("FakeCls", subset)], context)
+            np.testing.assert_array_equal(
+                wrapper.contexts[("FakeCls", subset)].dataset_embeddings, context)
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-    assert sorted(wrapper.dataset_embeddings) == [("FakeCls", "en"), ("FakeCls", "fr")]
-    assert np.abs(wrapper.dataset_embeddings[("FakeCls", "en")]
-                  - wrapper.dataset_embeddings[("FakeCls", "fr")]).max() > 1e-3
+    assert sorted(wrapper.contexts) == [("FakeCls", "en"), ("FakeCls", "fr")]
+    assert np.abs(wrapper.contexts[("FakeCls", "en")].dataset_embeddings
+                  - wrapper.contexts[("FakeCls", "fr")].dataset_embeddings).max() > 1e-3
 
 
 def test_mteb_similarity_and_bad_arguments(model):

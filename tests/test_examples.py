@@ -17,7 +17,7 @@ from conftest import early
 import cde_jax
 from cde_jax.convert.synthetic import SYNTHETIC_KEY, is_synthetic
 from cde_jax.evaluation import evaluate_retrieval, load_beir
-from cde_jax.tokenization import packaged_data
+from cde_jax.resources import packaged_data
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTE = "NOTE: random weights (a synthetic checkpoint)"
@@ -77,7 +77,7 @@ def test_only_a_marked_checkpoint_is_called_random(synthetic):
 @early
 def finetune_run(tiny_checkpoint, tmp):
     """(stdout, output dir, report)"""
-    done = example("finetune_and_evaluate.py", tiny_checkpoint[1], tmp / "ft", "--steps", 2,
+    done = example("finetune_and_evaluate.py", tiny_checkpoint[1], tmp / "ft", "--total-steps", 2,
                    "--examples", 16, "--test", 16, "--batch-size", 8, "--json",
                    tmp / "report.json")
     return done.stdout, tmp / "ft", json.loads((tmp / "report.json").read_text())

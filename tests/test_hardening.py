@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from cde_jax import io_utils
+from cde_jax import outputs
 from cde_jax.convert import CheckpointError, convert, read_converted
 from cde_jax.evaluation import load_beir
-from cde_jax.io_utils import atomic_dir, atomic_file, output_lock
+from cde_jax.outputs import atomic_dir, atomic_file, output_lock
 from cde_jax.training.checkpoint import checkpoint_steps
 from cde_jax.validation import UserError
 
@@ -34,7 +34,7 @@ CONVERT = REPO / "scripts" / "convert_weights.py"
 NOT_WRITTEN_BY_AN_ERROR = ("Traceback", "Event loop is closed", "Exception ignored")
 
 # Holds `output_lock(OUT)` until its stdin closes: a second process that owns the output.
-HOLD_LOCK = ("import sys\nfrom cde_jax.io_utils import output_lock\n"
+HOLD_LOCK = ("import sys\nfrom cde_jax.outputs import output_lock\n"
              "with output_lock(sys.argv[1]):\n"
              "    print('locked', flush=True)\n"
              "    sys.stdin.read()\n")
@@ -131,7 +131,7 @@ def test_second_writer_fails_at_once_and_a_killed_writer_is_taken_over(
     elif command == "train":
         data = write_train_data(tmp_path / "train.jsonl")
         prog = ("-m", "cde_jax.cli")
-        args = ("train", "--model", released, "--data", data, "--out", out, "--steps", 2,
+        args = ("train", "--model", released, "--data", data, "--out", out, "--total-steps", 2,
                 "--batch-size", 4, "--resume")
         error = f"cde-jax train: error: {out} is being written by another run"
     else:
@@ -234,7 +234,7 @@ def _pause_kill_and_convert(released: Path, parent: Path, paused: dict, python) 
 def test_atomic_writes_remove_only_dead_processes_temps(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = io_utils._HOST
+    host = outputs._HOST
     kept = {f".d.tmp-{os.getpid()}-{host}-x4",     # a live process's (this one)
             f".e.tmp-{dead.pid}-another_host-x5",  # another host's: its pid means nothing here
             ".f.tmp-abcd1234"}                     # no owner in the name
@@ -291,7 +291,7 @@ def test_resume_needs_a_checkpoint(synthetic, tmp_path, python, cli):
     that touches nothing; a run without it starts over."""
     data = write_train_data(tmp_path / "train.jsonl")
     out = tmp_path / "run"
-    args = ("train", "--model", synthetic()[0], "--data", data, "--out", out, "--steps", 2,
+    args = ("train", "--model", synthetic()[0], "--data", data, "--out", out, "--total-steps", 2,
             "--batch-size", 4, "--query-length", 16, "--document-length", 16,
             "--corpus-size", 8, "--checkpoint-every", 100)
     message = f"cde-jax train: error: nothing to resume in {out}; run without --resume to start"

@@ -33,6 +33,7 @@ import cde_jax
 from cde_jax import convert, hub
 from cde_jax.convert import CheckpointError
 from cde_jax.convert.source import HUB_PATTERNS
+from cde_jax.outputs import OutputExistsError
 from cde_jax.testing.torch_reference import TorchCde
 
 REPO = "jxm/cde-small-v2"
@@ -197,7 +198,7 @@ def test_save_pretrained_round_trip(synthetic, reference, tmp_path):
         np.testing.assert_array_equal(saved[name], array, err_msg=name)
     assert json.loads((out / "config.json").read_text()) == json.loads(
         (released / "config.json").read_text())
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputExistsError, match="pass overwrite=True"):
         model.save_pretrained(out)
     model.save_pretrained(out, overwrite=True)
 

@@ -128,8 +128,8 @@ def test_convert_command(synthetic, tmp_path):
 
     exists = run("-m", "cde_jax.cli", "convert", released, out)
     assert exists.returncode == 2
-    assert exists.stderr == f"cde-jax convert: error: {out} already exists (refusing to " \
-                            "overwrite it)\n"
+    assert exists.stderr == f"cde-jax convert: error: {out} already exists (pass " \
+                            "--overwrite to replace it)\n"
     bf16 = run("scripts/convert_weights.py", released, out, "--overwrite", "--dtype", "bfloat16")
     assert bf16.returncode == 0, bf16.stderr
     assert json.loads((out / "cde_jax.json").read_text())["param_dtype"] == "bfloat16"

@@ -149,7 +149,7 @@ def test_bfloat16_training_runs_and_records_its_runtime(synthetic, random_docs, 
     data = write_jsonl(tmp_path / "train.jsonl", retrieval_examples(random_docs, 8))
     out = tmp_path / "run"
     argv = ["train", "--model", str(synthetic()[0]), "--data", str(data), "--out", str(out),
-            "--steps", "2", "--batch-size", "4", "--query-length", "16",
+            "--total-steps", "2", "--batch-size", "4", "--query-length", "16",
             "--document-length", "32", "--dtype", "bfloat16", "--attention", "head_major"]
     assert cli.main(argv) == 0
     saved = json.loads((out / "train_config.json").read_text())

@@ -54,6 +54,14 @@ def test_eight_devices_match_one(single, eight_devices, model_parallel):
         assert diff <= 1e-5, (key, diff)
 
 
+def test_a_users_shard_map_runs_the_stages(eight_devices):
+    """On 8 devices, the second stage inside the user's own shard_map equals the runner's."""
+    got, want = eight_devices[1]["shard_map"], eight_devices[1]["shard_map_runner"]
+    diff = np.abs(got - want).max()
+    print(f"user's shard_map vs the runner, 8 devices: max abs diff {diff:.2e}")
+    assert got.shape == (16, 64) and diff <= 1e-5
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

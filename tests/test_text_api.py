@@ -47,9 +47,9 @@ def test_encode_query_and_document_are_the_prompts(model, dataset):
     np.testing.assert_array_equal(query, model.encode(TEXTS, prompt="search_query: ", **kw))
     np.testing.assert_array_equal(document, model.encode(TEXTS, prompt="search_document: ",
                                                          **kw))
-    np.testing.assert_array_equal(query, model.embed_queries(TEXTS, dataset, batch_size=BATCH))
-    np.testing.assert_array_equal(document, model.embed_documents(TEXTS, dataset,
-                                                                  batch_size=BATCH))
+    context = model.context(dataset)
+    np.testing.assert_array_equal(query, context.encode_query(TEXTS, batch_size=BATCH))
+    np.testing.assert_array_equal(document, context.encode_document(TEXTS, batch_size=BATCH))
     assert np.abs(query - document).max() > 1e-3  # the prompts change the vectors
 
 
@@ -92,14 +92,12 @@ def test_max_seq_length_truncates_and_counts_per_call(synthetic, dataset, random
     with caplog.at_level(logging.WARNING, logger="cde_jax.tokenization"):
         got = model.encode_query(texts, dataset_embeddings=dataset, batch_size=BATCH)
         assert "3 of 4 text(s) truncated to 16 tokens" in caplog.text
-        assert model.tokenizer.last_truncated == 3
         caplog.clear()
         model.encode_query(long[0], dataset_embeddings=dataset)
         assert "1 of 1 text(s) truncated to 16 tokens" in caplog.text  # not 4: per call
-        assert model.tokenizer.last_truncated == 1
         caplog.clear()
         model.encode_query("short", dataset_embeddings=dataset)
-        assert "truncated" not in caplog.text and model.tokenizer.last_truncated == 0
+        assert "truncated" not in caplog.text
 
     # The same as the array API on the tokenizer's own truncation at 16 tokens.
     tokenizer = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
@@ -124,12 +122,12 @@ def test_tokenized_ahead_in_threads_equals_texts(model, dataset):
         token_ids = [ids for part in pool.map(lambda t: model.tokenize([t], prompt), TEXTS * 4)
                      for ids in part]
     assert token_ids[:3] == model.tokenize(TEXTS, prompt)
-    got = model.encode(token_ids, dataset_embeddings=dataset, batch_size=BATCH)
-    want = model.encode(TEXTS * 4, prompt_name="document", dataset_embeddings=dataset,
-                        batch_size=BATCH)
+    context = model.context(dataset)
+    got = context.encode_tokens(token_ids, batch_size=BATCH)
+    want = context.encode_document(TEXTS * 4, batch_size=BATCH)
     np.testing.assert_array_equal(got, want)
-    with pytest.raises(UserError, match="already hold their prompt"):
-        model.encode(token_ids, prompt_name="document", dataset_embeddings=dataset)
+    with pytest.raises(TypeError, match="index 0 is list, not str"):  # no type sniffing
+        context.encode(token_ids)
 
 
 def test_a_second_model_of_the_same_architecture_compiles_nothing(synthetic, random_docs):
@@ -139,12 +137,12 @@ def test_a_second_model_of_the_same_architecture_compiles_nothing(synthetic, ran
 
     docs = random_docs[:12]
     first = cde_jax.load(synthetic(seed=3)[1])
-    want = first.embed_documents(docs, first.embed_minicorpus(docs, batch_size=BATCH),
-                                 batch_size=BATCH)
+    want = first.encode_document(docs, dataset_embeddings=first.embed_minicorpus(
+        docs, batch_size=BATCH), batch_size=BATCH)
     other = cde_jax.load(synthetic(seed=4)[1])
     with count_compiles() as compiles:
-        got = other.embed_documents(docs, other.embed_minicorpus(docs, batch_size=BATCH),
-                                    batch_size=BATCH)
+        got = other.encode_document(docs, dataset_embeddings=other.embed_minicorpus(
+            docs, batch_size=BATCH), batch_size=BATCH)
     assert compiles.count == 0
     assert other.fingerprint != first.fingerprint and np.abs(got - want).max() > 1e-3
     assert np.isfinite(got).all()

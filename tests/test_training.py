@@ -61,7 +61,7 @@ def loaded(ckpt_dir):
 
 
 def make_batches(model, examples, cfg: BatchConfig, n: int = 1):
-    train_data = TrainData([data.parse_example(json.dumps(e)) for e in examples], cfg, seed=0)
+    train_data = TrainData([data.parse_example(e) for e in examples], cfg, seed=0)
     tokenize = data.BatchTokenizer(model.tokenizer, train_data.cfg)
     texts = [train_data.batch(i) for i in range(n)]
     return texts, data.stack([tokenize(t) for t in texts])
@@ -128,9 +128,9 @@ def test_loss_and_gradients_match_torch_autograd(synthetic, random_docs):
     print(f"loss {float(loss):.6f} vs torch {ref_loss.item():.6f}; worst gradient "
           f"{worst}: {errors[worst]:.2e}")
     assert len(errors) == len(ref_grads) and {p.split("/")[0] for p in errors} == set(
-        step.STAGES)
+        step.STAGE_MODULES.values())
     assert errors[worst] <= 1e-4
-    for stage in step.STAGES:  # gradients really reach both stages
+    for stage in step.STAGE_MODULES.values():  # gradients really reach both stages
         assert max(float(jnp.abs(g).max()) for p, g in flat_grads.items()
                    if p.startswith(stage)) > 1e-6
 
@@ -147,7 +147,7 @@ def test_gradient_cache_and_accumulation_equal_full_batch(synthetic, random_docs
                                           query_length=24, document_length=48), n=2)
     common = dict(total_steps=1, permute=True, sequence_dropout=0.3)
     full = Stages(model.runner.graphdef, StepConfig(**common))
-    cached = Stages(model.runner.graphdef, StepConfig(**common, chunk_size=4))
+    cached = Stages(model.runner.graphdef, StepConfig(**common, grad_cache_rows=4))
     key = jax.random.PRNGKey(3)
 
     full_fn = jax.jit(jax.value_and_grad(
@@ -175,12 +175,12 @@ def test_freezing_a_stage_keeps_it_fixed():
                             sharding.replicated(mesh))
     grads = jax.tree.map(jnp.ones_like, params)
     opt = step.make_optimizer(StepConfig(total_steps=10, learning_rate=0.1,
-                                         freeze=("first_stage_model",)), params)
+                                         freeze=("first",)), params)
     updates, _ = jax.jit(opt.update)(grads, step.init_opt_state(opt, params, mesh), params)
     assert float(jnp.abs(updates["first_stage_model"]["w"]).max()) == 0.0
     assert float(jnp.abs(updates["second_stage_model"]["w"]).min()) > 0.0
     with pytest.raises(ValueError, match="nothing to train"):
-        StepConfig(total_steps=10, freeze=step.STAGES)
+        StepConfig(total_steps=10, freeze=tuple(step.STAGE_MODULES))
 
 
 def test_learning_rate_warmup_then_linear_decay():
@@ -219,9 +219,10 @@ def cli_runs(tiny_checkpoint, random_docs, tmp):
 
     def args(out):
         return ["train", "--model", str(released), "--data", str(train_file), "--out",
-                str(out), "--steps", str(CLI_STEPS), "--batch-size", "8", "--lr", "1e-3",
-                "--warmup-steps", "10", "--query-length", "24", "--document-length", "48",
-                "--checkpoint-every", str(CHECKPOINT_EVERY), "--seed", "1"]
+                str(out), "--total-steps", str(CLI_STEPS), "--batch-size", "8",
+                "--learning-rate", "1e-3", "--warmup-steps", "10", "--query-length", "24",
+                "--document-length", "48", "--checkpoint-every", str(CHECKPOINT_EVERY),
+                "--seed", "1"]
 
     full = run_python("-m", "cde_jax.cli", *args(tmp / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
@@ -281,7 +282,7 @@ def in_process_cli(monkeypatch):
 
 def test_resume_refuses_other_settings(cli_runs, in_process_cli, capsys):
     log_before = (cli_runs.tmp / "full" / "metrics.jsonl").read_bytes()
-    code = in_process_cli([*cli_runs.args, "--resume", "--lr", "5e-4"])
+    code = in_process_cli([*cli_runs.args, "--resume", "--learning-rate", "5e-4"])
     assert code == 2
     assert "step.learning_rate 0.001 -> 0.0005" in capsys.readouterr().err
     assert (cli_runs.tmp / "full" / "metrics.jsonl").read_bytes() == log_before
@@ -378,7 +379,7 @@ def test_bad_data_names_the_line_and_writes_nothing(tmp_path, in_process_cli, ca
         data.read_examples(path)
     out = tmp_path / "out"
     code = in_process_cli(["train", "--model", str(tmp_path / "unused"), "--data", str(path),
-                     "--out", str(out), "--steps", "5", "--batch-size", "1"])
+                     "--out", str(out), "--total-steps", "5", "--batch-size", "1"])
     assert code == 2 and "line 2" in capsys.readouterr().err
     assert not out.exists()
 
@@ -390,7 +391,7 @@ def test_existing_output_is_never_overwritten(synthetic, tmp_path, in_process_cl
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code = in_process_cli(["train", "--model", str(released), "--data", str(path), "--out",
-                           str(out), "--steps", "5", "--batch-size", "2"])
+                           str(out), "--total-steps", "5", "--batch-size", "2"])
     assert code == 2 and "not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "mine"

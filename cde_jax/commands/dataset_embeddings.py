@@ -12,13 +12,10 @@ example:
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
-from .. import distributed, minicorpus
+from .. import distributed, minicorpus, outputs
 from ..corpus import job
 from ..corpus.source import InputError, open_chunks
-from ..runner import process_share
-from ..validation import UserError
 from . import runtime
 
 CHUNK_ROWS = 4096  # records per read; any value samples the same texts
@@ -35,34 +32,24 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def check_out(args) -> None:
-    if Path(args.out).exists() and not args.overwrite:
-        raise UserError(f"{args.out} already exists (pass --overwrite to replace it)")
-
-
 def run(args) -> int:
     runtime.start(args)
-    with distributed.main_writes(args.out):
-        return _run(args)
-
-
-def _run(args) -> int:
-    distributed.all_succeed(lambda: check_out(args), "checking --out")
-    source = distributed.all_succeed(lambda: open_chunks(args.input, CHUNK_ROWS,
-                                                         field=args.field), "indexing the input")
-    if source.rows == 0:
-        raise InputError(f"{args.input}: no texts to sample a minicorpus from")
-    job.validate(source)
-    model = runtime.load_model(args)
-    size = model.config.transductive_corpus_size
-    if source.rows < size:
-        warnings.warn(f"only {source.rows} texts for a minicorpus of {size}: oversampling "
-                      f"with replacement (seed {args.seed})", stacklevel=1)
-    chosen = minicorpus.sample_indices(source.rows, size, args.seed)
-    mine = job.read_rows(source, chosen[process_share(size)])
-    embeddings_md = model.embed_minicorpus_share(mine, size, batch_size=args.batch_size,
-                                                 show_progress_bar=not args.quiet)
-    if distributed.is_main():
-        minicorpus.record(embeddings_md, model.fingerprint, args.seed).save(args.out)
-    distributed.barrier("saved")
+    with outputs.claim(args.out, overwrite=args.overwrite):
+        source = distributed.all_succeed(lambda: open_chunks(args.input, CHUNK_ROWS,
+                                                             field=args.field),
+                                         "indexing the input")
+        if source.rows == 0:
+            raise InputError(f"{args.input}: no texts to sample a minicorpus from")
+        job.validate(source)
+        model = runtime.load_model(args)
+        size = model.config.transductive_corpus_size
+        if source.rows < size:
+            warnings.warn(f"only {source.rows} texts for a minicorpus of {size}: oversampling "
+                          f"with replacement (seed {args.seed})", stacklevel=1)
+        chosen = minicorpus.sample_indices(source.rows, size, args.seed)
+        mine = job.read_rows(source, chosen[distributed.process_share(size)])
+        embeddings_md = model.embed_minicorpus(mine, total=size, batch_size=args.batch_size,
+                                               show_progress_bar=not args.quiet)
+        if distributed.is_main():
+            minicorpus.record(embeddings_md, model.fingerprint, args.seed).save(args.out)
     return 0

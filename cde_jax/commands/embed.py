@@ -69,25 +69,20 @@ def run_key(args, source: Source, fingerprint: str, dataset_md: np.ndarray) -> s
 def run(args) -> int:
     sinks.output_format(args.out)
     runtime.start(args)
-    with job.claiming(args.out, args.overwrite):  # a second run on OUT stops here, at once
-        return _run(args)
+    with job.claim(args.out, args.overwrite):  # a second run on OUT stops here, at once
+        source = all_succeed(lambda: open_chunks(args.input, args.chunk_size, field=args.field,
+                                                 id_field=args.id_field), "indexing the input")
+        model = runtime.load_model(args)
+        corpus = (fallback_minicorpus() if args.dataset_embeddings == "fallback"
+                  else args.dataset_embeddings)
+        context = model.context(corpus, batch_size=args.batch_size)
 
+        def embed(token_ids, progress):
+            return context.encode_tokens(token_ids, batch_size=args.batch_size,
+                                         progress=progress)
 
-def _run(args) -> int:
-    source = all_succeed(lambda: open_chunks(args.input, args.chunk_size, field=args.field,
-                                             id_field=args.id_field), "indexing the input")
-    model = runtime.load_model(args)
-    if args.dataset_embeddings == "fallback":
-        dataset_md = model.embed_dataset(fallback_minicorpus(), batch_size=args.batch_size)
-    else:
-        dataset_md = model.load_dataset_embeddings(args.dataset_embeddings).embeddings
-
-    def embed(token_ids, progress):
-        return model.encode(token_ids, dataset_embeddings=dataset_md,
-                            batch_size=args.batch_size, progress=progress)
-
-    job.embed_corpus(source, args.out, key=run_key(args, source, model.fingerprint, dataset_md),
-                     width=model.hidden_size, embed=embed,
-                     prepare=lambda texts: model.tokenize(texts, prompts.by_name(args.role)),
-                     read_threads=args.read_threads, show_progress=not args.quiet)
+        key = run_key(args, source, model.fingerprint, context.dataset_embeddings)
+        job.embed_corpus(source, args.out, key=key, width=model.hidden_size, embed=embed,
+                         prepare=lambda texts: model.tokenize(texts, prompts.by_name(args.role)),
+                         read_threads=args.read_threads, show_progress=not args.quiet)
     return 0

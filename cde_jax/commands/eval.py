@@ -18,10 +18,9 @@ from pathlib import Path
 
 import cde_jax
 
-from .. import distributed
+from .. import distributed, outputs
 from ..evaluation.beir import load_beir
 from ..evaluation.retrieval import MINICORPUS_SEED, evaluate_retrieval
-from ..io_utils import atomic_file
 from . import runtime
 
 
@@ -55,20 +54,20 @@ def register(subparsers) -> None:
 def run(args) -> int:
     start = time.perf_counter()
     runtime.start(args)
-    with distributed.main_writes(args.out):
-        return _run(args, start)
+    with outputs.claim(args.out, overwrite=args.overwrite):
+        # Bad files fail before the model loads (every process reads the dataset).
+        dataset = distributed.all_succeed(lambda: load_beir(args.dataset, args.split),
+                                          "reading the dataset")
+        model = runtime.load_model(args)
+        metrics = evaluate_retrieval(model, dataset, args.k, seed=args.seed,
+                                     batch_size=args.batch_size,
+                                     show_progress_bar=False if args.quiet else None)
+        if distributed.is_main():
+            write_result(args, model, dataset, metrics, time.perf_counter() - start)
+    return 0
 
 
-def _run(args, start: float) -> int:
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
-    # Bad files fail before the model loads (every process reads the dataset).
-    dataset = distributed.all_succeed(lambda: load_beir(args.dataset, args.split),
-                                      "reading the dataset")
-    model = runtime.load_model(args)
-    metrics = evaluate_retrieval(model, dataset, args.k, seed=args.seed,
-                                 batch_size=args.batch_size,
-                                 show_progress_bar=False if args.quiet else None)
+def write_result(args, model, dataset, metrics: dict, seconds: float) -> None:
     result = {
         "model": {"path": str(Path(args.model).absolute()), "fingerprint": model.fingerprint},
         "dataset": {"path": str(args.dataset.resolve()), "name": args.dataset.resolve().name,
@@ -78,13 +77,10 @@ def _run(args, start: float) -> int:
         "minicorpus_size": model.config.transductive_corpus_size,
         "k": list(args.k),
         "metrics": metrics,
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(seconds, 3),
         "cde_jax_version": cde_jax.__version__,
     }
-    if distributed.is_main():
-        with atomic_file(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        print(json.dumps(metrics, indent=2))
-    distributed.barrier("written")
-    return 0
+    with outputs.atomic_file(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(json.dumps(metrics, indent=2))

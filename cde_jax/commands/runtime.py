@@ -6,13 +6,13 @@ the model."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import jax
 
 from .. import attention, distributed
 from ..config import DTYPES
+from ..resources import cache_dir
 from ..text_api import CdeModel, load
 
 CACHE_ENV = "CDE_JAX_CACHE_DIR"
@@ -88,16 +88,10 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
                         help="replace an existing --out instead of refusing")
 
 
-def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cde-jax" / "xla"
-
-
 def enable_compilation_cache() -> Path:
-    """Caches every compiled program (even the quick ones) in `cache_dir()`."""
-    path = cache_dir()
+    """Caches every compiled program (even the quick ones) in $CDE_JAX_CACHE_DIR, else the
+    user's cache dir (`resources.cache_dir`)."""
+    path = cache_dir("xla", CACHE_ENV)
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

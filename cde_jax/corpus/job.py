@@ -1,8 +1,10 @@
 """The corpus job, as every process of a run executes it:
 
+    claim OUT (`outputs.claim`: process 0 locks it; a finished OUT is refused unless
+              --overwrite)
     validate: each process reads its share of the chunks; any bad line stops every process
               before an output exists (and, with ids, no id may repeat in the file)
-    lock OUT (process 0), refuse a finished OUT unless --overwrite, open the sink
+    replace a finished OUT (--overwrite), open the sink
     todo = chunks not committed yet (read by every process before any writes)
     process p embeds todo[p::N], Grain reading the next chunks while the current one runs;
     every process joins every round (the model is one program over all devices)
@@ -20,12 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grain
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from .. import distributed
+from .. import distributed, outputs
 from ..validation import UserError
 from . import sinks
 from .source import InputError, Source, id_hashes
@@ -37,7 +37,7 @@ Embed = Callable[[object, Callable[[int], object]], np.ndarray]
 
 
 def my_chunks(n_chunks: int) -> range:
-    return range(jax.process_index(), n_chunks, jax.process_count())
+    return range(distributed.process_index(), n_chunks, distributed.process_count())
 
 
 def validate(source: Source) -> None:
@@ -56,29 +56,18 @@ def validate(source: Source) -> None:
         distributed.all_succeed(lambda: _no_repeated_ids(source, hashes), "checking ids")
 
 
-def _gather(values: np.ndarray) -> np.ndarray:
-    """Every process's 1-D array, concatenated in process order."""
-    if jax.process_count() == 1:
-        return values
-    sizes = multihost_utils.process_allgather(np.asarray(len(values)))
-    padded = np.zeros(int(sizes.max()), values.dtype)
-    padded[:len(values)] = values
-    rows = multihost_utils.process_allgather(padded)
-    return np.concatenate([row[:size] for row, size in zip(rows, sizes)])
-
-
 def _no_repeated_ids(source: Source, my_hashes: np.ndarray) -> None:
     """Compares 64-bit id digests across processes; only when two agree are the ids
     themselves read again, so a repeat is reported by its lines and a digest collision of
     different ids is not an error."""
-    digests, counts = np.unique(_gather(my_hashes), return_counts=True)
+    digests, counts = np.unique(distributed.concat_all(my_hashes), return_counts=True)
     repeated = set(digests[counts > 1].tolist())
     if not repeated:
         return
     rows = [i * source.chunk_rows + j for i in my_chunks(len(source))
             for j, h in enumerate(id_hashes(source[i].ids).tolist()) if h in repeated]
     first_row: dict = {}
-    for row in sorted(_gather(np.asarray(rows, np.int64)).tolist()):
+    for row in sorted(distributed.concat_all(np.asarray(rows, np.int64)).tolist()):
         record_id = source[row // source.chunk_rows].ids[row % source.chunk_rows]
         earlier = first_row.setdefault(record_id, row)
         if earlier != row:
@@ -86,26 +75,20 @@ def _no_repeated_ids(source: Source, my_hashes: np.ndarray) -> None:
                              f"repeats {source.unit} {earlier + 1}'s")
 
 
-@contextlib.contextmanager
-def claiming(out: str, overwrite: bool):
-    """The block owns OUT: process 0 holds its lock (one run per output), and a finished OUT
-    is refused unless `overwrite` (it is deleted only once the job has checked its input).
-    Entered first, so that a second run fails before any work."""
-    if jax.process_count() > 1 and sinks.output_format(out) == ".npy":
+def claim(out: str, overwrite: bool):
+    """`outputs.claim` for a corpus output: a finished OUT of any format is refused unless
+    `overwrite` (and deleted only once the job has checked its input). Entered first, so
+    that a second run fails before any work."""
+    if distributed.process_count() > 1 and sinks.output_format(out) == ".npy":
         raise UserError(f"{out}: a .npy is written by one process; with several, write "
                         ".zarr or .parquet")
-    with distributed.main_writes(out):
-        def check():
-            if distributed.is_main() and sinks.exists(out) and not overwrite:
-                raise UserError(f"{out} already exists (pass --overwrite to replace it)")
-        distributed.all_succeed(check, "checking the output")
-        yield
+    return outputs.claim(out, overwrite=overwrite, exists=sinks.exists)
 
 
 def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed,
                  prepare: Prepare = lambda texts: texts, read_threads: int = 2,
                  prefetch: int = 4, show_progress: bool = True) -> Path:
-    """Runs (or resumes) the job inside `claiming(out, ...)`; every process calls it with the
+    """Runs (or resumes) the job inside `claim(out, ...)`; every process calls it with the
     same arguments. `read_threads` Grain threads read, check and `prepare` the next
     `prefetch` chunks while the current one is embedded (tokenizing is most of a host's
     work: threads scale it)."""
@@ -122,16 +105,17 @@ def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed
               file=sys.stderr)
     distributed.barrier("planned")  # nobody writes before everyone has read `done`
     todo = [i for i in range(len(source)) if i not in done]
-    mine = grain.MapDataset.source(todo)[jax.process_index()::jax.process_count()]
+    share = slice(distributed.process_index(), None, distributed.process_count())
+    mine = grain.MapDataset.source(todo)[share]
     reader = iter(mine.map(source.__getitem__).map(lambda c: (c, prepare(c.texts)))
                   .to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                      prefetch_buffer_size=prefetch)))
     total = sum(min(source.chunk_rows, source.rows - i * source.chunk_rows)
-                for i in todo[jax.process_index()::jax.process_count()])
+                for i in todo[share])
     with contextlib.closing(reader), tqdm(total=total, unit="text", unit_scale=True,
                                           desc="embed", file=sys.stderr,
                                           disable=not show_progress) as bar:
-        for _ in range(-(-len(todo) // jax.process_count())):
+        for _ in range(-(-len(todo) // distributed.process_count())):
             chunk, prepared = next(reader, (None, prepare([])))
             values = embed(prepared, bar.update)
             if chunk:
@@ -139,7 +123,6 @@ def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed
     distributed.barrier("written")
     if distributed.is_main():
         sink.finish()
-    distributed.barrier("finished")
     return Path(out)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io_utils import atomic_file
+from ..outputs import atomic_file
 
 DTYPE = np.dtype("<f4")
 
@@ -34,7 +34,7 @@ def npy_header(shape: tuple[int, ...]) -> bytes:
 
 class ResumableArray:
     """`rows` x `width` float32 rows in chunks of `chunk_rows`; `done` holds the chunk indices
-    already on disk, `state` is "new", "resumed" or "restarted" (a stale journal was found)."""
+    already on disk, `resumed` whether they come from an interrupted run with this key."""
 
     def __init__(self, out: str | Path, *, rows: int, width: int, chunk_rows: int, key: str):
         if chunk_rows < 1:
@@ -47,12 +47,10 @@ class ResumableArray:
         self._header = npy_header((rows, width))
         head = {"version": 1, "key": key, "rows": rows, "width": width, "chunk_rows": chunk_rows}
         done = self._journaled(head)
+        self.resumed = done is not None
         if done is None:
-            self.state = "restarted" if self.journal_path.exists() else "new"
             self._start(head)
             done = set()
-        else:
-            self.state = "resumed"
         self.done = done
         self._data = os.open(self.data_path, os.O_RDWR)
         self._journal = self.journal_path.open("a", encoding="utf-8")
@@ -82,10 +80,6 @@ class ResumableArray:
 
     def chunk_slice(self, chunk: int) -> slice:
         return slice(chunk * self.chunk_rows, min(self.rows, (chunk + 1) * self.chunk_rows))
-
-    @property
-    def rows_done(self) -> int:
-        return sum(len(range(self.rows)[self.chunk_slice(chunk)]) for chunk in self.done)
 
     def write(self, chunk: int, values_rd: np.ndarray) -> None:
         """Stores chunk `chunk`'s rows durably, then journals it."""

@@ -35,10 +35,11 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from ..io_utils import atomic_file
+from ..outputs import atomic_file
 from ..validation import UserError
 from .npy import ResumableArray
 
@@ -51,8 +52,20 @@ class OutputError(UserError):
     """An output that belongs to another run (or is unfinished) where this one was asked for."""
 
 
+class Sink(Protocol):
+    """What the corpus job needs of an output (the module docstring gives the life)."""
+
+    def done_chunks(self) -> set[int]: ...
+
+    def write_chunk(self, chunk: int, ids: list, values: np.ndarray) -> None: ...
+
+    def ids(self) -> list: ...
+
+    def finish(self) -> None: ...
+
+
 def open_sink(path: str | Path, *, rows: int, width: int, chunk_rows: int, key: str,
-              id_kind: str):
+              id_kind: str) -> Sink:
     """The sink for `path`'s suffix; every process of a run opens it with the same arguments."""
     kind = output_format(path)
     if "://" in str(path) and kind != ".zarr":
@@ -293,7 +306,7 @@ class NpySink:
         self.ids_path = Path(path + ".ids.jsonl")
         self._array = ResumableArray(path, rows=rows, width=width, chunk_rows=chunk_rows,
                                      key=key)
-        if self._array.state != "resumed":  # ids of another run must not be finished with ours
+        if not self._array.resumed:  # ids of another run must not be finished with ours
             shutil.rmtree(self.id_parts, ignore_errors=True)
         self.id_parts.mkdir(parents=True, exist_ok=True)
 

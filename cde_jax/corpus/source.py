@@ -253,14 +253,28 @@ def _decode(path, number: int, line: bytes) -> str:
                          f"{e.start})") from None
 
 
+def json_record(path, number: int, line: str) -> dict:
+    """One JSONL line as an object; errors name the file and line. Every JSONL reader of
+    the package (corpora, training data, BEIR datasets) parses its lines with this."""
+    try:
+        return json_object(line)
+    except UserError as e:
+        raise InputError(f"{path}: line {number}: {e}") from None
+
+
+def jsonl_records(path: Path, progress: Callable[[int], object] | None = None
+                  ) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) of every non-blank line of a .jsonl file."""
+    for number, line in lines(path, progress):
+        if line.strip():
+            yield number, json_record(path, number, line)
+
+
 def _json_record(path: str, number: int, line: str, field: str,
                  id_field: str | None) -> tuple[str, int | str | None]:
     """(text, id or None) of one JSONL line; errors name the line."""
     where = f"{path}: line {number}"
-    try:
-        record = json_object(line)
-    except UserError as e:
-        raise InputError(f"{where}: {e}") from None
+    record = json_record(path, number, line)
     for name in (field, id_field):
         if name is not None and name not in record:
             raise InputError(f"{where}: no field {name!r} (fields: "

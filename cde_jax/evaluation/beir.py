@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..corpus.source import lines
-from ..validation import UserError, json_object
+from ..corpus.source import jsonl_records, lines
+from ..validation import UserError
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 
@@ -44,15 +44,11 @@ def document_text(title: str, text: str) -> str:
     return (title + " " + text).strip() if title else text.strip()
 
 
-def _lines(path: Path, desc: str):
-    """(line number, text) of the non-blank lines, with a byte progress bar."""
+def _reading(path: Path, desc: str) -> tqdm:
+    """A byte progress bar over `path`, which must exist."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found")
-    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc,
-              disable=None) as bar:
-        for number, line in lines(path, progress=bar.update):
-            if line.strip():
-                yield number, line
+    return tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc, disable=None)
 
 
 def _string(path: Path, number: int, row: dict, key: str, *, optional: bool = False) -> str:
@@ -63,7 +59,7 @@ def _string(path: Path, number: int, row: dict, key: str, *, optional: bool = Fa
         return str(value)  # some BEIR exports store numeric ids
     if not isinstance(value, str):
         got = "missing" if key not in row else f"{type(value).__name__} {value!r:.40}"
-        raise UserError(f"{path}:{number}: {key!r} must be a string, got {got}")
+        raise UserError(f"{path}: line {number}: {key!r} must be a string, got {got}")
     return value
 
 
@@ -71,46 +67,50 @@ def read_jsonl(path: Path, *, title: bool) -> dict[str, tuple[str, str]]:
     """{_id: (title, text)} in file order; duplicate ids and bad rows are errors."""
     out: dict[str, tuple[str, str]] = {}
     first_line: dict[str, int] = {}
-    for number, line in _lines(path, f"reading {path.name}"):
-        try:
-            row = json_object(line)
-        except UserError as e:
-            raise UserError(f"{path}:{number}: {e}") from None
-        key = _string(path, number, row, "_id")
-        if key in first_line:
-            raise UserError(f"{path}:{number}: duplicate _id {key!r} (first on line "
-                            f"{first_line[key]})")
-        first_line[key] = number
-        out[key] = (_string(path, number, row, "title", optional=True) if title else "",
-                    _string(path, number, row, "text"))
+    with _reading(path, f"reading {path.name}") as bar:
+        for number, row in jsonl_records(path, progress=bar.update):
+            key = _string(path, number, row, "_id")
+            if key in first_line:
+                raise UserError(f"{path}: line {number}: duplicate _id {key!r} (first on line "
+                                f"{first_line[key]})")
+            first_line[key] = number
+            out[key] = (_string(path, number, row, "title", optional=True) if title else "",
+                        _string(path, number, row, "text"))
     if not out:
         raise UserError(f"{path}: no records")
     return out
 
 
+def _judgement(path: Path, number: int, line: str) -> tuple[str, str, int]:
+    fields = line.rstrip("\r\n").split("\t")
+    if len(fields) != 3:
+        raise UserError(f"{path}: line {number}: expected 3 tab-separated fields, got "
+                        f"{len(fields)}: {line.rstrip()!r:.80}")
+    qid, did, score = fields
+    try:
+        return qid, did, int(score)
+    except ValueError:
+        raise UserError(f"{path}: line {number}: score {score!r} is not an integer") from None
+
+
 def read_qrels(path: Path, query_ids) -> dict[str, dict[str, int]]:
     """{query id: {doc id: score}}; a query id absent from queries.jsonl is an error."""
     qrels: dict[str, dict[str, int]] = {}
-    rows = _lines(path, f"reading {path.name}")
-    number, header = next(rows, (0, ""))
-    if tuple(header.rstrip("\r\n").split("\t")) != QRELS_HEADER:
-        raise UserError(f"{path}:{max(number, 1)}: expected the header "
-                        f"{chr(9).join(QRELS_HEADER)!r}, got {header.rstrip()!r:.80}")
-    for number, line in rows:
-        fields = line.rstrip("\r\n").split("\t")
-        if len(fields) != 3:
-            raise UserError(f"{path}:{number}: expected 3 tab-separated fields, got "
-                            f"{len(fields)}: {line.rstrip()!r:.80}")
-        qid, did, score = fields
-        try:
-            value = int(score)
-        except ValueError:
-            raise UserError(f"{path}:{number}: score {score!r} is not an integer") from None
-        if qid not in query_ids:
-            raise UserError(f"{path}:{number}: query-id {qid!r} is not in queries.jsonl")
-        if did in qrels.setdefault(qid, {}):
-            raise UserError(f"{path}:{number}: duplicate judgement for ({qid!r}, {did!r})")
-        qrels[qid][did] = value
+    with _reading(path, f"reading {path.name}") as bar:
+        rows = ((n, line) for n, line in lines(path, progress=bar.update) if line.strip())
+        number, header = next(rows, (0, ""))
+        if tuple(header.rstrip("\r\n").split("\t")) != QRELS_HEADER:
+            raise UserError(f"{path}: line {max(number, 1)}: expected the header "
+                            f"{chr(9).join(QRELS_HEADER)!r}, got {header.rstrip()!r:.80}")
+        for number, line in rows:
+            qid, did, value = _judgement(path, number, line)
+            if qid not in query_ids:
+                raise UserError(f"{path}: line {number}: query-id {qid!r} is not in "
+                                "queries.jsonl")
+            if did in qrels.setdefault(qid, {}):
+                raise UserError(f"{path}: line {number}: duplicate judgement for ({qid!r}, "
+                                f"{did!r})")
+            qrels[qid][did] = value
     if not qrels:
         raise UserError(f"{path}: no judgements after the header")
     return qrels

@@ -5,7 +5,7 @@ Implements MTEB's `EncoderProtocol` (`encode`, `similarity`, `similarity_pairwis
 hand their corpus to `index` and are searched exactly by `search.exact_top_k`.
 
 The minicorpus (docs/model.md §7: `default_rng(42).choice(texts, 512, replace=len(texts) < 512)`) is
-sampled once per (task name, hf_subset) and its dataset embeddings cached, from:
+sampled once per (task name, hf_subset) and its context kept, from:
 - retrieval-like tasks (`SEARCH_TYPES`): the task's corpus, joined title + " " + text by
   MTEB's own dataloader; `index` provides it, a bare `encode` looks the task up;
 - classification tasks: the task's train split (the task is looked up by name);
@@ -32,10 +32,12 @@ from mteb.models.model_meta import ModelMeta
 from mteb.types import PromptType
 
 from .. import prompts
+from ..context import Context
+from ..ops import cosine_similarity, l2_normalize
 from ..text_api import CdeModel, load
 from ..tokenization import MAX_LENGTH
 from .retrieval import MINICORPUS_SEED
-from .search import SearchPlan, exact_top_k
+from .search import SearchTiles, exact_top_k, run_dict
 
 CDE_PROMPTS = {
     "Classification": prompts.CLASSIFICATION,
@@ -68,19 +70,15 @@ def _texts(inputs) -> list[str]:
     return texts
 
 
-def _unit(x) -> np.ndarray:
-    x = np.atleast_2d(np.asarray(x, dtype=np.float32))
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 class CdeMtebModel:
     """A `CdeModel` (or a checkpoint dir or hub id at `revision`, loaded) behind MTEB's
-    model protocols. The metadata's revision is the weights' fingerprint."""
+    model protocols, with one `Context` per (task, subset). The metadata's revision is the
+    weights' fingerprint."""
 
     def __init__(self, model: CdeModel | str | Path, revision: str | None = None, *,
                  device: str | None = None, tasks=(), model_prompts: dict | None = None,
                  seed: int = MINICORPUS_SEED, batch_size: int | None = None,
-                 name: str | None = None, mesh=None, plan: SearchPlan = SearchPlan()):
+                 name: str | None = None, mesh=None, tiles: SearchTiles = SearchTiles()):
         if device is not None:
             raise ValueError("device is not supported: JAX places the model on `mesh`")
         if isinstance(model, CdeModel):
@@ -90,12 +88,11 @@ class CdeMtebModel:
         else:  # a checkpoint dir, or a hub id at `revision` (converted once, then cached)
             name = name or f"cde-jax/{Path(model).name}"
             model = load(model, revision=revision, mesh=mesh)
-        self.model, self.seed, self.batch_size, self.plan = model, seed, batch_size, plan
+        self.model, self.seed, self.batch_size, self.tiles = model, seed, batch_size, tiles
         self.name = name or f"cde-jax/{model.fingerprint[:16]}"
         self.model_prompts = dict(CDE_PROMPTS if model_prompts is None else model_prompts)
         self.tasks = {task.metadata.name: task for task in tasks}
-        # (task, subset) -> (m, d)
-        self.dataset_embeddings: dict[tuple[str, str], np.ndarray] = {}
+        self.contexts: dict[tuple[str, str], Context] = {}  # (task, subset) -> its context
         self._index: tuple[list[str], np.ndarray] | None = None
 
     @property
@@ -106,59 +103,53 @@ class CdeMtebModel:
             "similarity_fn_name": "cosine", "use_instructions": True, "open_weights": True,
             "modalities": ["text"], "model_type": ["dense"]})
 
-    # --- minicorpus per (task, subset) ---------------------------------------------------
+    # --- one context per (task, subset) --------------------------------------------------
     def _task(self, task_metadata):
         task = self.tasks.get(task_metadata.name) or mteb.get_task(task_metadata.name)
         if not task.data_loaded:
             task.load_data()
         return task
 
-    def _corpus_texts(self, task_metadata, hf_split: str, hf_subset: str) -> list[str]:
-        corpus = self._task(task_metadata).dataset[hf_subset][hf_split]["corpus"]
-        return _texts(create_dataloader(corpus, task_metadata=task_metadata,
-                                        prompt_type=PromptType.document))
-
-    def _train_texts(self, task_metadata, hf_subset: str) -> list[str]:
-        task = self._task(task_metadata)
-        data = task.dataset.get(hf_subset, task.dataset)
-        return list(data[task.train_split][task.input_column_name])
-
     def minicorpus_source(self, task_metadata, hf_split: str, hf_subset: str,
                           texts: list[str]) -> list[str]:
         """The texts the minicorpus of this task is sampled from (see the module doc)."""
         if task_metadata.type in SEARCH_TYPES:
-            return self._corpus_texts(task_metadata, hf_split, hf_subset)
+            corpus = self._task(task_metadata).dataset[hf_subset][hf_split]["corpus"]
+            return _texts(create_dataloader(corpus, task_metadata=task_metadata,
+                                            prompt_type=PromptType.document))
         if task_metadata.type in CLASSIFICATION_TYPES:
-            return self._train_texts(task_metadata, hf_subset)
+            task = self._task(task_metadata)
+            data = task.dataset.get(hf_subset, task.dataset)
+            return list(data[task.train_split][task.input_column_name])
         return texts
 
-    def _dataset_embeddings(self, task_metadata, hf_subset: str, source) -> np.ndarray:
-        """The cached dataset embeddings of (task, subset); `source()` gives the texts to
-        sample them from on first use."""
+    def context(self, task_metadata, hf_subset: str, source) -> Context:
+        """The context of (task, subset); `source()` gives the texts to sample its
+        minicorpus from on first use."""
         key = (task_metadata.name, hf_subset)
-        if key not in self.dataset_embeddings:
-            self.dataset_embeddings[key] = self.model.embed_dataset(source(), seed=self.seed,
-                                                          batch_size=self.batch_size)
-        return self.dataset_embeddings[key]
+        if key not in self.contexts:
+            self.contexts[key] = self.model.context(source(), seed=self.seed,
+                                                    batch_size=self.batch_size)
+        return self.contexts[key]
 
     # --- EncoderProtocol -----------------------------------------------------------------
     def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str,
                prompt_type: PromptType | None = None, **kwargs: Any) -> np.ndarray:
-        """L2-normalized embeddings (len(inputs), d) with the task's prompt and minicorpus."""
+        """L2-normalized embeddings (len(inputs), d) with the task's prompt and context."""
         texts = _texts(inputs)
-        dataset_md = self._dataset_embeddings(
+        context = self.context(
             task_metadata, hf_subset,
             lambda: self.minicorpus_source(task_metadata, hf_split, hf_subset, texts))
         prompt = get_prompt(self.model_prompts, task_metadata, prompt_type) or ""
-        return self.model.encode(texts, prompt=prompt, dataset_embeddings=dataset_md,
-                                 batch_size=self.batch_size,
-                                 show_progress_bar=kwargs.get("show_progress_bar"))
+        return context.encode(texts, prompt=prompt, batch_size=self.batch_size,
+                              show_progress_bar=kwargs.get("show_progress_bar"))
 
     def similarity(self, embeddings1, embeddings2) -> np.ndarray:
-        return _unit(embeddings1) @ _unit(embeddings2).T
+        return cosine_similarity(embeddings1, embeddings2)
 
     def similarity_pairwise(self, embeddings1, embeddings2) -> np.ndarray:
-        return (_unit(embeddings1) * _unit(embeddings2)).sum(axis=1)
+        return (l2_normalize(np.atleast_2d(np.asarray(embeddings1, np.float32)))
+                * l2_normalize(np.atleast_2d(np.asarray(embeddings2, np.float32)))).sum(axis=1)
 
     # --- SearchProtocol ------------------------------------------------------------------
     def index(self, corpus, *, task_metadata, hf_split: str, hf_subset: str, encode_kwargs,
@@ -167,7 +158,7 @@ class CdeMtebModel:
         texts = _texts(create_dataloader(corpus, task_metadata=task_metadata,
                                          prompt_type=PromptType.document, num_proc=num_proc,
                                          **encode_kwargs))
-        self._dataset_embeddings(task_metadata, hf_subset, lambda: texts)
+        self.context(task_metadata, hf_subset, lambda: texts)
         docs = self.encode(texts, task_metadata=task_metadata, hf_split=hf_split,
                            hf_subset=hf_subset, prompt_type=PromptType.document,
                            **encode_kwargs)
@@ -189,19 +180,23 @@ class CdeMtebModel:
                                  **encode_kwargs)
         query_ids = [str(q) for q in queries["id"]]
         if top_ranked is None:
-            scores_qk, ids_qk = exact_top_k(queries_qd, docs_nd, top_k, mesh=self.model.mesh,
-                                            plan=self.plan)
-            return {q: {doc_ids[i]: float(s) for s, i in zip(srow, irow)}
-                    for q, srow, irow in zip(query_ids, scores_qk, ids_qk)}
-        row_of = {d: r for r, d in enumerate(doc_ids)}
-        out = {}
-        for q, query_d in zip(query_ids, queries_qd):
-            candidates = top_ranked.get(q, [])
-            unknown = [d for d in candidates if d not in row_of]
-            if unknown:
-                raise ValueError(f"top_ranked for query {q!r} names {len(unknown)} document(s) "
-                                 f"not in the corpus (e.g. {unknown[0]!r})")
-            scores = docs_nd[[row_of[d] for d in candidates]] @ query_d
-            best = np.argsort(-scores, kind="stable")[:top_k]
-            out[q] = {candidates[i]: float(scores[i]) for i in best}
-        return out
+            return run_dict(query_ids, doc_ids, *exact_top_k(
+                queries_qd, docs_nd, top_k, mesh=self.model.mesh, tiles=self.tiles))
+        return rerank(query_ids, queries_qd, doc_ids, docs_nd, top_ranked, top_k)
+
+
+def rerank(query_ids, queries_qd, doc_ids, docs_nd, top_ranked: dict[str, list[str]],
+           top_k: int) -> dict[str, dict[str, float]]:
+    """Each query's `top_ranked` candidates ordered by score, the best `top_k` kept."""
+    row_of = {d: r for r, d in enumerate(doc_ids)}
+    out = {}
+    for q, query_d in zip(query_ids, queries_qd):
+        candidates = top_ranked.get(q, [])
+        unknown = [d for d in candidates if d not in row_of]
+        if unknown:
+            raise ValueError(f"top_ranked for query {q!r} names {len(unknown)} document(s) "
+                             f"not in the corpus (e.g. {unknown[0]!r})")
+        scores = docs_nd[[row_of[d] for d in candidates]] @ query_d
+        best = np.argsort(-scores, kind="stable")[:top_k]
+        out[q] = {candidates[i]: float(scores[i]) for i in best}
+    return out

@@ -1,16 +1,16 @@
-"""Exact top-k inner-product search, sharded over the mesh and chunked over the corpus.
+"""Exact top-k inner-product search, sharded over the mesh and tiled over the corpus.
 
 The corpus is the large side (millions of documents against thousands of queries), so its
 rows are split over the mesh's "data" axis while the queries are replicated: each device
-scores the query block against its slice of a corpus chunk and keeps its local top-k; only
-those (q, k) candidates per device are gathered and reduced to the chunk's top-k, which is
-merged into the running top-k. No device ever holds more than one (query block x chunk rows
+scores the query block against its slice of a corpus tile and keeps its local top-k; only
+those (q, k) candidates per device are gathered and reduced to the tile's top-k, which is
+merged into the running top-k. No device ever holds more than one (query block x tile rows
 per device) score tile, so a corpus whose full score matrix would not fit in memory works;
-each chunk is sent to the devices once, and at most two chunks are in flight. Every chunk has
+each tile is sent to the devices once, and at most two tiles are in flight. Every tile has
 the same padded shape, so the whole search compiles one program. Ties go to the lower corpus
 index, as in a stable argsort of -score.
 
-Shapes are suffixed with the package's dimension key (cde_jax/__init__.py): r is a chunk's
+Shapes are suffixed with the package's dimension key (cde_jax/__init__.py): r is a tile's
 rows on one device.
 """
 
@@ -30,26 +30,26 @@ from ..validation import UserError
 
 
 @dataclasses.dataclass(frozen=True)
-class SearchPlan:
-    """Tile sizes: `query_block` queries at a time against chunks of `rows_per_device` corpus
+class SearchTiles:
+    """Tile sizes: `query_block` queries at a time against tiles of `rows_per_device` corpus
     rows on each device (None: as many as keep a tile within `tile_elements` scores)."""
 
     query_block: int = 1024
     rows_per_device: int | None = None
     tile_elements: int = 1 << 25  # 128 MiB of float32 scores per device
 
-    def chunk_rows(self, n: int, k: int, queries: int, shards: int) -> int:
-        """Corpus rows per device per chunk: at least k, at most the corpus's share."""
+    def tile_rows(self, n: int, k: int, queries: int, shards: int) -> int:
+        """Corpus rows per device per tile: at least k, at most the corpus's share."""
         rows = self.rows_per_device or self.tile_elements // min(queries, self.query_block)
         return max(k, min(rows, -(-n // shards)))
 
 
 @functools.lru_cache(maxsize=8)
 def _merge_step(mesh, k: int):
-    """(best scores, best ids, queries, chunk, chunk row ids) -> the new (best, ids)."""
+    """(best scores, best ids, queries, tile, tile row ids) -> the new (best, ids)."""
 
-    def local_top_k(queries_qd, chunk_rd, ids_r):
-        scores_qr = jnp.matmul(queries_qd, chunk_rd.T, precision=jax.lax.Precision.HIGHEST)
+    def local_top_k(queries_qd, tile_rd, ids_r):
+        scores_qr = jnp.matmul(queries_qd, tile_rd.T, precision=jax.lax.Precision.HIGHEST)
         scores_qr = jnp.where(ids_r[None, :] >= 0, scores_qr, -jnp.inf)  # padding rows
         top_qk, pos_qk = jax.lax.top_k(scores_qr, k)  # ties: the lower position = lower id
         return top_qk, ids_r[pos_qk]
@@ -58,8 +58,8 @@ def _merge_step(mesh, k: int):
         local_top_k, mesh=mesh, in_specs=(P(), P(sharding.DATA, None), P(sharding.DATA)),
         out_specs=(P(None, sharding.DATA), P(None, sharding.DATA)))
 
-    def step(best_qk, best_ids_qk, queries_qd, chunk_nd, ids_n):
-        top, ids = candidates(queries_qd, chunk_nd, ids_n)
+    def step(best_qk, best_ids_qk, queries_qd, tile_nd, ids_n):
+        top, ids = candidates(queries_qd, tile_nd, ids_n)
         scores = jnp.concatenate([best_qk, top], axis=1)
         ids = jnp.concatenate([best_ids_qk, ids], axis=1)
         # Best first and, among equal scores, the lower corpus row, wherever it came from.
@@ -70,7 +70,7 @@ def _merge_step(mesh, k: int):
     return jax.jit(step, out_shardings=(out, out), donate_argnums=(0, 1))
 
 
-def exact_top_k(queries_qd, corpus_nd, k: int, *, mesh=None, plan: SearchPlan = SearchPlan(),
+def exact_top_k(queries_qd, corpus_nd, k: int, *, mesh=None, tiles: SearchTiles = SearchTiles(),
                 first_row: int = 0, progress: Callable[[int], None] | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """The k highest inner products of each query with the corpus: (scores (q, k) float32,
@@ -94,9 +94,9 @@ def exact_top_k(queries_qd, corpus_nd, k: int, *, mesh=None, plan: SearchPlan = 
         raise UserError("corpus must be a non-empty 2-D array, got 0 rows")
     k = min(k, n)
     shards = sharding.data_shards(mesh)
-    local = plan.chunk_rows(n, k, q, shards) * shards // jax.process_count()
+    local = tiles.tile_rows(n, k, q, shards) * shards // distributed.process_count()
     steps = int(distributed.max_all(np.asarray(-(-len(corpus_nd) // local))))
-    block = min(plan.query_block, q)
+    block = min(tiles.query_block, q)
     step = _merge_step(mesh, k)
     replicated, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
@@ -111,12 +111,20 @@ def exact_top_k(queries_qd, corpus_nd, k: int, *, mesh=None, plan: SearchPlan = 
         ids = np.full(local, -1, np.int32)
         ids[:len(part)] = first_row + start + np.arange(len(part))
         part = np.concatenate([part, np.zeros((local - len(part), d), np.float32)])
-        # Sent while the previous chunk is scored.
-        part_dev, ids_dev = (jax.make_array_from_process_local_data(rows, x) for x in (part, ids))
-        jax.block_until_ready(best)  # at most two chunks on the devices at a time
+        # Sent while the previous tile is scored.
+        part_dev, ids_dev = (distributed.put_rows(x, rows) for x in (part, ids))
+        jax.block_until_ready(best)  # at most two tiles on the devices at a time
         best = [step(*state, b, part_dev, ids_dev) for state, b in zip(best, blocks)]
         if progress is not None:
             progress(int((ids >= 0).sum()))
     scores = np.concatenate([np.asarray(s.addressable_data(0)) for s, _ in best])[:q]
     ids = np.concatenate([np.asarray(i.addressable_data(0)) for _, i in best])[:q]
     return scores, ids.astype(np.int64)
+
+
+def run_dict(query_ids, doc_ids, scores_qk: np.ndarray, rows_qk: np.ndarray
+             ) -> dict[str, dict[str, float]]:
+    """{query id: {doc id: score}} in rank order (MTEB's and pytrec_eval's run format) from
+    `exact_top_k`'s scores and corpus rows."""
+    return {q: {doc_ids[i]: float(s) for s, i in zip(srow, irow)}
+            for q, srow, irow in zip(query_ids, scores_qk, rows_qk)}

@@ -18,8 +18,7 @@ from flax import nnx
 
 from .. import convert
 from ..convert import released
-from ..convert.checkpoint import restore_error
-from ..io_utils import settled_event_loops
+from ..convert.checkpoint import restore_error, settled_event_loops
 from ..params import flat_params
 
 

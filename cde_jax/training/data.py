@@ -34,9 +34,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import prompts
-from ..corpus.source import lines
-from ..tokenization import TextTokenizer
-from ..validation import UserError, json_object
+from ..config import setting
+from ..corpus.source import jsonl_records
+from ..tokenization import MAX_LENGTH, TextTokenizer
+from ..validation import UserError, int_in_range
 
 
 class Example(NamedTuple):
@@ -55,8 +56,7 @@ def _text(value, what: str) -> str:
     return value
 
 
-def parse_example(text: str, line: int = 0) -> Example:
-    row = json_object(text)
+def parse_example(row: dict, line: int = 0) -> Example:
     for key in ("query", "positive"):
         if key not in row:
             raise UserError(f"missing field {key!r}")
@@ -75,13 +75,11 @@ def read_examples(path: str | Path) -> list[Example]:
     """Every example of a JSONL file; the first bad line is an error naming it."""
     path = Path(path)
     examples = []
-    for lineno, text in lines(path):  # non-UTF-8 is an error naming the line too
-        if not text.strip():
-            continue
+    for lineno, row in jsonl_records(path):  # bad UTF-8 or JSON: errors naming the line
         try:
-            examples.append(parse_example(text, lineno))
+            examples.append(parse_example(row, lineno))
         except ValueError as e:
-            raise UserError(f"{path}, line {lineno}: {e}") from None
+            raise UserError(f"{path}: line {lineno}: {e}") from None
     if not examples:
         raise UserError(f"{path}: no examples")
     return examples
@@ -89,13 +87,27 @@ def read_examples(path: str | Path) -> list[Example]:
 
 @dataclasses.dataclass(frozen=True)
 class BatchConfig:
-    batch_size: int
-    negatives: int | None = None  # per row; None: the fewest any row has
-    corpus_size: int | None = None  # None: the model's transductive_corpus_size
-    oversample_corpus: bool = False
-    group_by_cluster: bool = False
-    query_length: int = 64        # tokens, with [CLS]/[SEP]; longer texts are truncated
-    document_length: int = 256
+    batch_size: int = setting(help="examples per contrastive batch (global, over all devices)")
+    negatives: int | None = setting(
+        None, help="hard negatives per example (default: the fewest any example has)")
+    corpus_size: int | None = setting(
+        None, help="the minicorpus rows per batch: the config's transductive_corpus_size "
+                   "(default), changed in the export too")
+    oversample_corpus: bool = setting(
+        False, help="repeat a batch's documents up to the corpus size")
+    group_by_cluster: bool = setting(
+        False, help="draw each batch from one `cluster` value where possible")
+    query_length: int = setting(64, help="query tokens, [CLS]/[SEP] included (longer: cut)")
+    document_length: int = setting(256, help="document tokens, [CLS]/[SEP] included")
+
+    def __post_init__(self):
+        int_in_range(self.batch_size, "batch_size")
+        for name in ("query_length", "document_length"):
+            int_in_range(getattr(self, name), name, 2, MAX_LENGTH)
+        if self.negatives is not None:
+            int_in_range(self.negatives, "negatives", 0)
+        if self.corpus_size is not None:
+            int_in_range(self.corpus_size, "corpus_size")
 
 
 class TextBatch(NamedTuple):
@@ -120,8 +132,6 @@ class TrainData:
                               stacklevel=2)
         if cfg.corpus_size is None:
             raise UserError("corpus_size is unresolved (None): give the model's")
-        if cfg.batch_size < 1 or cfg.negatives < 0 or cfg.corpus_size < 1:
-            raise UserError(f"batch size, negatives and corpus size must be positive: {cfg}")
         short = next((e for e in examples if len(e.negatives) < cfg.negatives), None)
         if short is not None:
             raise UserError(f"line {short.line}: {len(short.negatives)} negatives, fewer than "

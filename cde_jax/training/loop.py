@@ -2,7 +2,7 @@
 
 OUT holds `train_config.json` (the resolved settings), `metrics.jsonl` (one line per step),
 `checkpoints/` (orbax, every `checkpoint_every` steps and at the end) and, once the last
-step is done, `model/` (the released layout). One run at a time writes OUT (`output_lock`).
+step is done, `model/` (the released layout). One run at a time writes OUT (`outputs.claim`).
 Everything the run reads is validated before OUT is touched; an existing OUT is only reused
 with `resume`, and only with the same settings, or when it holds a run that never reached a
 checkpoint (nothing to resume: a new run starts over). A resumed run replays from its latest
@@ -32,11 +32,13 @@ import numpy as np
 from flax import nnx, traverse_util
 from tqdm.auto import tqdm
 
-from .. import convert, distributed, loading, sharding
-from ..io_utils import atomic_file
+from .. import attention as attention_lib
+from .. import convert, distributed, loading, outputs, sharding
+from ..config import DTYPES, ModernBertConfig, setting
 from ..loading import read_checkpoint
+from ..outputs import atomic_file
 from ..tokenization import TextTokenizer, load_tokenizer
-from ..validation import UserError
+from ..validation import UserError, int_in_range
 from . import data as data_lib
 from .checkpoint import Checkpoints, TrainState, checkpoint_steps, export_released
 from .step import StepConfig, init_opt_state, learning_rate, make_optimizer, make_train_step
@@ -50,18 +52,27 @@ RESUMABLE_CHANGES = ("out", "checkpoint_every", "keep_checkpoints")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: str       # converted or released-layout checkpoint dir
-    data: str        # JSONL (see `data`)
-    out: str
-    batch: data_lib.BatchConfig
-    step: StepConfig
-    accum_steps: int = 1      # contrastive batches averaged per optimizer step
-    seed: int = 0             # data order, negatives, minicorpus and JAX keys
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    model_parallel: int = 1
-    dtype: str | None = None  # compute dtype; None: per platform (`loading.default_dtype`)
-    attention: str = "auto"   # a kernel from `attention.names()`
+    model: str = setting(help="converted or released-layout checkpoint dir")
+    data: str = setting(help="training JSONL (see `training.data`)")
+    out: str = setting(help="output dir (must be new unless resuming)")
+    batch: data_lib.BatchConfig = setting(help="how batches are made")
+    step: StepConfig = setting(help="the optimizer step")
+    accum_steps: int = setting(1, help="contrastive batches whose gradients are averaged per "
+                                       "step")
+    seed: int = setting(0, help="data order, negatives, minicorpus and the model's random keys")
+    checkpoint_every: int = setting(100, help="steps between orbax checkpoints (and at the end)")
+    keep_checkpoints: int = setting(2, help="checkpoints kept on disk (the newest)")
+    model_parallel: int = setting(1, help="devices that split heads and MLP units (tensor "
+                                          "parallelism)")
+    dtype: str | None = setting(None, choices=DTYPES,
+                                help="compute dtype (default: bfloat16 on GPU/TPU, float32 "
+                                     "on CPU)")
+    attention: str = setting("auto", choices=attention_lib.names(),
+                             help="attention kernel (auto: the best for the device)")
+
+    def __post_init__(self):
+        for name in ("accum_steps", "checkpoint_every", "keep_checkpoints", "model_parallel"):
+            int_in_range(getattr(self, name), name)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -84,9 +95,25 @@ def _check_resumable(out: Path) -> None:
         raise UserError(f"nothing to resume in {out}; run without --resume to start")
 
 
-def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
-    """OUT must be new or empty, or (resume) hold a run with the same settings. A run that
-    never reached a checkpoint has nothing to resume: a new run replaces its files."""
+def _stale_run(out: Path) -> bool:
+    """OUT holds a run that never reached a checkpoint: nothing to resume, a new run
+    replaces its files."""
+    names = {p.name for p in out.iterdir()}
+    return (CONFIG_FILE in names and names <= {CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR}
+            and not _has_checkpoint(out))
+
+
+def _occupied(out: str) -> bool:
+    """What a new run may not write into: a non-empty OUT that is not a stale run."""
+    path = Path(out)
+    return path.exists() and any(path.iterdir()) and not _stale_run(path)
+
+
+OCCUPIED = "not empty: pass --resume to continue a run in it, or choose another --out"
+
+
+def _prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
+    """A resumed run must have the same settings; a new one clears a stale run."""
     saved = out / CONFIG_FILE
     if resume:
         old, new = (traverse_util.flatten_dict(c, sep=".")
@@ -96,22 +123,13 @@ def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
         if diff:
             raise UserError(f"--resume: settings differ from {saved}: " + ", ".join(
                 f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
-        return
-    if not out.exists() or not any(out.iterdir()):
-        return
-    names = {p.name for p in out.iterdir()}
-    if CONFIG_FILE in names and names <= {CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR} \
-            and not _has_checkpoint(out):
-        if distributed.is_main():
-            log.warning("%s holds a run that never reached a checkpoint: starting over", out)
-            for name in names:
-                if (out / name).is_dir():
-                    shutil.rmtree(out / name)
-                else:
-                    (out / name).unlink()
-        return
-    raise FileExistsError(f"{out} is not empty (pass --resume to continue the run in it)"
-                          if _has_checkpoint(out) else f"{out} is not empty")
+    elif out.exists() and any(out.iterdir()) and distributed.is_main():
+        log.warning("%s holds a run that never reached a checkpoint: starting over", out)
+        for path in out.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
@@ -137,10 +155,12 @@ def _quiet_truncation():
         logger.setLevel(level)
 
 
-def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples) -> tuple[TrainConfig,
-                                                                            data_lib.TrainData]:
-    """Fills the settings that default to the checkpoint's config or the data, and checks
-    that the shapes fit together, before anything is written."""
+def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples, mesh
+            ) -> tuple[TrainConfig, data_lib.TrainData, ModernBertConfig]:
+    """Fills the settings that default to the checkpoint's config, the data or the machine
+    (the dtype and kernel it runs, recorded so that a resume elsewhere that would compute
+    differently is refused as a changed setting), and checks that the shapes fit together,
+    before anything is written."""
     batch = cfg.batch
     if batch.corpus_size is None:
         batch = dataclasses.replace(batch, corpus_size=ckpt.cde.transductive_corpus_size)
@@ -152,34 +172,28 @@ def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples) -> tuple[Train
         raise UserError("sequence dropout needs `sequence_dropout_null_embedding`, which this "
                         "checkpoint lacks (set the dropout to 0)")
     data = data_lib.TrainData(examples, batch, cfg.seed)
-    if step.chunk_size is not None:
+    if step.grad_cache_rows is not None:
         for what, rows in (("batch size", batch.batch_size), ("documents per batch",
                            data.documents_per_batch), ("minicorpus rows", data.corpus_rows)):
-            if rows % step.chunk_size:
-                raise UserError(f"chunk size {step.chunk_size} does not divide the {what} "
-                                f"({rows})")
-    if cfg.accum_steps < 1 or cfg.checkpoint_every < 1:
-        raise UserError("accum_steps and checkpoint_every must be positive")
-    # The kernel and dtype this machine runs, recorded so that a resume elsewhere that
-    # would compute differently is refused as a changed setting.
-    backbone = loading.runtime_backbone(ckpt, sharding.make_mesh(cfg.model_parallel),
-                                        dtype=cfg.dtype, attention_name=cfg.attention)
+            if rows % step.grad_cache_rows:
+                raise UserError(f"grad_cache_rows {step.grad_cache_rows} does not divide the "
+                                f"{what} ({rows})")
+    backbone = loading.runtime_backbone(ckpt, mesh, dtype=cfg.dtype,
+                                        attention_name=cfg.attention)
     return dataclasses.replace(cfg, batch=data.cfg, step=step, dtype=backbone.dtype,
                                attention=backbone.attention,
                                model=str(Path(cfg.model).absolute()),
                                data=str(Path(cfg.data).absolute()),
-                               out=str(Path(cfg.out).absolute())), data
+                               out=str(Path(cfg.out).absolute())), data, backbone
 
 
 class _Session:
     """What one run builds from its settings: the model on the mesh, the optimizer, the
     compiled step and the batch feed."""
 
-    def __init__(self, cfg: TrainConfig, ckpt: convert.Checkpoint, data: data_lib.TrainData):
-        self.cfg, self.data = cfg, data
-        self.mesh = sharding.make_mesh(cfg.model_parallel)
-        backbone = loading.runtime_backbone(ckpt, self.mesh, dtype=cfg.dtype,
-                                            attention_name=cfg.attention)
+    def __init__(self, cfg: TrainConfig, ckpt: convert.Checkpoint, data: data_lib.TrainData,
+                 mesh, backbone: ModernBertConfig):
+        self.cfg, self.data, self.mesh = cfg, data, mesh
         self.graphdef, params = loading.place_checkpoint(ckpt, backbone, self.mesh)
         self.tokenize = data_lib.BatchTokenizer(
             TextTokenizer(load_tokenizer(ckpt.tokenizer_dir), pad_id=backbone.pad_token_id),
@@ -247,9 +261,9 @@ def _run_steps(session: _Session, state: TrainState, checkpoints: Checkpoints, m
 
 def train(cfg: TrainConfig, *, resume: bool = False,
           show_progress: bool | None = None) -> TrainResult:
-    """Runs (or with `resume` continues) the fine-tuning described by `cfg`, process 0
-    holding `output_lock(cfg.out)` throughout."""
-    with distributed.main_writes(cfg.out):
+    """Runs (or with `resume` continues) the fine-tuning described by `cfg`, with OUT
+    claimed for the whole run (`outputs.claim`)."""
+    with outputs.claim(cfg.out, overwrite=resume, exists=_occupied, remedy=OCCUPIED):
         return _train(cfg, resume=resume, show_progress=show_progress)
 
 
@@ -261,12 +275,13 @@ def _train(cfg: TrainConfig, *, resume: bool, show_progress: bool | None) -> Tra
     ckpt = read_checkpoint(cfg.model)
     if ckpt.tokenizer_dir is None:
         raise UserError(f"{cfg.model} has no tokenizer files (tokenizer.json)")
-    cfg, data = resolve(cfg, ckpt, examples)
+    mesh = sharding.make_mesh(cfg.model_parallel)
+    cfg, data, backbone = resolve(cfg, ckpt, examples, mesh)
     ckpt.cde = ckpt.cde.replace(transductive_corpus_size=cfg.batch.corpus_size)
     out = Path(cfg.out)
-    distributed.all_succeed(lambda: _check_out(out, cfg, resume), "checking --out")
+    distributed.all_succeed(lambda: _prepare_out(out, cfg, resume), "checking --out")
     distributed.barrier("out checked")  # before process 0 writes into OUT
-    session = _Session(cfg, ckpt, data)
+    session = _Session(cfg, ckpt, data, mesh, backbone)
     if distributed.is_main():
         with atomic_file(out / CONFIG_FILE, "w") as f:
             json.dump(cfg.to_json(), f, indent=2)
@@ -284,7 +299,7 @@ def _train(cfg: TrainConfig, *, resume: bool, show_progress: bool | None) -> Tra
     finally:
         checkpoints.close()
     session.report_truncation()
-    trained = nnx.merge(session.graphdef, jax.tree.map(sharding.to_host, state.params))
+    trained = nnx.merge(session.graphdef, jax.tree.map(distributed.to_host, state.params))
     model_dir = out / "model"
     if distributed.is_main():
         export_released(trained, ckpt, model_dir, overwrite=True, config_json={

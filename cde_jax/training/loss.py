@@ -13,9 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def l2_normalize(x_nd: jax.Array) -> jax.Array:
-    return x_nd / jnp.linalg.norm(x_nd, axis=-1, keepdims=True)
+from ..ops import l2_normalize
 
 
 def contrastive_loss(queries_qd: jax.Array, documents_cd: jax.Array, query_label_q: jax.Array,

@@ -5,18 +5,18 @@ Parameters are a pure nested dict (`nnx.split` then `nnx.to_pure_dict`) and the 
 rebuilt inside each pure function with `nnx.merge`, so optax, orbax and the shardings all
 see plain pytrees. Randomness comes only from the key passed in: each row (query or
 document) draws its own prefix order / sequence dropout from `split(key, rows)[row]`, so
-chunking a batch never changes what a row sees.
+splitting a batch into blocks never changes what a row sees.
 
-Gradient cache (`chunk_size`): the embeddings are computed chunk by chunk without keeping
-activations, the loss gradient w.r.t. the embeddings is taken on the whole (global) batch,
-then each chunk is recomputed under `jax.vjp` and its parameter gradients accumulated; the
-second stage's chunks also accumulate the gradient w.r.t. the dataset embeddings, which then
-flows back through the first stage the same way. Result: the full-batch loss and gradient
-with the memory of one chunk. Gradient accumulation (a leading micro-batch axis) averages
-the loss and gradients of separate contrastive batches.
+Gradient cache (`grad_cache_rows`): the embeddings are computed block by block without
+keeping activations, the loss gradient w.r.t. the embeddings is taken on the whole (global)
+batch, then each block is recomputed under `jax.vjp` and its parameter gradients
+accumulated; the second stage's blocks also accumulate the gradient w.r.t. the dataset
+embeddings, which then flows back through the first stage the same way. Result: the
+full-batch loss and gradient with the memory of one block. Gradient accumulation (a leading
+micro-batch axis) averages the loss and gradients of separate contrastive batches.
 
 Shapes are suffixed with the package's dimension key (cde_jax/__init__.py): q queries,
-c documents, m minicorpus rows, g chunks, r rows of a chunk.
+c documents, m minicorpus rows, g gradient-cache blocks, r rows of a block.
 """
 
 from __future__ import annotations
@@ -30,39 +30,49 @@ import optax
 from flax import nnx
 
 from .. import sharding
+from ..config import setting
 from ..model import Prefix
 from ..params import map_params
-from ..validation import UserError
+from ..validation import UserError, int_in_range
 from .loss import contrastive_loss
 
-STAGES = ("first_stage_model", "second_stage_model")
+# The stages by their short names (flags, `freeze`) -> their modules in the model.
+STAGE_MODULES = {"first": "first_stage_model", "second": "second_stage_model"}
 DECAYED = ("kernel", "embedding")  # weight decay on these; not on norms, biases, vectors
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    total_steps: int
-    learning_rate: float = 2e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.01    # AdamW, on kernels and embeddings (see DECAYED)
-    clip_norm: float = 1.0        # global gradient norm, before AdamW
-    freeze: tuple[str, ...] = ()  # stage names from STAGES whose parameters stay fixed
-    chunk_size: int | None = None  # gradient-cache rows per chunk; None: whole batch at once
-    permute: bool = True          # random prefix order per row, as upstream trains
-    sequence_dropout: float | None = 0.0  # per-row chance of nulling each dataset embedding;
-    #                                      None: the checkpoint's (filled in by `train`)
+    total_steps: int = setting(help="optimizer steps")
+    learning_rate: float = setting(2e-5, help="peak learning rate (AdamW)")
+    warmup_steps: int = setting(
+        0, help="steps of linear warmup from 0 to the learning rate (then linear decay to 0)")
+    weight_decay: float = setting(0.01, help="AdamW weight decay, on kernels and embeddings")
+    clip_norm: float = setting(1.0, help="global gradient norm limit, before AdamW")
+    freeze: tuple[str, ...] = setting(
+        (), help="keep a stage's parameters fixed (repeatable)", choices=tuple(STAGE_MODULES))
+    grad_cache_rows: int | None = setting(
+        None, help="gradient cache: rows per forward/backward block, so that a large batch "
+                   "needs the memory of one block (default: no cache)")
+    permute: bool = setting(True, help="shuffle the minicorpus order per row, as upstream "
+                                       "trains")
+    sequence_dropout: float | None = setting(
+        None, help="per-row chance of replacing each dataset embedding with the null "
+                  "embedding (None: the config's transductive_sequence_dropout_prob)")
 
     def __post_init__(self):
-        unknown = set(self.freeze) - set(STAGES)
+        int_in_range(self.total_steps, "total_steps")
+        unknown = set(self.freeze) - set(STAGE_MODULES)
         if unknown:
-            raise UserError(f"cannot freeze {sorted(unknown)}: stages are {STAGES}")
-        if set(self.freeze) == set(STAGES):
+            raise UserError(f"cannot freeze {sorted(unknown)}: stages are "
+                            f"{sorted(STAGE_MODULES)}")
+        if set(self.freeze) == set(STAGE_MODULES):
             raise UserError("both stages frozen: nothing to train")
         if not 0 <= self.warmup_steps < self.total_steps:
             raise UserError(f"warmup_steps {self.warmup_steps} must be in [0, total_steps "
                             f"{self.total_steps})")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise UserError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.grad_cache_rows is not None and self.grad_cache_rows < 1:
+            raise UserError(f"grad_cache_rows must be positive, got {self.grad_cache_rows}")
 
 
 def learning_rate(cfg: StepConfig) -> optax.Schedule:
@@ -75,7 +85,8 @@ def learning_rate(cfg: StepConfig) -> optax.Schedule:
 
 def trainable(cfg: StepConfig, params) -> dict:
     """Same tree as `params`, True where the parameter is trained."""
-    return map_params(params, lambda path, _: path.split("/")[0] not in cfg.freeze)
+    frozen = {STAGE_MODULES[stage] for stage in cfg.freeze}
+    return map_params(params, lambda path, _: path.split("/")[0] not in frozen)
 
 
 def make_optimizer(cfg: StepConfig, params) -> optax.GradientTransformation:
@@ -136,17 +147,17 @@ def batch_loss(stages: Stages, params, batch, key, logit_scale: float):
                             logit_scale)
 
 
-def _to_chunks(x_r, chunk: int):
-    """(rows, ...) -> (g, chunk, ...) with g = rows / chunk: row i goes to chunk i % g, so
-    with rows split over devices in blocks every chunk still spans all devices."""
+def _to_blocks(x_r, rows: int):
+    """(r, ...) -> (g, rows, ...) with g = r / rows: row i goes to block i % g, so with rows
+    split over devices in contiguous shares every block still spans all devices."""
     r = x_r.shape[0]
-    if r % chunk:
-        raise UserError(f"chunk size {chunk} does not divide {r} rows (it must divide the "
+    if r % rows:
+        raise UserError(f"grad_cache_rows {rows} does not divide {r} rows (it must divide the "
                         "batch size and the minicorpus size)")
-    return x_r.reshape((chunk, r // chunk) + x_r.shape[1:]).swapaxes(0, 1)
+    return x_r.reshape((rows, r // rows) + x_r.shape[1:]).swapaxes(0, 1)
 
 
-def _from_chunks(x_g):
+def _from_blocks(x_g):
     return x_g.swapaxes(0, 1).reshape((-1,) + x_g.shape[2:])
 
 
@@ -154,19 +165,19 @@ def _add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def cached_loss_and_grad(stages: Stages, params, batch, key, logit_scale: float, chunk: int):
+def cached_loss_and_grad(stages: Stages, params, batch, key, logit_scale: float, rows: int):
     """`value_and_grad(batch_loss)` via the two-stage gradient cache (module docstring)."""
-    def chunks(*xs):
-        return tuple(_to_chunks(x, chunk) for x in xs)
+    def blocks(*xs):
+        return tuple(_to_blocks(x, rows) for x in xs)
 
-    corpus = chunks(batch["corpus_ids"], batch["corpus_mask"])
-    dataset_md = _from_chunks(jax.lax.map(lambda xs: stages.first(params, *xs), corpus))
+    corpus = blocks(batch["corpus_ids"], batch["corpus_mask"])
+    dataset_md = _from_blocks(jax.lax.map(lambda xs: stages.first(params, *xs), corpus))
     query_keys, doc_keys = row_keys(key, batch)
-    query_in = chunks(batch["query_ids"], batch["query_mask"], query_keys)
-    doc_in = chunks(batch["doc_ids"], batch["doc_mask"], doc_keys)
+    query_in = blocks(batch["query_ids"], batch["query_mask"], query_keys)
+    doc_in = blocks(batch["doc_ids"], batch["doc_mask"], doc_keys)
 
     def embed(rows):
-        return _from_chunks(jax.lax.map(lambda xs: stages.second(params, *xs, dataset_md), rows))
+        return _from_blocks(jax.lax.map(lambda xs: stages.second(params, *xs, dataset_md), rows))
 
     (loss, accuracy), (g_queries_qd, g_docs_cd) = jax.value_and_grad(
         contrastive_loss, argnums=(0, 1), has_aux=True)(
@@ -178,26 +189,26 @@ def cached_loss_and_grad(stages: Stages, params, batch, key, logit_scale: float,
         return _add(carry, vjp(cotangent)), None
 
     carry = jax.tree.map(jnp.zeros_like, (params, dataset_md))
-    carry, _ = jax.lax.scan(second_backward, carry, query_in + chunks(g_queries_qd))
-    grads, g_dataset_md = jax.lax.scan(second_backward, carry, doc_in + chunks(g_docs_cd))[0]
+    carry, _ = jax.lax.scan(second_backward, carry, query_in + blocks(g_queries_qd))
+    grads, g_dataset_md = jax.lax.scan(second_backward, carry, doc_in + blocks(g_docs_cd))[0]
 
     def first_backward(grads, xs):
         *rows, cotangent = xs
         _, vjp = jax.vjp(lambda p: stages.first(p, *rows), params)
         return _add(grads, vjp(cotangent)[0]), None
 
-    grads, _ = jax.lax.scan(first_backward, grads, corpus + chunks(g_dataset_md))
+    grads, _ = jax.lax.scan(first_backward, grads, corpus + blocks(g_dataset_md))
     return (loss, accuracy), grads
 
 
 def loss_and_grad(stages: Stages, params, batches, key, logit_scale: float):
     """Mean (loss, accuracy) and gradient over the micro-batches (leading axis a)."""
     def one(params, batch, key):
-        if stages.cfg.chunk_size is None:
+        if stages.cfg.grad_cache_rows is None:
             return jax.value_and_grad(batch_loss, argnums=1, has_aux=True)(
                 stages, params, batch, key, logit_scale)
         return cached_loss_and_grad(stages, params, batch, key, logit_scale,
-                                    stages.cfg.chunk_size)
+                                    stages.cfg.grad_cache_rows)
 
     def micro(total, xs):
         batch, i = xs

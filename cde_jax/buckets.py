@@ -12,11 +12,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from . import validation
+from . import distributed, validation
 from .validation import UserError
 
 
@@ -110,9 +108,8 @@ def _batches(lengths: Sequence[int], plan: BucketPlan, size_of: Callable[[int], 
 
 def _agree_on_batch_counts(batches: dict, plan: BucketPlan, local_size: Callable[[int], int]):
     """Pads every process's batch lists to the same count per bucket (all-gather of counts)."""
-    counts = np.array([len(batches.get(length, [])) for length in plan.lengths], np.int64)
-    if jax.process_count() > 1:
-        counts = multihost_utils.process_allgather(counts).max(axis=0)
+    counts = distributed.max_all(np.array([len(batches.get(length, []))
+                                           for length in plan.lengths], np.int64))
     return {length: batches.get(length, []) + [np.full(local_size(length), -1, np.int64)] * (
         int(n) - len(batches.get(length, []))) for length, n in zip(plan.lengths, counts) if n}
 

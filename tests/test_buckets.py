@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import cde_jax
+from cde_jax.buckets import BucketPlan, default_plan, device_memory
 from cde_jax.minicorpus import DatasetEmbeddings, fallback_minicorpus, sample_minicorpus
-from cde_jax.pipeline import BucketPlan, default_plan, device_memory
 from cde_jax.profiling import count_compiles
 
 
@@ -90,7 +90,7 @@ def test_encode_options(model, ctx):
                        normalize_embeddings=False)
     direct = model.second_stage(*model.tokenizer(["clustering: " + t for t in texts]), ctx)
     np.testing.assert_allclose(raw, direct, rtol=0, atol=1e-6)
-    q = model.embed_queries(texts, ctx)
+    q = model.context(ctx).encode_query(texts)
     np.testing.assert_allclose(q, model.encode(texts, prompt_name="query",
                                                dataset_embeddings=ctx), atol=0)
     with pytest.raises(ValueError, match="prompt_name must be one of"):
@@ -155,7 +155,7 @@ def test_default_plan_per_platform(model):
 def test_bounded_prefetch_same_results(model, ctx, random_docs, in_flight):
     """Batches are read back in order, at most `in_flight + 1` dispatched and unread (None:
     all dispatched first), and the rows are those of the default window."""
-    runner, prefix = model.runner, model.prefix(ctx)
+    runner, prefix = model.runner, model.context(ctx).prefix
     token_ids = model.tokenizer.encode([d[: (i * 37) % 700] for i, d in
                                         enumerate(random_docs[:30])])
     plan = BucketPlan(tokens_per_batch=2048)

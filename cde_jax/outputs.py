@@ -1,5 +1,11 @@
-"""Outputs that are whole or absent: one writer per output, atomic files and directories,
-and no temp data left behind by a run that was killed.
+"""Outputs that are whole or absent: one lifecycle for every command that writes, one writer
+per output, atomic files and directories, and no temp data left behind by a run that was
+killed.
+
+- `claim(out, overwrite=...)`: the lifecycle of every command that writes (embed,
+  dataset-embeddings, eval, train, convert): process 0 locks OUT, an existing OUT is refused
+  (`OutputExistsError`, one message) unless the command may replace it, every process
+  learns the outcome before any work, and all wait for each other at the end.
 
 - `output_lock(out)`: an OS lock (`flock`) on `OUT.lock` beside the output for the whole
   run, so a second run on the same output fails at once naming the first one's pid. The
@@ -15,7 +21,6 @@ and no temp data left behind by a run that was killed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -25,8 +30,10 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from . import distributed
 from .validation import UserError
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
@@ -58,6 +65,44 @@ def _creating_in(directory: Path, out: Path):
         if e.errno in _FULL:
             raise UserError(f"cannot write {out}: {where}: {e.strerror}") from None
         raise
+
+
+class OutputExistsError(UserError):
+    """The output is there and this run may not replace it."""
+
+    def __init__(self, out, remedy: str = "pass --overwrite to replace it"):
+        super().__init__(f"{out} already exists ({remedy})")
+
+
+@contextlib.contextmanager
+def claim(out: str | Path, *, overwrite: bool = False,
+          exists: Callable[[str], bool] = os.path.exists, remedy: str | None = None,
+          alone: bool = False):
+    """The block owns `out` on every process of the run.
+
+    Process 0 holds `output_lock(out)` throughout (a remote path has no local lock), so a
+    second run on the same output stops here, at once, naming the first one's pid. Unless
+    `overwrite`, an output for which `exists(out)` is refused with `OutputExistsError`
+    (`remedy` says what to do instead); with `overwrite` the old output stays until the
+    block replaces it, so that a run that fails on its input loses nothing. Every process
+    raises if any did, and all meet at a barrier when the block ends. `alone`: this
+    process's own output (a conversion into its host's cache), claimed without the others."""
+    out = str(out)
+    with contextlib.ExitStack() as stack:
+        def check():
+            if not (alone or distributed.is_main()):
+                return
+            if "://" not in out:
+                stack.enter_context(output_lock(out))
+            if not overwrite and exists(out):
+                raise OutputExistsError(out, *(() if remedy is None else (remedy,)))
+        if alone:
+            check()
+            yield
+            return
+        distributed.all_succeed(check, "claiming the output")
+        yield
+        distributed.barrier(f"finished {out}")
 
 
 def _make_parents(out: Path) -> list[Path]:
@@ -163,7 +208,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False):
     """Yields a temp dir beside `out`; renamed to `out` only if the block succeeds."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (refusing to overwrite it)")
+        raise OutputExistsError(out, "pass overwrite=True to replace it")
     _make_parents(out)
     remove_orphans(out.parent)
     with _creating_in(out.parent, out):
@@ -208,36 +253,3 @@ def atomic_file(out: str | Path, mode: str = "wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-class _SettlingEventLoop(asyncio.SelectorEventLoop):
-    """An event loop that, when closed, first lets the tasks still on it finish."""
-
-    def close(self) -> None:
-        if not self.is_closed() and not self.is_running():
-            pending = [task for task in asyncio.all_tasks(self) if not task.done()]
-            if pending:
-                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        super().close()
-
-
-class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        return _SettlingEventLoop()
-
-
-@contextlib.contextmanager
-def settled_event_loops():
-    """Event loops created in the block finish their pending tasks before they close.
-
-    Orbax runs a restore on a fresh loop and closes it as soon as one array fails, with the
-    other arrays' reads still pending: tensorstore then calls back into the closed loop
-    ("RuntimeError: Event loop is closed", printed from its threads) and the abandoned
-    coroutines fail again at interpreter exit. Settling the loop ends them properly.
-    """
-    previous = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(_SettlingPolicy())
-    try:
-        yield
-    finally:
-        asyncio.set_event_loop_policy(previous)
