@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The second stage on one accelerator, bfloat16: our attention kernels against each other
-and against PyTorch, MFU, the pipeline's device-idle fraction and where one step's time goes.
+and against PyTorch, MFU, the bucketed runner's device-idle fraction and where one step's time goes.
 
     python scripts/accel_benchmark.py gpu|tpu [--cpu-smoke]   (gpu_benchmark.sh, tpu_benchmark.sh)
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
                 ids, mask, p), work / f"profile-{name}") | {"case": f"{kind} {batch}x{length}"}
         except Exception as e:  # reported, the rest goes on
             profiles[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
-    # The bucketed pipeline's device-idle fraction, with the platform's default plan.
+    # The bucketed runner's device-idle fraction, with the platform's default plan.
     overlap_sizes = dataclasses.replace(
         bench.QUICK, warmup=1, repeats=3, overlap_texts=64 if smoke else 8192,
         overlap_tokens_per_batch=512 if smoke else first.plan.tokens_per_batch)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The second stage on one NVIDIA GPU, bfloat16: cde_jax with cuDNN and with XLA attention
 # against PyTorch (HF SDPA, and PyTorch's best available attention), texts/s and MFU; the
-# device-idle fraction of the bucketed pipeline; one profiled step split into matmul /
+# device-idle fraction of the bucketed runner; one profiled step split into matmul /
 # attention / elementwise / copies. Base synthetic checkpoint; queries of 16 and documents
 # of 256 tokens after a 512-document context. Harness: scripts/accel_benchmark.py.
 #

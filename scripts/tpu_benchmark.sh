@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The second stage on one TPU, bfloat16: cde_jax with splash (Pallas) and with XLA attention,
-# texts/s and MFU; the device-idle fraction of the bucketed pipeline; one profiled step split
+# texts/s and MFU; the device-idle fraction of the bucketed runner; one profiled step split
 # into matmul / attention / elementwise / copies. No PyTorch contender (torch_xla is not
 # assumed). Harness: scripts/accel_benchmark.py, the same as scripts/gpu_benchmark.sh.
 #
