@@ -111,11 +111,16 @@ class CdeModel(hub.HubMixin):
     def tokenize(self, texts: Sequence[str], prompt: str = "") -> list[list[int]]:
         """Token ids of `prompt + text` for each text, cut at `max_seq_length`. Safe to call
         from several threads (the corpus job tokenizes the next chunks in its readers)."""
+        return self.tokenize_with_cuts(texts, prompt)[0]
+
+    def tokenize_with_cuts(self, texts: Sequence[str], prompt: str = ""
+                           ) -> tuple[list[list[int]], list[int]]:
+        """`tokenize`, and the indices of the texts that were cut."""
         if self.tokenizer is None:
             raise UserError("this checkpoint has no tokenizer files (tokenizer.json); "
                             "convert it again or copy them into the checkpoint dir")
-        return self.tokenizer.encode([prompt + t for t in validation.texts(texts)],
-                                     self.max_seq_length)
+        return self.tokenizer.encode_with_cuts([prompt + t for t in validation.texts(texts)],
+                                               self.max_seq_length)
 
     def token_arrays(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         return validation.token_arrays(input_ids, attention_mask, self.backbone_config.vocab_size)

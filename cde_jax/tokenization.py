@@ -71,15 +71,21 @@ class TextTokenizer:
     def encode(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
         """Token ids ([CLS] ... [SEP]) per text, cut at `max_length` (default: the
         tokenizer's); a warning per call counts the texts of this call that were cut."""
+        return self.encode_with_cuts(texts, max_length)[0]
+
+    def encode_with_cuts(self, texts: list[str], max_length: int | None = None
+                         ) -> tuple[list[list[int]], list[int]]:
+        """`encode`, and the indices of the texts it cut (a server refuses those when a
+        request asks not to truncate)."""
         max_length = max_length or self.max_length
         encodings = self._cutting_at(max_length).encode_batch(validation.texts(texts))
-        cut = sum(1 for e in encodings if e.overflowing)
+        cut = [i for i, e in enumerate(encodings) if e.overflowing]
         if cut:
             with self._lock:
-                self.truncated += cut
-            log.warning("%d of %d text(s) truncated to %d tokens", cut, len(encodings),
+                self.truncated += len(cut)
+            log.warning("%d of %d text(s) truncated to %d tokens", len(cut), len(encodings),
                         max_length)
-        return [e.ids for e in encodings]
+        return [e.ids for e in encodings], cut
 
     def pad(self, ids: list[list[int]], length: int | None = None):
         """(ids, mask) int32 arrays of shape (len(ids), length or the longest)."""

@@ -65,7 +65,8 @@ def add_compute_args(parser: argparse.ArgumentParser) -> None:
                              "TPUs, head_major on CPU)")
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, *, processes: bool = True) -> None:
+    """--model, --batch-size, the compute flags and (`processes`) the multi-process ones."""
     parser.add_argument("--model", required=True,
                         help="converted checkpoint dir, or a released one (config.json + "
                              "model.safetensors)")
@@ -74,7 +75,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "per-bucket size of about 4096 tokens on CPU, tens of thousands "
                              "on accelerators; see README)")
     add_compute_args(parser)
-    distributed.add_args(parser)
+    if processes:
+        distributed.add_args(parser)
 
 
 def add_input_args(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,71 @@
+"""`cde-jax serve`: embeddings over HTTP, each corpus's context held in memory: OpenAI's
+embeddings API (POST /v1/embeddings, GET /v1/models; a request's `model` names the context),
+text-embeddings-inference's POST /embed, GET /health and GET /metrics (Prometheus).
+
+Requests wait in one bounded queue (full: 429 with Retry-After) and are batched dynamically;
+every bucket up to --max-seq-length is compiled before the server accepts a request.
+SIGTERM (or Ctrl-C) stops accepting, answers every request already accepted, and exits 0.
+Needs the serve extra: pip install 'cde-jax[serve]'.
+
+example:
+  cde-jax serve --model cde-small-v2-jax --context scifact=scifact.npz --port 8080
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from ..serving.config import ServeConfig
+from ..validation import UserError
+from . import flags, runtime
+
+SERVER_LIBRARIES = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def register(subparsers) -> None:
+    parser = runtime.add_command(subparsers, "serve", __doc__,
+                                 help="serve embeddings over HTTP (OpenAI and TEI APIs)")
+    runtime.add_model_args(parser, processes=False)
+    flags.add_config_flags(parser, ServeConfig)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    cfg = flags.config_from_args(ServeConfig, args)
+    try:
+        import uvicorn
+
+        from ..serving.app import EmbeddingService, build_app
+        from ..serving.batcher import Batcher
+        from ..serving.metrics import Metrics
+    except ModuleNotFoundError as e:
+        if e.name not in SERVER_LIBRARIES:
+            raise
+        raise UserError(f"the server needs {e.name}: pip install 'cde-jax[serve]'") from None
+    runtime.enable_compilation_cache()
+    metrics = Metrics()
+    metrics.watch_compiles()
+    model = runtime.load_model(args)
+    model.max_seq_length = cfg.max_seq_length
+    contexts = {name: model.context(path) for name, path in cfg.contexts.items()}
+    batcher = Batcher(model, metrics, max_queue=cfg.max_queue,
+                      max_wait_s=cfg.max_wait_ms / 1000, batch_size=args.batch_size)
+    batcher.warm_up(list(contexts.values()))
+    config = uvicorn.Config(build_app(EmbeddingService(contexts, batcher, metrics)),
+                            host=cfg.host, port=cfg.port, access_log=args.verbose,
+                            log_level="error" if args.quiet else
+                            "info" if args.verbose else "warning")
+    sock = config.bind_socket()
+    host, port = sock.getsockname()[:2]
+    if not args.quiet:
+        print(f"cde-jax serve: listening on http://{host}:{port} (models: "
+              f"{', '.join(contexts)})", file=sys.stderr, flush=True)
+    # uvicorn drains on SIGTERM/SIGINT, then raises the signal again to the handler it found:
+    # this one, so that a drained server exits 0 (not killed by its own signal).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
+    uvicorn.Server(config).run(sockets=[sock])
+    if not args.quiet:
+        print("cde-jax serve: stopped", file=sys.stderr)
+    return 0

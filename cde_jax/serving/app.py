@@ -1,0 +1,187 @@
+"""The ASGI app (FastAPI): the routes, their errors and the service behind them.
+
+A request is checked (pydantic, `protocol`), tokenized in a worker thread (the `tokenizers`
+library releases the GIL; the event loop keeps accepting), queued for the batcher and
+awaited; the device work runs in the batcher's thread. A client that disconnects while it
+waits cancels its request: still queued, it is dropped; already running, its rows are
+discarded. Nothing here blocks the event loop for longer than building an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import numpy as np
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from .. import prompts
+from ..context import Context
+from ..validation import UserError
+from . import protocol
+from .batcher import Batcher, QueueFull
+from .metrics import Metrics, RequestMetrics
+from .protocol import ApiError, EmbeddingsRequest, EmbedRequest
+
+log = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def until_answered(request: Request, answer: asyncio.Future) -> np.ndarray:
+    """The batcher's answer, unless the client disconnects first (`ClientGone`)."""
+
+    async def disconnect():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    gone = asyncio.ensure_future(disconnect())
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        answer.cancel()  # no effect once answered; a job still queued is dropped
+    if answer.cancelled():
+        raise ClientGone()
+    return answer.result()
+
+
+class EmbeddingService:
+    """The contexts by name, the tokenizer's checks and the batcher, behind both routes."""
+
+    def __init__(self, contexts: dict[str, Context], batcher: Batcher, metrics: Metrics):
+        self.contexts, self.batcher, self.metrics = contexts, batcher, metrics
+        self.model = batcher.model
+        self.started = int(time.time())
+
+    def context(self, name: str | None) -> Context:
+        if name is None:
+            return next(iter(self.contexts.values()))
+        if name not in self.contexts:
+            raise ApiError(404, f"model {name!r} is not served here; the models (contexts) "
+                                f"are: {', '.join(self.contexts)} (GET /v1/models)",
+                           param="model", code="model_not_found")
+        return self.contexts[name]
+
+    async def embed(self, request: Request, body: protocol.Request, inputs: list, *,
+                    field: str) -> tuple[np.ndarray, int]:
+        """(rows (n, d) float32 unnormalized, tokens) of one request's inputs."""
+        context = self.context(body.model)
+        if len(inputs) > self.batcher.max_queue:
+            raise ApiError(413, f"{field} has {len(inputs)} items, more than the server "
+                                f"queues (--max-queue {self.batcher.max_queue}): split it",
+                           param=field)
+        if body.dimensions is not None and body.dimensions > self.model.hidden_size:
+            raise ApiError(400, f"dimensions must be in 1..{self.model.hidden_size}, got "
+                                f"{body.dimensions}", param="dimensions")
+        if isinstance(inputs[0], str):
+            token_ids, cut = await run_in_threadpool(
+                self.model.tokenize_with_cuts, inputs, prompts.by_name(body.prompt_name or
+                                                                      "query"))
+        else:
+            token_ids, cut = self._checked_ids(inputs, body, field)
+        if cut and not body.truncate:
+            raise ApiError(413, f"{field}[{cut[0]}] is longer than max_seq_length "
+                                f"({self.model.max_seq_length} tokens, prompt, [CLS] and [SEP] "
+                                f"included): shorten it, or send truncate=true to cut it",
+                           param=field, code="context_length_exceeded")
+        try:
+            future = self.batcher.submit(context, token_ids)
+        except QueueFull as e:
+            raise ApiError(429, f"{e}; the server is at capacity", type="rate_limit_error",
+                           code="queue_full",
+                           headers={"Retry-After": str(e.retry_after_s)}) from None
+        rows_nd = await until_answered(request, asyncio.wrap_future(future))
+        tokens = sum(map(len, token_ids))
+        self.metrics.tokens.inc(tokens)
+        return rows_nd, tokens
+
+    def _checked_ids(self, inputs: list[list[int]], body: protocol.Request, field: str):
+        """Token id lists in the vocabulary, cut at max_seq_length; the indices cut."""
+        if body.prompt_name is not None:
+            raise ApiError(400, "prompt_name does not apply to token ids: they are embedded "
+                                "as given, prompt included", param="prompt_name")
+        vocab, limit = self.model.backbone_config.vocab_size, self.model.max_seq_length
+        for i, ids in enumerate(inputs):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"{field}[{i}] has token id {bad}, outside the "
+                                    f"vocabulary [0, {vocab})", param=field)
+        return [ids[:limit] for ids in inputs], [i for i, ids in enumerate(inputs)
+                                                 if len(ids) > limit]
+
+
+def build_app(service: EmbeddingService) -> FastAPI:
+    """The server's routes over `service`; its batcher runs from startup to shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.batcher.start()
+        yield
+        await run_in_threadpool(service.batcher.close)  # after uvicorn drained the requests
+
+    app = FastAPI(title="cde-jax", lifespan=lifespan)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
+
+    def error(request: Request, e: ApiError) -> JSONResponse:
+        service.metrics.errors.labels(request.url.path, e.code or e.type).inc()
+        return JSONResponse(protocol.error_body(e, tei=request.url.path == "/embed"),
+                            e.status, headers=e.headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error(request, e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        return error(request, protocol.validation_error(e.errors()))
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, e: UserError):
+        return error(request, ApiError(400, str(e)))
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone):
+        service.metrics.cancelled.inc()
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception):
+        return error(request, ApiError(500, f"internal error: {type(e).__name__}",
+                                       type="server_error"))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingsRequest, request: Request):
+        rows_nd, tokens = await service.embed(request, body, body.input, field="input")
+        return JSONResponse(protocol.embeddings_body(
+            protocol.finish(rows_nd, dimensions=body.dimensions), body.model,
+            body.encoding_format, tokens))
+
+    @app.post("/embed")
+    async def embed(body: EmbedRequest, request: Request):
+        rows_nd, _ = await service.embed(request, body, body.inputs, field="inputs")
+        return JSONResponse(protocol.finish(rows_nd, normalize=body.normalize,
+                                           dimensions=body.dimensions).tolist())
+
+    @app.get("/v1/models")
+    async def models():
+        return protocol.models_body(list(service.contexts), service.started)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(service.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    return app
