@@ -32,7 +32,7 @@ import cde_jax
 from cde_jax.prompts import DOCUMENT, QUERY
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_SEQ_LENGTH, MAX_QUEUE = 64, 16
+MAX_SEQ_LENGTH, MAX_QUEUE = 32, 16
 LARGE = MAX_QUEUE  # texts of the request that keeps the device busy
 QUERIES = ["what is a contextual document embedding?", "jax", "how do length buckets work "
            "when the texts of one batch have many different lengths in tokens?"]
@@ -194,12 +194,12 @@ def test_long_inputs_are_cut_or_refused(server, contexts):
                                               "truncate": False})
     assert refused.status_code == 413
     assert refused.json() == {"error": {
-        "message": "input[1] is longer than max_seq_length (64 tokens, prompt, [CLS] and "
+        "message": "input[1] is longer than max_seq_length (32 tokens, prompt, [CLS] and "
                    "[SEP] included): shorten it, or send truncate=true to cut it",
         "type": "invalid_request_error", "param": "input", "code": "context_length_exceeded"}}
     tei = post(server, "/embed", {"inputs": [LONG], "truncate": False})
     assert tei.status_code == 413 and tei.json()["error_type"] == "validation"
-    assert tei.json()["error"].startswith("inputs[0] is longer than max_seq_length (64 tokens")
+    assert tei.json()["error"].startswith("inputs[0] is longer than max_seq_length (32 tokens")
 
 
 def openai_error(status, message, param=None, code=None, type="invalid_request_error"):
@@ -341,12 +341,20 @@ def test_no_request_compiles(server):
     """Every bucket was compiled at start-up: requests of every length, both contexts, both
     routes, texts and token ids compile nothing (the server counts XLA compilations)."""
     compiled = metrics(server)["cde_serve_xla_compiles_total"]
-    assert compiled >= 4  # the prefix and the buckets 16, 32, 64 at least
-    words = [" ".join(["w"] * n) for n in (1, 10, 20, 40, 60, 100)]
+    assert compiled >= 9  # the prefix; the buckets 16 and 32 at 1, 2, 4 and 7 rows
+    words = [" ".join(["w"] * n) for n in (1, 10, 20, 40)]
     for model in ("corpus", "other"):
         assert post(server, "/v1/embeddings", {"model": model, "input": words}).status_code == 200
-        assert post(server, "/embed", {"inputs": [[1] * 40], "model": model}).status_code == 200
+        assert post(server, "/embed", {"inputs": [[1] * 20], "model": model}).status_code == 200
     assert metrics(server)["cde_serve_xla_compiles_total"] == compiled
+
+
+def test_batches_that_are_not_full_run_at_the_smallest_size_that_holds_them(server):
+    """The CPU plan's 16-token batches hold 7 texts; fewer run in 1, 2 or 4 rows."""
+    for texts, padding in ((1, 0), (3, 1), (5, 2), (9, 0)):  # 9: one of 7, one of 2
+        before = metrics(server)["cde_serve_padding_rows_total"]
+        assert post(server, "/embed", {"inputs": ["q"] * texts}).status_code == 200
+        assert metrics(server)["cde_serve_padding_rows_total"] - before == padding, texts
 
 
 def test_readme_examples(server, contexts):

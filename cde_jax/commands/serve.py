@@ -51,7 +51,7 @@ def run(args) -> int:
     contexts = {name: model.context(path) for name, path in cfg.contexts.items()}
     batcher = Batcher(model, metrics, max_queue=cfg.max_queue,
                       max_wait_s=cfg.max_wait_ms / 1000, batch_size=args.batch_size)
-    batcher.warm_up(list(contexts.values()))
+    batcher.shapes.warm_up(list(contexts.values()))
     config = uvicorn.Config(build_app(EmbeddingService(contexts, batcher, metrics)),
                             host=cfg.host, port=cfg.port, access_log=args.verbose,
                             log_level="error" if args.quiet else

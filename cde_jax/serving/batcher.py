@@ -5,7 +5,8 @@ Why one thread and one queue: the devices run one program at a time anyway, and 
 that arrive while a batch runs are exactly the next batch, so under load batches fill by
 themselves; when the devices are idle, a batch that is not yet full waits at most
 `max_wait_s` for more. The texts taken together go through the runner's length buckets
-(`Context.encode_tokens` -> `StageRunner.run_buckets`), so every batch has one of the
+(`Context.encode_tokens` -> `StageRunner.run_buckets`) in full batches, and what does not
+fill one in the smallest of a few batch sizes (`_sizes`), so every batch has one of the
 shapes `warm_up` compiled at start-up and no request pays a compilation. The queue is
 counted in texts: a request that does not fit is refused at once (`QueueFull`, HTTP 429),
 never parked. A request whose client goes away is cancelled; if it is still queued it is
@@ -51,35 +52,76 @@ class Job:
         default_factory=concurrent.futures.Future)
 
 
+class BatchShapes:
+    """The batch shapes the server runs: every bucket up to `model.max_seq_length`, each at
+    a few batch sizes; `warm_up` compiles them all."""
+
+    def __init__(self, model: CdeModel, batch_size: int | None = None):
+        self.model, self.batch_size = model, batch_size
+        self.plan = model.plan.with_batch_size(batch_size)
+
+    def warm_up(self, contexts: Sequence[Context]) -> None:
+        """Runs one batch of every bucket up to `model.max_seq_length` at every batch size
+        (`sizes`), for each prefix length among `contexts`: every shape a request can make
+        is compiled before the server accepts one."""
+        top = self.plan.bucket_of(self.model.max_seq_length)
+        pad_id = self.model.backbone_config.pad_token_id
+        for context in {c.prefix_length: c for c in contexts}.values():
+            for length in (n for n in self.plan.lengths if n <= top):
+                for size in self.sizes(length, context):
+                    context.encode_tokens([[pad_id] * length] * size, batch_size=size,
+                                          normalize_embeddings=False, show_progress_bar=False)
+
+    def rows(self, length: int, context: Context) -> int:
+        """Rows of a full batch of bucket `length` (as `run_buckets` plans them)."""
+        return self.plan.batch_size(length, sharding.data_shards(self.model.mesh),
+                                    context.prefix_length)
+
+    def sizes(self, length: int, context: Context) -> list[int]:
+        """The batch sizes bucket `length` runs at: full, and (unless --batch-size fixed it)
+        the data shards times the powers of two below that, so that texts that do not fill
+        a batch run in the smallest that holds them. Padding rows are not free: on a CPU a
+        batch's time grows with its rows, and on an accelerator past a few rows."""
+        full = self.rows(length, context)
+        if self.batch_size is not None:
+            return [full]
+        step = sharding.data_shards(self.model.mesh)
+        return [step << i for i in range(full.bit_length()) if step << i < full] + [full]
+
+    def embed(self, context: Context, token_ids: Sequence[Sequence[int]]
+              ) -> tuple[np.ndarray, int]:
+        """((n, d) float32 unnormalized, padding rows run): each bucket's texts in full
+        batches, and what is left in the smallest batch size that holds it."""
+        out = np.empty((len(token_ids), self.model.hidden_size), np.float32)
+        padding = 0
+        by_bucket: dict[int, list[int]] = {}
+        for i, ids in enumerate(token_ids):
+            by_bucket.setdefault(self.plan.bucket_of(len(ids)), []).append(i)
+        for length, rows in by_bucket.items():
+            sizes = self.sizes(length, context)
+            whole = len(rows) - len(rows) % sizes[-1]
+            for part in (rows[:whole], rows[whole:]):
+                if part:
+                    size = min((s for s in sizes if s >= len(part)), default=sizes[-1])
+                    out[part] = context.encode_tokens(
+                        [token_ids[i] for i in part], batch_size=size,
+                        normalize_embeddings=False, show_progress_bar=False)
+                    padding += -len(part) % size
+        return out, padding
+
+
 class Batcher:
     def __init__(self, model: CdeModel, metrics: Metrics, *, max_queue: int,
                  max_wait_s: float, batch_size: int | None = None):
         self.model, self.metrics, self.max_queue = model, metrics, max_queue
-        self.max_wait_s, self.batch_size = max_wait_s, batch_size
-        self.plan = model.plan.with_batch_size(batch_size)
+        self.max_wait_s = max_wait_s
+        self.shapes = BatchShapes(model, batch_size)
         self._jobs: collections.deque[Job] = collections.deque()
         self._queued = 0  # texts in _jobs
         self._busy_s, self._done = 0.0, 0  # model seconds and texts so far (for Retry-After)
         self._closed = False
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="cde-serve-batcher")
-
-    def warm_up(self, contexts: Sequence[Context]) -> None:
-        """Runs one batch of every bucket up to `model.max_seq_length`, for each prefix
-        length among `contexts`: every shape a request can make is compiled before the
-        server accepts one."""
-        top = self.plan.bucket_of(self.model.max_seq_length)
-        pad_id = self.model.backbone_config.pad_token_id
-        for context in {c.prefix_length: c for c in contexts}.values():
-            for length in (n for n in self.plan.lengths if n <= top):
-                context.encode_tokens([[pad_id] * length] * self._rows(length, context),
-                                      batch_size=self.batch_size, normalize_embeddings=False,
-                                      show_progress_bar=False)
-
-    def _rows(self, length: int, context: Context) -> int:
-        """Rows of one batch of bucket `length` (as `run_buckets` plans them)."""
-        return self.plan.batch_size(length, sharding.data_shards(self.model.mesh),
-                                    context.prefix_length)
 
     def start(self) -> None:
         self._thread.start()
@@ -117,8 +159,8 @@ class Batcher:
             if not self._jobs:
                 return None
             first = self._jobs[0]
-            full = self._rows(self.plan.bucket_of(max(map(len, first.token_ids))),
-                              first.context)
+            full = self.shapes.rows(self.shapes.plan.bucket_of(max(map(len, first.token_ids))),
+                                    first.context)
             deadline = first.queued_at + self.max_wait_s
             while (self._queued < full and not self._closed
                    and (left := deadline - time.monotonic()) > 0):
@@ -143,9 +185,8 @@ class Batcher:
         self.metrics.running_texts.set(len(token_ids))
         start = time.perf_counter()
         try:
-            rows_nd = jobs[0].context.encode_tokens(
-                token_ids, batch_size=self.batch_size, normalize_embeddings=False,
-                show_progress_bar=False)
+            rows_nd, padding = self.shapes.embed(jobs[0].context, token_ids)
+            self.metrics.padding_rows.inc(padding)
         except Exception as e:  # a bug: every request of the batch gets it (HTTP 500)
             log.exception("embedding a batch of %d texts failed", len(token_ids))
             for job in jobs:

@@ -43,6 +43,9 @@ class Metrics:
         self.batch_texts = Histogram("cde_serve_batch_texts", "texts per dynamic batch (the "
                                      "requests taken together, run as bucket batches)",
                                      buckets=TEXTS, registry=registry)
+        self.padding_rows = Counter("cde_serve_padding_rows", "rows run that held no text "
+                                    "(a batch not full, at the smallest size that holds it)",
+                                    registry=registry)
         self.batch_seconds = Histogram("cde_serve_batch_seconds", "model time per dynamic "
                                        "batch (the sum over wall time: the busy fraction)",
                                        buckets=SECONDS, registry=registry)
