@@ -29,6 +29,7 @@ from conftest import early, max_rel_err
 from prometheus_client.parser import text_string_to_metric_families
 
 import cde_jax
+from cde_jax import cli
 from cde_jax.prompts import DOCUMENT, QUERY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +187,9 @@ def test_tei_embed(server, contexts):
 
 
 def test_long_inputs_are_cut_or_refused(server, contexts):
+    truncated = metrics(server)["cde_serve_truncated_texts_total"]
     cut = post(server, "/v1/embeddings", {"model": "corpus", "input": [LONG]})
+    assert metrics(server)["cde_serve_truncated_texts_total"] == truncated + 1
     assert max_rel_err([cut.json()["data"][0]["embedding"]],
                        contexts["corpus"].encode_query([LONG])) <= PARITY
     assert cut.json()["usage"]["prompt_tokens"] == MAX_SEQ_LENGTH
@@ -355,6 +358,18 @@ def test_batches_that_are_not_full_run_at_the_smallest_size_that_holds_them(serv
         before = metrics(server)["cde_serve_padding_rows_total"]
         assert post(server, "/embed", {"inputs": ["q"] * texts}).status_code == 200
         assert metrics(server)["cde_serve_padding_rows_total"] - before == padding, texts
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "give at least one --context NAME=dataset.npz"),
+    (["--context", "corpus"], "--context 'corpus': expected NAME=dataset.npz"),
+    (["--context", "a=x.npz", "--context", "a=y.npz"], "--context 'a' is given twice"),
+    (["--context", "a=x.npz", "--max-queue", "0"], "max_queue must be >= 1, got 0"),
+], ids=["no context", "no file", "twice", "no queue"])
+def test_bad_command_lines_stop_before_loading(argv, message, capsys):
+    assert cli.main(["serve", "--model", "never-loaded", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cde-jax serve: error: {message}") and err.count("\n") == 1, err
 
 
 def test_readme_examples(server, contexts):

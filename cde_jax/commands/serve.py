@@ -13,6 +13,7 @@ example:
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 
@@ -44,6 +45,9 @@ def run(args) -> int:
             raise
         raise UserError(f"the server needs {e.name}: pip install 'cde-jax[serve]'") from None
     runtime.enable_compilation_cache()
+    # Cutting is a request's default here, not news: /metrics counts it instead of a warning
+    # line per request.
+    logging.getLogger("cde_jax.tokenization").setLevel(logging.ERROR)
     metrics = Metrics()
     metrics.watch_compiles()
     model = runtime.load_model(args)
@@ -65,7 +69,10 @@ def run(args) -> int:
     # this one, so that a drained server exits 0 (not killed by its own signal).
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if not server.started:
+        return 1  # uvicorn has logged why
     if not args.quiet:
         print("cde-jax serve: stopped", file=sys.stderr)
     return 0

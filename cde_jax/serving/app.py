@@ -83,12 +83,14 @@ class EmbeddingService:
             raise ApiError(400, f"dimensions must be in 1..{self.model.hidden_size}, got "
                                 f"{body.dimensions}", param="dimensions")
         if isinstance(inputs[0], str):
-            token_ids, cut = await run_in_threadpool(
-                self.model.tokenize_with_cuts, inputs, prompts.by_name(body.prompt_name or
-                                                                      "query"))
+            prompt = prompts.by_name(body.prompt_name or "query")
+            token_ids, cut = await run_in_threadpool(self.model.tokenize_with_cuts, inputs,
+                                                     prompt)
         else:
             token_ids, cut = self._checked_ids(inputs, body, field)
-        if cut and not body.truncate:
+        if cut and body.truncate:
+            self.metrics.truncated.inc(len(cut))
+        elif cut:
             raise ApiError(413, f"{field}[{cut[0]}] is longer than max_seq_length "
                                 f"({self.model.max_seq_length} tokens, prompt, [CLS] and [SEP] "
                                 f"included): shorten it, or send truncate=true to cut it",

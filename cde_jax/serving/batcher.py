@@ -57,7 +57,7 @@ class BatchShapes:
     a few batch sizes; `warm_up` compiles them all."""
 
     def __init__(self, model: CdeModel, batch_size: int | None = None):
-        self.model, self.batch_size = model, batch_size
+        self.model = model
         self.plan = model.plan.with_batch_size(batch_size)
 
     def warm_up(self, contexts: Sequence[Context]) -> None:
@@ -78,13 +78,11 @@ class BatchShapes:
                                     context.prefix_length)
 
     def sizes(self, length: int, context: Context) -> list[int]:
-        """The batch sizes bucket `length` runs at: full, and (unless --batch-size fixed it)
+        """The batch sizes bucket `length` runs at: full (the plan's, or --batch-size), and
         the data shards times the powers of two below that, so that texts that do not fill
         a batch run in the smallest that holds them. Padding rows are not free: on a CPU a
         batch's time grows with its rows, and on an accelerator past a few rows."""
         full = self.rows(length, context)
-        if self.batch_size is not None:
-            return [full]
         step = sharding.data_shards(self.model.mesh)
         return [step << i for i in range(full.bit_length()) if step << i < full] + [full]
 

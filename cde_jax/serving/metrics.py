@@ -34,6 +34,8 @@ class Metrics:
                                  buckets=SECONDS, registry=registry)
         self.tokens = Counter("cde_serve_tokens", "tokens embedded ([CLS], [SEP] and the "
                               "prompt included)", registry=registry)
+        self.truncated = Counter("cde_serve_truncated_texts", "inputs cut at max_seq_length",
+                                 registry=registry)
         self.queue_texts = Gauge("cde_serve_queue_texts", "texts waiting for the model",
                                  registry=registry)
         self.running_texts = Gauge("cde_serve_running_texts", "texts the model is embedding "
