@@ -35,6 +35,7 @@ from cde_jax.prompts import DOCUMENT, QUERY
 REPO = Path(__file__).resolve().parents[1]
 MAX_SEQ_LENGTH, MAX_QUEUE = 32, 16
 LARGE = MAX_QUEUE  # texts of the request that keeps the device busy
+MAX_WAIT_MS = 1000  # long: a batch that waited for nothing would show
 QUERIES = ["what is a contextual document embedding?", "jax", "how do length buckets work "
            "when the texts of one batch have many different lengths in tokens?"]
 LONG = " ".join(["tokens"] * 100)  # over MAX_SEQ_LENGTH
@@ -68,7 +69,7 @@ def serve_process(tiny_checkpoint, ctx_npz, tmp):
         np.float32), read_converted(tiny_checkpoint[1]).fingerprint, DOCUMENT, 0)
     argv = readme_serve_argv(tiny_checkpoint[1], ctx_npz) + [
         "--context", f"other={other.save(tmp / 'other.npz')}", "--max-seq-length",
-        str(MAX_SEQ_LENGTH), "--max-queue", str(MAX_QUEUE)]
+        str(MAX_SEQ_LENGTH), "--max-queue", str(MAX_QUEUE), "--max-wait-ms", str(MAX_WAIT_MS)]
     log = tmp / "server.log"
     with log.open("w") as err:
         process = subprocess.Popen([sys.executable, "-m", "cde_jax.cli", *argv[1:]],
@@ -350,6 +351,17 @@ def test_no_request_compiles(server):
         assert post(server, "/v1/embeddings", {"model": model, "input": words}).status_code == 200
         assert post(server, "/embed", {"inputs": [[1] * 20], "model": model}).status_code == 200
     assert metrics(server)["cde_serve_xla_compiles_total"] == compiled
+
+
+def test_a_lone_request_waits_for_no_batch(server):
+    """A batch that is not full waits (up to --max-wait-ms) only for requests that are
+    arriving; a request alone runs at once."""
+    before = metrics(server)
+    assert post(server, "/embed", {"inputs": "alone"}).status_code == 200
+    after = metrics(server)
+    assert after["cde_serve_queue_seconds_count"] - before["cde_serve_queue_seconds_count"] == 1
+    waited = after["cde_serve_queue_seconds_sum"] - before["cde_serve_queue_seconds_sum"]
+    assert waited < MAX_WAIT_MS / 1000 / 2
 
 
 def test_batches_that_are_not_full_run_at_the_smallest_size_that_holds_them(server):

@@ -74,6 +74,15 @@ class EmbeddingService:
     async def embed(self, request: Request, body: protocol.Request, inputs: list, *,
                     field: str) -> tuple[np.ndarray, int]:
         """(rows (n, d) float32 unnormalized, tokens) of one request's inputs."""
+        with self.batcher.arriving():
+            token_ids, future = await self._queue(body, inputs, field)
+        rows_nd = await until_answered(request, asyncio.wrap_future(future))
+        tokens = sum(map(len, token_ids))
+        self.metrics.tokens.inc(tokens)
+        return rows_nd, tokens
+
+    async def _queue(self, body: protocol.Request, inputs: list, field: str):
+        """(token ids, the batcher's future) of a checked request."""
         context = self.context(body.model)
         if len(inputs) > self.batcher.max_queue:
             raise ApiError(413, f"{field} has {len(inputs)} items, more than the server "
@@ -96,15 +105,11 @@ class EmbeddingService:
                                 f"included): shorten it, or send truncate=true to cut it",
                            param=field, code="context_length_exceeded")
         try:
-            future = self.batcher.submit(context, token_ids)
+            return token_ids, self.batcher.submit(context, token_ids)
         except QueueFull as e:
             raise ApiError(429, f"{e}; the server is at capacity", type="rate_limit_error",
                            code="queue_full",
                            headers={"Retry-After": str(e.retry_after_s)}) from None
-        rows_nd = await until_answered(request, asyncio.wrap_future(future))
-        tokens = sum(map(len, token_ids))
-        self.metrics.tokens.inc(tokens)
-        return rows_nd, tokens
 
     def _checked_ids(self, inputs: list[list[int]], body: protocol.Request, field: str):
         """Token id lists in the vocabulary, cut at max_seq_length; the indices cut."""

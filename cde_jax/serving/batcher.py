@@ -4,7 +4,8 @@ whatever has arrived and runs it on the devices, each context's texts together.
 Why one thread and one queue: the devices run one program at a time anyway, and requests
 that arrive while a batch runs are exactly the next batch, so under load batches fill by
 themselves; when the devices are idle, a batch that is not yet full waits at most
-`max_wait_s` for more. The texts taken together go through the runner's length buckets
+`max_wait_s` for requests already arriving (read, not yet queued), and not at all when
+none is. The texts taken together go through the runner's length buckets
 (`Context.encode_tokens` -> `StageRunner.run_buckets`) in full batches, and what does not
 fill one in the smallest of a few batch sizes (`_sizes`), so every batch has one of the
 shapes `warm_up` compiled at start-up and no request pays a compilation. The queue is
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import math
@@ -117,6 +119,7 @@ class Batcher:
         self._jobs: collections.deque[Job] = collections.deque()
         self._queued = 0  # texts in _jobs
         self._busy_s, self._done = 0.0, 0  # model seconds and texts so far (for Retry-After)
+        self._arriving = 0  # requests between being read and `submit`
         self._closed = False
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="cde-serve-batcher")
@@ -130,6 +133,20 @@ class Batcher:
             self._closed = True
             self._wake.notify()
         self._thread.join()
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Marks a request on its way to `submit` (being checked and tokenized): a batch
+        that is not full waits for such requests (at most `max_wait_s`), never for none, so
+        a lone request runs at once."""
+        with self._wake:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._arriving -= 1
+                self._wake.notify()
 
     def submit(self, context: Context, token_ids: Sequence[Sequence[int]]
                ) -> concurrent.futures.Future:
@@ -149,8 +166,9 @@ class Batcher:
         return max(1, math.ceil(self._queued * per_text))
 
     def _take(self) -> list[Job] | None:
-        """Everything queued, once the first job's batch is full or has waited
-        `max_wait_s`; None when closed and drained. Cancelled jobs are dropped."""
+        """Everything queued, once the first job's batch is full, no request is arriving,
+        or it has waited `max_wait_s`; None when closed and drained. Cancelled jobs are
+        dropped."""
         with self._wake:
             while not self._jobs and not self._closed:
                 self._wake.wait()
@@ -160,7 +178,7 @@ class Batcher:
             full = self.shapes.rows(self.shapes.plan.bucket_of(max(map(len, first.token_ids))),
                                     first.context)
             deadline = first.queued_at + self.max_wait_s
-            while (self._queued < full and not self._closed
+            while (self._queued < full and self._arriving and not self._closed
                    and (left := deadline - time.monotonic()) > 0):
                 self._wake.wait(left)
             jobs, self._jobs, self._queued = list(self._jobs), collections.deque(), 0

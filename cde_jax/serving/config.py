@@ -28,8 +28,8 @@ class ServeConfig:
         2048, help="texts waiting for the model at most: a request that does not fit gets 429 "
                    "with Retry-After, one with more inputs than this 413")
     max_wait_ms: float = setting(
-        5.0, help="how long a batch waits for more requests while it is not full (dynamic "
-                  "batching; the device runs as soon as a batch fills)")
+        5.0, help="how long a batch that is not full waits for requests already arriving "
+                  "(dynamic batching; a full batch, or a lone request, runs at once)")
 
     def __post_init__(self):
         parse_contexts(self.context)
