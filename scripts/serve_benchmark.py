@@ -9,8 +9,9 @@ batching over the device's bucket plan) and `--batch-size 1`. For each number of
 clients, each client sends `--requests` short queries (one text each, OpenAI route) one
 after the other; the servers take turns (A, B, A, B, ...) for `--rounds` rounds after one
 warm-up round, and every figure is the median of the rounds: requests/s, p50 and p99
-latency, mean texts per batch, and the device-idle fraction, 1 - (the batcher's model time,
-`cde_serve_batch_seconds_sum` from /metrics) / (wall time). The load generator (asyncio +
+latency, mean texts per batch, the batcher's model time per text
+(`cde_serve_batch_seconds_sum` from /metrics over the texts), and the device-idle fraction,
+1 - (that model time) / (wall time). The load generator (asyncio +
 httpx) runs on the same machine as the servers. Without --model a random-weight synthetic
 checkpoint of --preset is made, with random dataset embeddings.
 """
@@ -100,7 +101,8 @@ async def load(url: str, clients: int, requests: int) -> dict:
     return {"requests_per_s": len(latencies) / wall,
             "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
             "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
-            "texts_per_batch": texts / batches, "device_idle": 1 - busy / wall,
+            "texts_per_batch": texts / batches, "model_ms_per_text": 1e3 * busy / texts,
+            "device_idle": 1 - busy / wall,
             "compiles": after["cde_serve_xla_compiles_total"]
             - before["cde_serve_xla_compiles_total"]}
 

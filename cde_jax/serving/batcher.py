@@ -7,8 +7,9 @@ themselves; when the devices are idle, a batch that is not yet full waits at mos
 `max_wait_s` for requests already arriving (read, not yet queued), and not at all when
 none is. The texts taken together go through the runner's length buckets
 (`Context.encode_tokens` -> `StageRunner.run_buckets`) in full batches, and what does not
-fill one in the smallest of a few batch sizes (`_sizes`), so every batch has one of the
-shapes `warm_up` compiled at start-up and no request pays a compilation. The queue is
+fill one in the smallest of a few batch sizes (`BatchShapes.sizes`), so every batch has
+one of the shapes `BatchShapes.warm_up` compiled at start-up and no request pays a
+compilation. The queue is
 counted in texts: a request that does not fit is refused at once (`QueueFull`, HTTP 429),
 never parked. A request whose client goes away is cancelled; if it is still queued it is
 dropped without running.
