@@ -329,7 +329,8 @@ def test_every_option_has_help_and_every_command_an_example():
 
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"convert", "dataset-embeddings", "embed", "train", "eval"}
+    assert set(commands) == {"convert", "dataset-embeddings", "embed", "train", "eval",
+                             "serve"}
     for name, sub in commands.items():
         assert "example:\n  cde-jax " + name in sub.description, name
         for action in sub._actions:
@@ -358,7 +359,7 @@ def test_quiet_and_warnings_above_the_bar(cli, model_dir, texts, tmp_path):
                                   np.load(tmp_path / "b.npz")["embeddings"])
 
 
-@pytest.mark.parametrize("command", ["dataset-embeddings", "embed", "eval", "train"])
+@pytest.mark.parametrize("command", ["dataset-embeddings", "embed", "eval", "train", "serve"])
 def test_model_options_reach_the_model(command, monkeypatch, tmp_path, capsys):
     """--dtype and --attention, defined once (`runtime.add_model_args`), on every command
     that runs the model, validated by argparse and passed to `load` / training."""
@@ -374,6 +375,7 @@ def test_model_options_reach_the_model(command, monkeypatch, tmp_path, capsys):
         "eval": ["--dataset", tmp_path, "--out", tmp_path / "r.json"],
         "train": ["--data", src, "--out", tmp_path / "run", "--total-steps", "1",
                   "--batch-size", "2"],
+        "serve": ["--context", f"corpus={tmp_path / 'c.npz'}"],
     }[command]
     argv = [command, "--model", "m", *map(str, required)]
     parser = cli.build_parser()

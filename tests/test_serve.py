@@ -345,7 +345,7 @@ def test_no_request_compiles(server):
     """Every bucket was compiled at start-up: requests of every length, both contexts, both
     routes, texts and token ids compile nothing (the server counts XLA compilations)."""
     compiled = metrics(server)["cde_serve_xla_compiles_total"]
-    assert compiled >= 9  # the prefix; the buckets 16 and 32 at 1, 2, 4 and 7 rows
+    assert compiled >= 8  # the warm-up: the buckets 16 and 32 at 1, 2, 4 and 7 rows
     words = [" ".join(["w"] * n) for n in (1, 10, 20, 40)]
     for model in ("corpus", "other"):
         assert post(server, "/v1/embeddings", {"model": model, "input": words}).status_code == 200

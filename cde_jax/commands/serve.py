@@ -48,11 +48,11 @@ def run(args) -> int:
     # Cutting is a request's default here, not news: /metrics counts it instead of a warning
     # line per request.
     logging.getLogger("cde_jax.tokenization").setLevel(logging.ERROR)
-    metrics = Metrics()
-    metrics.watch_compiles()
     model = runtime.load_model(args)
     model.max_seq_length = cfg.max_seq_length
     contexts = {name: model.context(path) for name, path in cfg.contexts.items()}
+    metrics = Metrics()
+    metrics.watch_compiles()  # from here on: the warm-up's compilations, then none
     batcher = Batcher(model, metrics, max_queue=cfg.max_queue,
                       max_wait_s=cfg.max_wait_ms / 1000, batch_size=args.batch_size)
     batcher.shapes.warm_up(list(contexts.values()))
