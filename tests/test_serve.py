@@ -33,8 +33,7 @@ from cde_jax import cli
 from cde_jax.prompts import DOCUMENT, QUERY
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_SEQ_LENGTH, MAX_QUEUE = 32, 16
-LARGE = MAX_QUEUE  # texts of the request that keeps the device busy
+MAX_SEQ_LENGTH, MAX_QUEUE = 32, 96
 MAX_WAIT_MS = 1000  # long: a batch that waited for nothing would show
 QUERIES = ["what is a contextual document embedding?", "jax", "how do length buckets work "
            "when the texts of one batch have many different lengths in tokens?"]
@@ -100,7 +99,7 @@ def wait_until(check, *, what: str, seconds: float = 60):
         with contextlib.suppress(httpx.TransportError):
             if result := check():
                 return result
-        time.sleep(0.02)
+        time.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -245,8 +244,8 @@ BAD_REQUESTS = {
                                          "they are embedded as given, prompt included",
                                          "prompt_name")),
     "more than the queue": ({"model": "corpus", "input": ["a"] * (MAX_QUEUE + 1)},
-                            openai_error(413, "input has 17 items, more than the server "
-                                         "queues (--max-queue 16): split it", "input")),
+                            openai_error(413, "input has 97 items, more than the server "
+                                         "queues (--max-queue 96): split it", "input")),
 }
 
 
@@ -276,79 +275,69 @@ def test_the_openai_client_raises_what_openai_raises(server):
     assert error.value.code == "model_not_found" and error.value.param == "model"
 
 
-@contextlib.contextmanager
-def busy(server):
-    """The device busy with one large request (3 batches of the largest bucket, about a
-    second on this machine) while the body runs; the request's answer checked afterwards."""
-    with ThreadPoolExecutor(1) as pool:
-        large = pool.submit(post, server, "/v1/embeddings", {
-            "model": "other", "input": [f"{i} {LONG}" for i in range(LARGE)]})
-        wait_until(lambda: metrics(server)["cde_serve_running_texts"] == LARGE,
-                   what="the large request to run")
-        yield
-        answer = large.result()
-        assert answer.status_code == 200 and len(answer.json()["data"]) == LARGE
+def raw_post(server, body: dict) -> socket.socket:
+    """A request sent on a socket of our own, so that the test can hang up on it."""
+    host, port = server["url"].removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: %s\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (host.encode(), len(data), data))
+    return sock
 
 
-def test_requests_that_arrive_together_run_together(server, contexts):
+def test_while_the_device_is_busy(server, contexts):
+    """With the device busy on a large request: a client that hangs up while queued is
+    dropped without running; requests that arrive meanwhile run together once it is free;
+    a request that does not fit the queue gets 429 with Retry-After. Each step waits for
+    the queue to show the one before, so nothing depends on timing but the large request
+    (14 batches, about a second here) outlasting a few local round trips."""
+    queued = lambda: metrics(server)["cde_serve_queue_texts"]  # noqa: E731
     before = metrics(server)
-    with busy(server), ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda i: post(server, "/embed", {"inputs": QUERIES[i % 3]}),
-                                range(8)))
-    expected = contexts["corpus"].encode_query(QUERIES)
-    for i, answer in enumerate(answers):
-        assert max_rel_err(answer.json(), expected[i % 3:i % 3 + 1]) <= PARITY
-    after = metrics(server)
-    delta = {key: after[key] - before[key] for key in (
-        "cde_serve_batch_texts_count", "cde_serve_batch_texts_sum",
-        "cde_serve_batch_texts_bucket{le=1.0}")}
-    # the large request, then the 8 that queued while it ran, in as few batches as arrived
-    assert delta["cde_serve_batch_texts_sum"] == LARGE + 8
-    assert delta["cde_serve_batch_texts_count"] - delta["cde_serve_batch_texts_bucket{le=1.0}"] >= 2
-
-
-def test_a_full_queue_answers_429(server):
-    with busy(server), ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(10) as pool:
+        large = pool.submit(post, server, "/v1/embeddings", {
+            "model": "other", "input": [f"{i} {LONG}" for i in range(MAX_QUEUE)]})
+        wait_until(lambda: metrics(server)["cde_serve_running_texts"] == MAX_QUEUE,
+                   what="the large request to run")
+        with raw_post(server, {"model": "corpus", "input": ["never answered"] * 5}):
+            wait_until(lambda: queued() == 5, what="the request that hangs up to queue")
+        wait_until(lambda: metrics(server)["cde_serve_cancelled_requests_total"]
+                   == before["cde_serve_cancelled_requests_total"] + 1, what="the hang-up")
+        small = [pool.submit(post, server, "/embed", {"inputs": QUERIES[i % 3]})
+                 for i in range(8)]
+        wait_until(lambda: queued() == 5 + 8, what="8 requests to queue")
         filling = pool.submit(post, server, "/v1/embeddings",
-                              {"model": "corpus", "input": ["q"] * MAX_QUEUE})
-        wait_until(lambda: metrics(server)["cde_serve_queue_texts"] == MAX_QUEUE,
-                   what="the queue to fill")
+                              {"model": "corpus", "input": ["q"] * (MAX_QUEUE - 13)})
+        wait_until(lambda: queued() == MAX_QUEUE, what="the queue to fill")
         with pytest.raises(openai.RateLimitError) as error:
             client(server).embeddings.create(model="corpus", input="one more")
-        response = error.value.response
-        assert int(response.headers["Retry-After"]) >= 1
-        assert response.json()["error"]["type"] == "rate_limit_error"
-        assert response.json()["error"]["code"] == "queue_full"
-        assert filling.result().status_code == 200
-
-
-def test_a_client_that_goes_away_blocks_no_one(server, contexts):
-    before = metrics(server)
-    body = json.dumps({"model": "corpus", "input": ["never answered"] * 5}).encode()
-    host, port = server["url"].removeprefix("http://").split(":")
-    with busy(server):
-        with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: %s\r\nContent-Type: "
-                         b"application/json\r\nContent-Length: %d\r\n\r\n%s"
-                         % (host.encode(), len(body), body))
-            wait_until(lambda: metrics(server)["cde_serve_queue_texts"] == 5, what="queued")
-        wait_until(lambda: metrics(server)["cde_serve_cancelled_requests_total"]
-                   == before["cde_serve_cancelled_requests_total"] + 1, what="the cancel")
-    answer = post(server, "/v1/embeddings", {"model": "corpus", "input": QUERIES})
-    assert max_rel_err([d["embedding"] for d in answer.json()["data"]],
-                       contexts["corpus"].encode_query(QUERIES)) <= PARITY
-    ran = metrics(server)["cde_serve_batch_texts_sum"] - before["cde_serve_batch_texts_sum"]
-    assert ran == LARGE + len(QUERIES)  # the cancelled texts never ran
+        answers = [future.result() for future in (large, *small, filling)]
+    assert int(error.value.response.headers["Retry-After"]) >= 1
+    assert (error.value.type, error.value.code) == ("rate_limit_error", "queue_full")
+    assert [answer.status_code for answer in answers] == [200] * 10
+    expected = contexts["corpus"].encode_query(QUERIES)
+    for i, answer in enumerate(answers[1:9]):
+        assert max_rel_err(answer.json(), expected[i % 3:i % 3 + 1]) <= PARITY
+    ran = {key: metrics(server)[key] - before[key]
+           for key in ("cde_serve_batch_texts_count", "cde_serve_batch_texts_sum")}
+    # two batches: the large request, then the 8 and the filling one together; the 5 texts
+    # of the request that hung up never ran
+    assert ran == {"cde_serve_batch_texts_count": 2,
+                   "cde_serve_batch_texts_sum": MAX_QUEUE + 8 + MAX_QUEUE - 13}
 
 
 def test_no_request_compiles(server):
-    """Every bucket was compiled at start-up: requests of every length, both contexts, both
-    routes, texts and token ids compile nothing (the server counts XLA compilations)."""
+    """Every shape was compiled at start-up: requests of both buckets at every batch size,
+    both contexts, both routes, texts and token ids compile nothing (the server counts XLA
+    compilations)."""
     compiled = metrics(server)["cde_serve_xla_compiles_total"]
     assert compiled >= 8  # the warm-up: the buckets 16 and 32 at 1, 2, 4 and 7 rows
-    words = [" ".join(["w"] * n) for n in (1, 10, 20, 40)]
+    short, long = "w", " ".join(["w"] * 40)  # buckets 16 and 32 (cut)
+    for n in (1, 2, 3, 5, 9):  # batches of 1, 2, 4, 7, then 7 and 2
+        assert post(server, "/embed", {"inputs": [short] * n + [long] * n}).status_code == 200
     for model in ("corpus", "other"):
-        assert post(server, "/v1/embeddings", {"model": model, "input": words}).status_code == 200
+        assert post(server, "/v1/embeddings", {"model": model, "input": [short, long]}
+                    ).status_code == 200
         assert post(server, "/embed", {"inputs": [[1] * 20], "model": model}).status_code == 200
     assert metrics(server)["cde_serve_xla_compiles_total"] == compiled
 
