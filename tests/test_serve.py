@@ -137,6 +137,10 @@ def metrics(server) -> dict[str, float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
+def queued(server) -> float:
+    return metrics(server)["cde_serve_queue_texts"]
+
+
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
 
@@ -286,29 +290,35 @@ def raw_post(server, body: dict) -> socket.socket:
     return sock
 
 
+def run_large(pool: ThreadPoolExecutor, server):
+    """A request of MAX_QUEUE texts of the largest bucket (14 batches, about a second here),
+    running once this returns."""
+    large = pool.submit(post, server, "/v1/embeddings", {
+        "model": "other", "input": [f"{i} {LONG}" for i in range(MAX_QUEUE)]})
+    wait_until(lambda: metrics(server)["cde_serve_running_texts"] == MAX_QUEUE,
+               what="the large request to run")
+    return large
+
+
 def test_while_the_device_is_busy(server, contexts):
     """With the device busy on a large request: a client that hangs up while queued is
     dropped without running; requests that arrive meanwhile run together once it is free;
     a request that does not fit the queue gets 429 with Retry-After. Each step waits for
     the queue to show the one before, so nothing depends on timing but the large request
-    (14 batches, about a second here) outlasting a few local round trips."""
-    queued = lambda: metrics(server)["cde_serve_queue_texts"]  # noqa: E731
+    (`run_large`) outlasting a few local round trips."""
     before = metrics(server)
     with ThreadPoolExecutor(10) as pool:
-        large = pool.submit(post, server, "/v1/embeddings", {
-            "model": "other", "input": [f"{i} {LONG}" for i in range(MAX_QUEUE)]})
-        wait_until(lambda: metrics(server)["cde_serve_running_texts"] == MAX_QUEUE,
-                   what="the large request to run")
+        large = run_large(pool, server)
         with raw_post(server, {"model": "corpus", "input": ["never answered"] * 5}):
-            wait_until(lambda: queued() == 5, what="the request that hangs up to queue")
+            wait_until(lambda: queued(server) == 5, what="the request that hangs up to queue")
         wait_until(lambda: metrics(server)["cde_serve_cancelled_requests_total"]
                    == before["cde_serve_cancelled_requests_total"] + 1, what="the hang-up")
         small = [pool.submit(post, server, "/embed", {"inputs": QUERIES[i % 3]})
                  for i in range(8)]
-        wait_until(lambda: queued() == 5 + 8, what="8 requests to queue")
+        wait_until(lambda: queued(server) == 5 + 8, what="8 requests to queue")
         filling = pool.submit(post, server, "/v1/embeddings",
                               {"model": "corpus", "input": ["q"] * (MAX_QUEUE - 13)})
-        wait_until(lambda: queued() == MAX_QUEUE, what="the queue to fill")
+        wait_until(lambda: queued(server) == MAX_QUEUE, what="the queue to fill")
         with pytest.raises(openai.RateLimitError) as error:
             client(server).embeddings.create(model="corpus", input="one more")
         answers = [future.result() for future in (large, *small, filling)]
@@ -390,14 +400,16 @@ def test_readme_examples(server, contexts):
 
 
 def test_sigterm_answers_every_accepted_request_then_exits_0(server, contexts):
-    """Last: stops the server. Requests in flight when SIGTERM comes are all answered."""
+    """Last: stops the server. What runs and what is queued when SIGTERM comes is answered;
+    then the server exits 0 and accepts nothing more."""
     expected = contexts["corpus"].encode_query(QUERIES)
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(5) as pool:
+        large = run_large(pool, server)
         pending = [pool.submit(post, server, "/v1/embeddings",
                                {"model": "corpus", "input": QUERIES}) for _ in range(4)]
-        wait_until(lambda: metrics(server).get(
-            "cde_serve_requests_in_progress{route=/v1/embeddings}") == 4, what="4 requests")
+        wait_until(lambda: queued(server) == 4 * len(QUERIES), what="4 requests to queue")
         server["process"].send_signal(signal.SIGTERM)
+        assert large.result().status_code == 200
         for future in pending:
             answer = future.result()
             assert answer.status_code == 200
