@@ -33,7 +33,7 @@ from cde_jax import cli
 from cde_jax.prompts import DOCUMENT, QUERY
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_SEQ_LENGTH, MAX_QUEUE = 32, 96
+MAX_SEQ_LENGTH, MAX_QUEUE = 32, 64
 MAX_WAIT_MS = 1000  # long: a batch that waited for nothing would show
 QUERIES = ["what is a contextual document embedding?", "jax", "how do length buckets work "
            "when the texts of one batch have many different lengths in tokens?"]
@@ -248,8 +248,8 @@ BAD_REQUESTS = {
                                          "they are embedded as given, prompt included",
                                          "prompt_name")),
     "more than the queue": ({"model": "corpus", "input": ["a"] * (MAX_QUEUE + 1)},
-                            openai_error(413, "input has 97 items, more than the server "
-                                         "queues (--max-queue 96): split it", "input")),
+                            openai_error(413, "input has 65 items, more than the server "
+                                         "queues (--max-queue 64): split it", "input")),
 }
 
 
@@ -291,8 +291,8 @@ def raw_post(server, body: dict) -> socket.socket:
 
 
 def run_large(pool: ThreadPoolExecutor, server):
-    """A request of MAX_QUEUE texts of the largest bucket (14 batches, about a second here),
-    running once this returns."""
+    """A request of MAX_QUEUE texts of the largest bucket (10 batches, half a second on this
+    machine when idle), running once this returns."""
     large = pool.submit(post, server, "/v1/embeddings", {
         "model": "other", "input": [f"{i} {LONG}" for i in range(MAX_QUEUE)]})
     wait_until(lambda: metrics(server)["cde_serve_running_texts"] == MAX_QUEUE,
