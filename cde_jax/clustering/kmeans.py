@@ -96,8 +96,8 @@ def place_points(local_nd: np.ndarray, local_ids_n: np.ndarray, mesh, tile_rows:
     padded_nd[:len(local_nd)] = local_nd
     ids_n = np.full(rows, PAD_ID, np.int32)
     ids_n[:len(local_nd)] = local_ids_n
-    vectors, ids = sharding.batch_sharding(mesh), sharding.batch_sharding(mesh)
-    return Points(distributed.put_rows(padded_nd, vectors), distributed.put_rows(ids_n, ids),
+    rows = sharding.batch_sharding(mesh)
+    return Points(distributed.put_rows(padded_nd, rows), distributed.put_rows(ids_n, rows),
                   count, len(local_nd), tile)
 
 
