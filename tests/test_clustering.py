@@ -195,6 +195,29 @@ def test_eight_devices_and_two_processes_match_one(vectors, eight_devices, two_p
         assert other == one
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"k": 2001}, "k 2001 is more than the 2000 pairs"),
+    ({"batch_size": 2001}, "2000 pairs do not fill one batch of 2001"),
+    ({"id_field": None}, "q.npy: no vector with id 1"),  # the files' ids are strings
+    ({"model": "m"}, "give --model, or both"),
+    ({"document_embeddings": None}, "give --model, or both"),
+    ({"k": 10, "cluster_size": 10}, "k or cluster_size, not both"),
+])
+def test_bad_settings_are_one_line_and_write_nothing(vectors, tmp_path, change, message):
+    settings = dict(data=str(vectors / "train.jsonl"), out=str(tmp_path / "out.jsonl"),
+                    batch_size=50, id_field="pid", query_embeddings=str(vectors / "q.npy"),
+                    document_embeddings=str(vectors / "d.parquet"))
+    with pytest.raises(ValueError, match=message):
+        cluster(ClusterConfig(**{**settings, **change}))
+    assert not any(tmp_path.iterdir())
+
+
+def test_packed_batches_must_match_the_batch_size():
+    examples = [data.Example(f"q{i}", f"d{i}", (), None, i + 1, i // 3) for i in range(6)]
+    with pytest.raises(ValueError, match="batch 0 has 3 lines .* not the batch size 4"):
+        TrainData(examples, BatchConfig(batch_size=4, corpus_size=4, packed_batches=True), 0)
+
+
 # --- the filter and the loss --------------------------------------------------------------
 def test_filter_masks_planted_duplicates_and_nothing_else():
     """4 queries, one hard negative each; basis vectors except where planted: queries 1

@@ -20,13 +20,18 @@ from .. import distributed
 from ..ops import l2_normalize
 from ..validation import UserError
 
+GRAM_ROWS = 1 << 16  # rows per float32 product added into the float64 Gram matrix
+
 
 def svd_basis(queries_nd: np.ndarray, documents_nd: np.ndarray, dims: int) -> np.ndarray:
     """(d, j) orthonormal columns: the top right singular vectors of every process's rows
     of [queries; documents], each column's sign fixed (largest entry positive) so that every
     process, and every run, gets the same basis."""
-    gram_dd = queries_nd.T.astype(np.float64) @ queries_nd + documents_nd.T.astype(
-        np.float64) @ documents_nd
+    gram_dd = np.zeros((queries_nd.shape[1],) * 2)
+    for rows_nd in (queries_nd, documents_nd):
+        for start in range(0, len(rows_nd), GRAM_ROWS):
+            part_nd = rows_nd[start:start + GRAM_ROWS]
+            gram_dd += part_nd.T @ part_nd
     values_d, vectors_dd = np.linalg.eigh(distributed.sum_all(gram_dd))
     basis_dj = vectors_dd[:, np.argsort(values_d)[::-1][:dims]]
     signs_j = np.sign(basis_dj[np.abs(basis_dj).argmax(axis=0), np.arange(basis_dj.shape[1])])
