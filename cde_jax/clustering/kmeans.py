@@ -52,8 +52,9 @@ class KMeansConfig:
     nredo: int = setting(3, help="runs from different initial centroids; the one with the "
                                  "highest objective is kept")
     init: str = setting("random", choices=INITS,
-                        help="initial centroids: k random points (as faiss), or k-means++ "
-                             "(better starts, one pass over the points per centroid)")
+                        help="initial centroids: k random points (as faiss), or greedy "
+                             "k-means++ (as scikit-learn: better starts, one pass over the "
+                             "points per centroid)")
     tile_rows: int = setting(4096, help="points per device scored against all centroids at "
                                         "once (memory: tile_rows x k float32)")
 
