@@ -24,7 +24,7 @@ from . import __version__
 from .validation import UserError
 
 # modules of cde_jax.commands
-COMMANDS = ("convert", "dataset_embeddings", "embed", "train", "eval", "serve")
+COMMANDS = ("convert", "dataset_embeddings", "embed", "cluster", "train", "eval", "serve")
 QUIET_LOGGERS = ("absl", "orbax")
 
 

@@ -329,8 +329,8 @@ def test_every_option_has_help_and_every_command_an_example():
 
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"convert", "dataset-embeddings", "embed", "train", "eval",
-                             "serve"}
+    assert set(commands) == {"convert", "dataset-embeddings", "embed", "cluster", "train",
+                             "eval", "serve"}
     for name, sub in commands.items():
         assert "example:\n  cde-jax " + name in sub.description, name
         for action in sub._actions:

@@ -93,6 +93,22 @@ def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return _id_array(ids), np.load(path)
 
 
+def embeddings_by_id(path: str | Path, want_ids: list) -> np.ndarray:
+    """The rows of a finished output with these ids, in their order: (len(want_ids), d)
+    float32. A repeated id in the file, or a wanted id it lacks, is an error naming it."""
+    file_ids, values_nd = read_embeddings(path)
+    row_of: dict = {}
+    for row, record_id in enumerate(file_ids.tolist()):
+        if row_of.setdefault(record_id, row) != row:
+            raise UserError(f"{path}: id {record_id!r} repeats (rows {row_of[record_id] + 1} "
+                            f"and {row + 1})")
+    missing = next((i for i in want_ids if i not in row_of), None)
+    if missing is not None:
+        raise UserError(f"{path}: no vector with id {missing!r}")
+    rows = np.array([row_of[i] for i in want_ids], np.int64)
+    return values_nd.reshape(len(values_nd), -1)[rows].astype(np.float32)
+
+
 def output_format(path: str | Path) -> str:
     """".npy", ".parquet" or ".zarr", from the path's suffix."""
     suffix = Path(str(path).rstrip("/")).suffix.lower()

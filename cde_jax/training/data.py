@@ -1,8 +1,9 @@
 """Training data: JSONL rows -> fixed-shape contrastive batches whose minicorpus is their own
 documents.
 
-A line is `{"query": str, "positive": str, "negatives": [str, ...], "cluster": str | int}`
-(the last two optional; other keys are ignored). Queries get "search_query: ", documents
+A line is `{"query": str, "positive": str, "negatives": [str, ...], "cluster": str | int,
+"batch": int | null}` (all but the first two optional; other keys are ignored; `cde-jax
+cluster` writes "cluster" and "batch"). Queries get "search_query: ", documents
 "search_document: ".
 
 A batch of q examples holds q queries and c = q * (1 + K) documents: the q positives, then
@@ -18,7 +19,14 @@ prefix; pass `corpus_size` to change the config's `transductive_corpus_size` ins
 
 Order: each epoch shuffles the examples (`default_rng([seed, epoch])`); with
 `group_by_cluster`, full batches are cut inside each cluster and the leftovers of all
-clusters are pooled into mixed batches. Incomplete batches are dropped (fixed shapes). The
+clusters are pooled into mixed batches; with `packed_batches`, the batches are the lines'
+"batch" values (each must hold exactly `batch_size` lines; lines with null are left out),
+visited in a new random order each epoch as upstream shuffles its packed batches.
+Incomplete batches are dropped (fixed shapes).
+
+False negatives: with a filter (`filtering.FalseNegativeFilter`), each batch carries the
+(query, document) pairs the filter counts as positives (`false_negative_qc`), which the loss
+adds to the positives. The
 data position is one integer, the number of batches consumed, so a run restarts exactly.
 
 Shapes are suffixed with the package's dimension key (cde_jax/__init__.py).
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,6 +55,7 @@ class Example(NamedTuple):
     negatives: tuple[str, ...]
     cluster: str | int | None
     line: int  # in the source file, for error messages
+    batch: int | None = None  # a packed batch (`cde-jax cluster`)
 
 
 def _text(value, what: str) -> str:
@@ -66,9 +76,12 @@ def parse_example(row: dict, line: int = 0) -> Example:
     cluster = row.get("cluster")
     if cluster is not None and (isinstance(cluster, bool) or not isinstance(cluster, (str, int))):
         raise UserError(f"'cluster' is {type(cluster).__name__}, not a string or integer")
+    batch = row.get("batch")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int)):
+        raise UserError(f"'batch' is {type(batch).__name__}, not an integer or null")
     return Example(_text(row["query"], "'query'"), _text(row["positive"], "'positive'"),
                    tuple(_text(n, f"'negatives'[{i}]") for i, n in enumerate(negatives)),
-                   cluster, line)
+                   cluster, line, batch)
 
 
 def read_examples(path: str | Path) -> list[Example]:
@@ -97,6 +110,9 @@ class BatchConfig:
         False, help="repeat a batch's documents up to the corpus size")
     group_by_cluster: bool = setting(
         False, help="draw each batch from one `cluster` value where possible")
+    packed_batches: bool = setting(
+        False, help="train on the lines' `batch` values (from `cde-jax cluster`), each "
+                    "batch whole; their order shuffled each epoch")
     query_length: int = setting(64, help="query tokens, [CLS]/[SEP] included (longer: cut)")
     document_length: int = setting(256, help="document tokens, [CLS]/[SEP] included")
 
@@ -108,6 +124,8 @@ class BatchConfig:
             int_in_range(self.negatives, "negatives", 0)
         if self.corpus_size is not None:
             int_in_range(self.corpus_size, "corpus_size")
+        if self.group_by_cluster and self.packed_batches:
+            raise UserError("group_by_cluster and packed_batches exclude each other")
 
 
 class TextBatch(NamedTuple):
@@ -116,13 +134,15 @@ class TextBatch(NamedTuple):
     query_label: np.ndarray  # (q,) int32: identity of each query's positive document
     doc_label: np.ndarray    # (c,) int32: identity of each document (equal text, equal id)
     corpus: np.ndarray       # (m,) indices into `documents`: the minicorpus
+    false_negative_qc: np.ndarray  # (q, c) bool: negatives the filter counts as positives
 
 
 class TrainData:
     """Deterministic batches of a list of examples: `batch(position)` is a pure function of
-    (examples, config, seed, position)."""
+    (examples, config, seed, position) and the filter."""
 
-    def __init__(self, examples: list[Example], cfg: BatchConfig, seed: int):
+    def __init__(self, examples: list[Example], cfg: BatchConfig, seed: int,
+                 false_negatives: Callable | None = None):
         counts = [len(e.negatives) for e in examples]
         if cfg.negatives is None:
             cfg = dataclasses.replace(cfg, negatives=min(counts))
@@ -137,6 +157,8 @@ class TrainData:
             raise UserError(f"line {short.line}: {len(short.negatives)} negatives, fewer than "
                             f"the {cfg.negatives} asked for")
         self.examples, self.cfg, self.seed = examples, cfg, seed
+        self.false_negatives = false_negatives
+        self._packed = _packed_batches(examples, cfg.batch_size) if cfg.packed_batches else None
         self.batches_per_epoch = len(self._epoch_order(0))
         if self.batches_per_epoch == 0:
             raise UserError(f"{len(examples)} examples do not fill one batch of "
@@ -156,6 +178,8 @@ class TrainData:
     def _epoch_order(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         b = self.cfg.batch_size
+        if self._packed is not None:
+            return [self._packed[i] for i in rng.permutation(len(self._packed))]
         if not self.cfg.group_by_cluster:
             order = rng.permutation(len(self.examples))
             return list(order[:len(order) // b * b].reshape(-1, b))
@@ -191,9 +215,32 @@ class TrainData:
             corpus = np.concatenate([np.arange(c), rng.choice(c, n - c)])
         else:
             corpus = np.arange(c)
+        q = len(rows)
+        if self.false_negatives is None:
+            false_negative_qc = np.zeros((q, c), bool)
+        else:
+            false_negative_qc = self.false_negatives(
+                [e.query for e in rows], documents, k,
+                doc_label[:q, None] == doc_label[None, :])
         return TextBatch([prompts.QUERY + e.query for e in rows],
-                         [prompts.DOCUMENT + d for d in documents], doc_label[:len(rows)],
-                         doc_label, corpus)
+                         [prompts.DOCUMENT + d for d in documents], doc_label[:q],
+                         doc_label, corpus, false_negative_qc)
+
+
+def _packed_batches(examples: list[Example], batch_size: int) -> list[np.ndarray]:
+    """The lines' batches, by `batch` value; each must hold exactly `batch_size` lines."""
+    members: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        if e.batch is not None:
+            members.setdefault(e.batch, []).append(i)
+    if not members:
+        raise UserError("no line has a 'batch' value: make the file with `cde-jax cluster`")
+    for batch, rows in sorted(members.items()):
+        if len(rows) != batch_size:
+            raise UserError(f"batch {batch} has {len(rows)} lines (line "
+                            f"{examples[rows[0]].line} ...), not the batch size {batch_size}: "
+                            "cluster with the same --batch-size")
+    return [np.asarray(rows) for _, rows in sorted(members.items())]
 
 
 class BatchTokenizer:
@@ -211,7 +258,8 @@ class BatchTokenizer:
         d_ids, d_mask = self.documents(batch.documents, self.cfg.document_length)
         return {"query_ids": q_ids, "query_mask": q_mask, "doc_ids": d_ids, "doc_mask": d_mask,
                 "corpus_ids": d_ids[batch.corpus], "corpus_mask": d_mask[batch.corpus],
-                "query_label": batch.query_label, "doc_label": batch.doc_label}
+                "query_label": batch.query_label, "doc_label": batch.doc_label,
+                "false_negative_qc": batch.false_negative_qc}
 
     @property
     def truncated(self) -> tuple[int, int]:

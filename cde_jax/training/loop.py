@@ -1,6 +1,7 @@
 """`train(cfg)`: the fine-tuning run behind `cde-jax train`.
 
-OUT holds `train_config.json` (the resolved settings), `metrics.jsonl` (one line per step),
+OUT holds `train_config.json` (the resolved settings), `metrics.jsonl` (one line per step:
+loss, accuracy, gradient norm, the pairs false-negative filtering counted as positives),
 `checkpoints/` (orbax, every `checkpoint_every` steps and at the end) and, once the last
 step is done, `model/` (the released layout). One run at a time writes OUT (`outputs.claim`).
 Everything the run reads is validated before OUT is touched; an existing OUT is only reused
@@ -37,10 +38,12 @@ from .. import convert, distributed, loading, outputs, sharding
 from ..config import DTYPES, ModernBertConfig, setting
 from ..loading import read_checkpoint
 from ..outputs import atomic_file
+from ..text_api import load
 from ..tokenization import TextTokenizer, load_tokenizer
 from ..validation import UserError, int_in_range
 from . import data as data_lib
 from .checkpoint import Checkpoints, TrainState, checkpoint_steps, export_released
+from .filtering import FalseNegativeFilter, FilterConfig, build_filter
 from .step import StepConfig, init_opt_state, learning_rate, make_optimizer, make_train_step
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class TrainConfig:
     out: str = setting(help="output dir (must be new unless resuming)")
     batch: data_lib.BatchConfig = setting(help="how batches are made")
     step: StepConfig = setting(help="the optimizer step")
+    filter: FilterConfig = setting(FilterConfig(), help="false-negative filtering")
     accum_steps: int = setting(1, help="contrastive batches whose gradients are averaged per "
                                        "step")
     seed: int = setting(0, help="data order, negatives, minicorpus and the model's random keys")
@@ -155,7 +159,8 @@ def _quiet_truncation():
         logger.setLevel(level)
 
 
-def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples, mesh
+def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples, mesh,
+            false_negatives: FalseNegativeFilter | None = None
             ) -> tuple[TrainConfig, data_lib.TrainData, ModernBertConfig]:
     """Fills the settings that default to the checkpoint's config, the data or the machine
     (the dtype and kernel it runs, recorded so that a resume elsewhere that would compute
@@ -171,7 +176,7 @@ def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples, mesh
     if step.sequence_dropout > 0 and not ckpt.has_null_embedding:
         raise UserError("sequence dropout needs `sequence_dropout_null_embedding`, which this "
                         "checkpoint lacks (set the dropout to 0)")
-    data = data_lib.TrainData(examples, batch, cfg.seed)
+    data = data_lib.TrainData(examples, batch, cfg.seed, false_negatives)
     if step.grad_cache_rows is not None:
         for what, rows in (("batch size", batch.batch_size), ("documents per batch",
                            data.documents_per_batch), ("minicorpus rows", data.corpus_rows)):
@@ -276,7 +281,8 @@ def _train(cfg: TrainConfig, *, resume: bool, show_progress: bool | None) -> Tra
     if ckpt.tokenizer_dir is None:
         raise UserError(f"{cfg.model} has no tokenizer files (tokenizer.json)")
     mesh = sharding.make_mesh(cfg.model_parallel)
-    cfg, data, backbone = resolve(cfg, ckpt, examples, mesh)
+    false_negatives = build_filter(cfg.filter, examples, lambda path: load(path, mesh=mesh))
+    cfg, data, backbone = resolve(cfg, ckpt, examples, mesh, false_negatives)
     ckpt.cde = ckpt.cde.replace(transductive_corpus_size=cfg.batch.corpus_size)
     out = Path(cfg.out)
     distributed.all_succeed(lambda: _prepare_out(out, cfg, resume), "checking --out")

@@ -144,7 +144,7 @@ def batch_loss(stages: Stages, params, batch, key, logit_scale: float):
                                dataset_md)
     docs_cd = stages.second(params, batch["doc_ids"], batch["doc_mask"], doc_keys, dataset_md)
     return contrastive_loss(queries_qd, docs_cd, batch["query_label"], batch["doc_label"],
-                            logit_scale)
+                            logit_scale, batch["false_negative_qc"])
 
 
 def _to_blocks(x_r, rows: int):
@@ -181,7 +181,8 @@ def cached_loss_and_grad(stages: Stages, params, batch, key, logit_scale: float,
 
     (loss, accuracy), (g_queries_qd, g_docs_cd) = jax.value_and_grad(
         contrastive_loss, argnums=(0, 1), has_aux=True)(
-        embed(query_in), embed(doc_in), batch["query_label"], batch["doc_label"], logit_scale)
+        embed(query_in), embed(doc_in), batch["query_label"], batch["doc_label"], logit_scale,
+        batch["false_negative_qc"])
 
     def second_backward(carry, xs):
         *rows, cotangent = xs
@@ -223,7 +224,9 @@ def loss_and_grad(stages: Stages, params, batches, key, logit_scale: float):
 def make_train_step(graphdef: nnx.GraphDef, cfg: StepConfig, optimizer, params, opt_state, *,
                     logit_scale: float, mesh) -> Callable:
     """`step(params, opt_state, batches, key, index) -> (params, opt_state, metrics)`, jitted
-    with parameters and optimizer state keeping the layout they come in with (donated)."""
+    with parameters and optimizer state keeping the layout they come in with (donated).
+    Metrics: loss, accuracy, gradient norm and `false_negatives`, the in-batch pairs that
+    false-negative filtering counted as positives (summed over the micro-batches)."""
     stages = Stages(graphdef, cfg)
     mask = trainable(cfg, params)
     state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
@@ -233,7 +236,8 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: StepConfig, optimizer, params, 
                                                 jax.random.fold_in(key, index), logit_scale)
         grad_norm = optax.global_norm(jax.tree.map(lambda g, t: g if t else None, grads, mask))
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm}
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
+                   "false_negatives": batches["false_negative_qc"].sum()}
         return optax.apply_updates(params, updates), opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1),

@@ -1,0 +1,277 @@
+"""Spherical k-means in JAX, sharded over the mesh's data axis (every device of every process).
+
+Points are unit vectors; a point belongs to the centroid of highest cosine similarity and a
+centroid is the normalized sum of its points: Lloyd iterations on the sphere, as faiss's
+`Kmeans(spherical=True)` runs them. Each device holds a slice of the points and assigns it
+tile by tile (`tile_rows` points against all k centroids: the memory of one tile x k scores,
+never n x k); the per-cluster sums and counts of its slice (segment sums) are added up over
+the mesh with `psum`, which spans processes, so every device ends each iteration with the
+same centroids.
+
+The same clusters on 1 or 8 devices, 1 or 2 processes: every random choice is keyed by a
+point's global id, never by its place in a slice, and ties go to the lowest cluster; only
+float summation order differs (which can flip a point that is exactly between two
+centroids).
+
+An empty cluster is refilled as faiss does: a populated cluster, chosen with probability
+proportional to its size minus one, is split in two, its centroid copied and both copies
+nudged apart by +-1/1024 per coordinate.
+
+Shapes are suffixed with the package's dimension key (cde_jax/__init__.py): n points, d their
+width, k clusters, r a device's slice, b a tile, l k-means++ candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from .. import distributed, sharding
+from ..config import setting
+from ..ops import l2_normalize
+from ..validation import UserError, int_in_range
+
+INITS = ("random", "kmeans++")
+PAD_ID = np.iinfo(np.int32).max  # the id of padding rows: after every real id
+SPLIT_EPS = 1.0 / 1024
+HIGHEST = jax.lax.Precision.HIGHEST
+ROWS, ROW_VECTORS, WHOLE = P(sharding.DATA), P(sharding.DATA, None), P()
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeansConfig:
+    iterations: int = setting(100, help="Lloyd iterations per run, at most (a run stops "
+                                        "when no point moves)")
+    nredo: int = setting(3, help="runs from different initial centroids; the one with the "
+                                 "highest objective is kept")
+    init: str = setting("random", choices=INITS,
+                        help="initial centroids: k random points (as faiss), or greedy "
+                             "k-means++ (as scikit-learn: better starts, one pass over the "
+                             "points per centroid)")
+    tile_rows: int = setting(4096, help="points per device scored against all centroids at "
+                                        "once (memory: tile_rows x k float32)")
+
+    def __post_init__(self):
+        for name in ("iterations", "nredo", "tile_rows"):
+            int_in_range(getattr(self, name), name)
+        if self.init not in INITS:
+            raise UserError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+
+
+class Points(NamedTuple):
+    """Unit vectors on the mesh: each process's rows first in its block, then zero padding
+    (id `PAD_ID`), the block split over its devices."""
+
+    points_nd: jax.Array  # (N, d) float32, rows split over "data"
+    ids_n: jax.Array      # (N,) int32: global ids, ascending within every device's slice
+    count: int            # real points over all processes: their ids are 0..count-1
+    local: int            # this process's real points
+    tile: int             # rows of a tile
+
+
+class KMeansResult(NamedTuple):
+    centroids_kd: np.ndarray  # float32 unit rows
+    cluster_n: np.ndarray     # int32: this process's points' clusters, in the order given
+    objective: float          # mean cosine similarity of the points to their centroids
+    history: list[dict]       # per iteration: run, iteration, objective, moved, empty
+
+
+def place_points(local_nd: np.ndarray, local_ids_n: np.ndarray, mesh, tile_rows: int
+                 ) -> Points:
+    """This process's points (ascending global ids; all processes' ids together are
+    0..count-1) laid out on the mesh in tiles of at most `tile_rows` rows per device."""
+    local_nd = np.asarray(local_nd, np.float32)
+    count = int(distributed.sum_all(np.asarray(len(local_nd))))
+    devices = len(mesh.local_devices)
+    per_device = -(-int(distributed.max_all(np.asarray(len(local_nd)))) // devices)
+    tile = max(1, min(tile_rows, per_device))
+    rows = -(-per_device // tile) * tile * devices
+    padded_nd = np.zeros((rows, local_nd.shape[1]), np.float32)
+    padded_nd[:len(local_nd)] = local_nd
+    ids_n = np.full(rows, PAD_ID, np.int32)
+    ids_n[:len(local_nd)] = local_ids_n
+    rows = sharding.batch_sharding(mesh)
+    return Points(distributed.put_rows(padded_nd, rows), distributed.put_rows(ids_n, rows),
+                  count, len(local_nd), tile)
+
+
+# --- on one device's slice (inside shard_map) ----------------------------------------------
+def _assign(points_rd, ids_r, centroids_kd, tile: int):
+    """Each point's best centroid, and the mesh's per-cluster sums, counts and similarity
+    total, tile by tile."""
+    k, d = centroids_kd.shape
+    clusters_k = jnp.arange(k, dtype=jnp.int32)
+
+    def one(carry, xs):
+        sums_kd, counts_k, total = carry
+        x_bd, valid_b = xs
+        sims_bk = jnp.matmul(x_bd, centroids_kd.T, precision=HIGHEST)
+        best_sim_b = sims_bk.max(axis=1)
+        # argmax's answer (the lowest of equal maxima) from two plain reductions: XLA:CPU
+        # runs argmax's paired reduction at half the speed of the matmul itself.
+        best_b = jnp.where(sims_bk == best_sim_b[:, None], clusters_k, k).min(axis=1)
+        weight_b = valid_b.astype(jnp.float32)
+        return (sums_kd.at[best_b].add(x_bd * weight_b[:, None]),
+                counts_k.at[best_b].add(weight_b), total + (best_sim_b * weight_b).sum()), best_b
+
+    zeros = jax.lax.pcast((jnp.zeros((k, d), jnp.float32), jnp.zeros(k, jnp.float32),
+                           jnp.zeros(())), (sharding.DATA,), to="varying")
+    tiles = (points_rd.reshape(-1, tile, d), (ids_r != PAD_ID).reshape(-1, tile))
+    carry, best = jax.lax.scan(one, zeros, tiles)
+    return (best.reshape(-1), *jax.lax.psum(carry, sharding.DATA))
+
+
+def _rows_by_id(points_rd, ids_r, want_k):
+    """The points with these global ids, from whichever slices hold them."""
+    at_k = jnp.clip(jnp.searchsorted(ids_r, want_k), 0, ids_r.shape[0] - 1)
+    found_k = ids_r[at_k] == want_k
+    return jax.lax.psum(jnp.where(found_k[:, None], points_rd[at_k], 0.0), sharding.DATA)
+
+
+def _gather(x_l, devices: int):
+    """Every device's x_l, concatenated in device order, the same on all of them (a psum
+    of each device's slot, which shard_map knows to be replicated, unlike all_gather)."""
+    slots = jnp.zeros((devices,) + x_l.shape, x_l.dtype)
+    return jax.lax.psum(slots.at[jax.lax.axis_index(sharding.DATA)].set(x_l),
+                        sharding.DATA).reshape(-1)
+
+
+def _kmeans_plus_plus(points_rd, ids_r, key, k: int, devices: int):
+    """Greedy k-means++ on the sphere (scikit-learn's default): each next centroid is the
+    best, by the resulting sum of distances, of 2 + ln k candidates drawn without
+    replacement with probability proportional to 1 - (similarity to the nearest centroid
+    so far), i.e. to the squared distance: the Gumbel top-k trick, one key per point id."""
+    valid_r = ids_r != PAD_ID
+    trials = min(2 + int(np.log(k)), ids_r.shape[0])
+
+    def draw(j, weight_r):
+        gumbel_r = jax.vmap(lambda i: jax.random.gumbel(
+            jax.random.fold_in(jax.random.fold_in(key, j), i)))(ids_r)
+        score_r = jnp.where(valid_r & (weight_r > 0), jnp.log(weight_r) + gumbel_r, -jnp.inf)
+        top_l, at_l = jax.lax.top_k(score_r, trials)
+        scores, ids = (_gather(x, devices) for x in
+                       (top_l, jnp.where(top_l > -jnp.inf, ids_r[at_l], PAD_ID)))
+        _, chosen_l = jax.lax.sort((-scores, ids), num_keys=2)  # ties: the lower id
+        return chosen_l[:trials]
+
+    def add(j, state, chosen_l):
+        centroids_kd, best_sim_r = state
+        candidates_ld = _rows_by_id(points_rd, ids_r, chosen_l)
+        sims_rl = jnp.maximum(best_sim_r[:, None],
+                              jnp.matmul(points_rd, candidates_ld.T, precision=HIGHEST))
+        spread_l = jax.lax.psum(jnp.where(valid_r[:, None], 1.0 - sims_rl, 0.0).sum(axis=0),
+                                sharding.DATA)
+        pick = jnp.argmin(jnp.where(chosen_l == PAD_ID, jnp.inf, spread_l))
+        return centroids_kd.at[j].set(candidates_ld[pick]), sims_rl[:, pick]
+
+    def next_centroid(j, state):
+        return add(j, state, draw(j, jnp.maximum(1.0 - state[1], 0.0)))
+
+    start = (jnp.zeros((k, points_rd.shape[1]), jnp.float32),
+             jax.lax.pcast(jnp.full(ids_r.shape, -jnp.inf), (sharding.DATA,), to="varying"))
+    first = add(0, start, draw(0, jnp.ones(ids_r.shape, jnp.float32))[:1])
+    return jax.lax.fori_loop(1, k, next_centroid, first)[0]
+
+
+# --- replicated: the centroid update -------------------------------------------------------
+def _split_empty(centroids_kd, counts_k, key):
+    """Refills each empty cluster by splitting a populated one (module docstring)."""
+    nudge_d = jnp.where(jnp.arange(centroids_kd.shape[1]) % 2 == 0, SPLIT_EPS, -SPLIT_EPS)
+
+    def refill(j, state):
+        centroids_kd, counts_k = state
+        spare_k = jnp.maximum(counts_k - 1, 0)
+
+        def split(state):
+            centroids_kd, counts_k = state
+            source = jax.random.categorical(jax.random.fold_in(key, j), jnp.log(spare_k))
+            base_d = centroids_kd[source]
+            half = jnp.floor(counts_k[source] / 2)
+            return (centroids_kd.at[j].set(base_d * (1 + nudge_d))
+                    .at[source].set(base_d * (1 - nudge_d)),
+                    counts_k.at[j].set(half).at[source].add(-half))
+
+        return jax.lax.cond((counts_k[j] == 0) & (spare_k.sum() > 0), split, lambda s: s,
+                            state)
+
+    centroids_kd, _ = jax.lax.cond(
+        (counts_k == 0).any(),
+        lambda: jax.lax.fori_loop(0, counts_k.shape[0], refill, (centroids_kd, counts_k)),
+        lambda: (centroids_kd, counts_k))
+    return l2_normalize(centroids_kd)
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(mesh, tile: int) -> tuple[Callable, Callable, Callable]:
+    """(assign, iterate, init) compiled for one mesh and tile size."""
+    def local_step(points_rd, ids_r, centroids_kd, previous_r):
+        best_r, sums_kd, counts_k, total = _assign(points_rd, ids_r, centroids_kd, tile)
+        moved = jax.lax.psum(((best_r != previous_r) & (ids_r != PAD_ID)).sum(), sharding.DATA)
+        return best_r, sums_kd, counts_k, total, moved
+
+    step = jax.shard_map(local_step, mesh=mesh,
+                         in_specs=(ROW_VECTORS, ROWS, WHOLE, ROWS),
+                         out_specs=(ROWS, WHOLE, WHOLE, WHOLE, WHOLE))
+
+    def iterate(points_nd, ids_n, centroids_kd, previous_n, key):
+        best_n, sums_kd, counts_k, total, moved = step(points_nd, ids_n, centroids_kd,
+                                                          previous_n)
+        return (_split_empty(l2_normalize(sums_kd), counts_k, key), best_n, total, moved,
+                (counts_k == 0).sum())
+
+    def init(points_nd, ids_n, key, k: int, count: int, method: str):
+        if method == "kmeans++":
+            local = functools.partial(_kmeans_plus_plus, key=key, k=k,
+                                      devices=sharding.data_shards(mesh))
+            return jax.shard_map(local, mesh=mesh, in_specs=(ROW_VECTORS, ROWS),
+                                 out_specs=WHOLE)(points_nd, ids_n)
+        want_k = jax.random.choice(key, count, (k,), replace=False).astype(jnp.int32)
+        return jax.shard_map(_rows_by_id, mesh=mesh, in_specs=(ROW_VECTORS, ROWS, WHOLE),
+                             out_specs=WHOLE)(points_nd, ids_n, want_k)
+
+    return (jax.jit(step), jax.jit(iterate),
+            jax.jit(init, static_argnames=("k", "count", "method")))
+
+
+def spherical_kmeans(points: Points, k: int, cfg: KMeansConfig, *, seed: int, mesh,
+                     progress: Callable[[dict], object] | None = None) -> KMeansResult:
+    """`cfg.nredo` runs of at most `cfg.iterations` iterations from `cfg.init` centroids
+    (keys from `seed`); the run whose final centroids have the highest objective wins.
+    Every process calls it with its own `Points`; each gets its own points' clusters.
+    `progress(entry)` is called after each iteration with its `history` entry."""
+    int_in_range(k, "k", 1, points.count)
+    assign, iterate, init = _programs(mesh, points.tile)
+    rows = sharding.batch_sharding(mesh)
+    history, best = [], None
+    for run in range(cfg.nredo):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), run)
+        centroids_kd = init(points.points_nd, points.ids_n, jax.random.fold_in(key, 0), k=k,
+                            count=points.count, method=cfg.init)
+        previous_n = jnp.full_like(points.ids_n, -1)
+        for iteration in range(cfg.iterations):
+            centroids_kd, previous_n, total, moved, empty = iterate(
+                points.points_nd, points.ids_n, centroids_kd, previous_n,
+                jax.random.fold_in(key, iteration + 1))
+            entry = {"run": run, "iteration": iteration,
+                     "objective": float(total) / points.count, "moved": int(moved),
+                     "empty": int(empty)}
+            history.append(entry)
+            if progress is not None:
+                progress(entry)
+            if entry["moved"] == 0:
+                break
+        cluster_n, _, _, total, _ = assign(points.points_nd, points.ids_n, centroids_kd,
+                                              previous_n)
+        if best is None or float(total) > best[0]:
+            best = (float(total), centroids_kd, cluster_n)
+    total, centroids_kd, cluster_n = best
+    local_n = distributed.get_rows(cluster_n, mesh, rows)[:points.local]
+    return KMeansResult(np.asarray(centroids_kd.addressable_data(0)), local_n,
+                        total / points.count, history)
