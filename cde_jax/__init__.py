@@ -16,7 +16,7 @@ Dimension key: array names end in their shape, one letter per axis, the same eve
   p prefix positions    m dataset-embedding rows     d hidden
   h heads               e head_dim                   f MLP intermediate
   q queries             c documents of a batch       n corpus rows (search), points
-  k top-k results, k-means clusters                  r rows of a block or tile
+  k top-k results       u k-means clusters           r rows of a block or tile
   g gradient-cache blocks                            a micro-batches
   j reduced width (SVD) l candidates (k-means++)
 """

@@ -206,7 +206,7 @@ def _cluster(cfg, load_model, overwrite, show_progress) -> ClusterResult:
         result = spherical_kmeans(points, k, cfg.kmeans, seed=cfg.seed, mesh=mesh,
                                   progress=progress)
     cluster_n = distributed.gather_rows(result.cluster_n[:len(share)], pairs)  # [q; d] points
-    packing = pack_batches(cluster_n, result.centroids_kd, cfg.batch_size, cfg.seed)
+    packing = pack_batches(cluster_n, result.centroids_ud, cfg.batch_size, cfg.seed)
     if distributed.is_main():
         _write(cfg, packing)
     unbatched = int((packing.batch_n == NO_BATCH).sum())

@@ -77,7 +77,7 @@ class Points(NamedTuple):
 
 
 class KMeansResult(NamedTuple):
-    centroids_kd: np.ndarray  # float32 unit rows
+    centroids_ud: np.ndarray  # float32 unit rows
     cluster_n: np.ndarray     # int32: this process's points' clusters, in the order given
     objective: float          # mean cosine similarity of the points to their centroids
     history: list[dict]       # per iteration: run, iteration, objective, moved, empty
@@ -103,23 +103,23 @@ def place_points(local_nd: np.ndarray, local_ids_n: np.ndarray, mesh, tile_rows:
 
 
 # --- on one device's slice (inside shard_map) ----------------------------------------------
-def _assign(points_rd, ids_r, centroids_kd, tile: int):
+def _assign(points_rd, ids_r, centroids_ud, tile: int):
     """Each point's best centroid, and the mesh's per-cluster sums, counts and similarity
     total, tile by tile."""
-    k, d = centroids_kd.shape
-    clusters_k = jnp.arange(k, dtype=jnp.int32)
+    k, d = centroids_ud.shape
+    clusters_u = jnp.arange(k, dtype=jnp.int32)
 
     def one(carry, xs):
-        sums_kd, counts_k, total = carry
+        sums_ud, counts_u, total = carry
         x_bd, valid_b = xs
-        sims_bk = jnp.matmul(x_bd, centroids_kd.T, precision=HIGHEST)
-        best_sim_b = sims_bk.max(axis=1)
+        sims_bu = jnp.matmul(x_bd, centroids_ud.T, precision=HIGHEST)
+        best_sim_b = sims_bu.max(axis=1)
         # argmax's answer (the lowest of equal maxima) from two plain reductions: XLA:CPU
         # runs argmax's paired reduction at half the speed of the matmul itself.
-        best_b = jnp.where(sims_bk == best_sim_b[:, None], clusters_k, k).min(axis=1)
+        best_b = jnp.where(sims_bu == best_sim_b[:, None], clusters_u, k).min(axis=1)
         weight_b = valid_b.astype(jnp.float32)
-        return (sums_kd.at[best_b].add(x_bd * weight_b[:, None]),
-                counts_k.at[best_b].add(weight_b), total + (best_sim_b * weight_b).sum()), best_b
+        return (sums_ud.at[best_b].add(x_bd * weight_b[:, None]),
+                counts_u.at[best_b].add(weight_b), total + (best_sim_b * weight_b).sum()), best_b
 
     zeros = jax.lax.pcast((jnp.zeros((k, d), jnp.float32), jnp.zeros(k, jnp.float32),
                            jnp.zeros(())), (sharding.DATA,), to="varying")
@@ -128,11 +128,11 @@ def _assign(points_rd, ids_r, centroids_kd, tile: int):
     return (best.reshape(-1), *jax.lax.psum(carry, sharding.DATA))
 
 
-def _rows_by_id(points_rd, ids_r, want_k):
+def _rows_by_id(points_rd, ids_r, want_u):
     """The points with these global ids, from whichever slices hold them."""
-    at_k = jnp.clip(jnp.searchsorted(ids_r, want_k), 0, ids_r.shape[0] - 1)
-    found_k = ids_r[at_k] == want_k
-    return jax.lax.psum(jnp.where(found_k[:, None], points_rd[at_k], 0.0), sharding.DATA)
+    at_u = jnp.clip(jnp.searchsorted(ids_r, want_u), 0, ids_r.shape[0] - 1)
+    found_u = ids_r[at_u] == want_u
+    return jax.lax.psum(jnp.where(found_u[:, None], points_rd[at_u], 0.0), sharding.DATA)
 
 
 def _gather(x_l, devices: int):
@@ -162,14 +162,14 @@ def _kmeans_plus_plus(points_rd, ids_r, key, k: int, devices: int):
         return chosen_l[:trials]
 
     def add(j, state, chosen_l):
-        centroids_kd, best_sim_r = state
+        centroids_ud, best_sim_r = state
         candidates_ld = _rows_by_id(points_rd, ids_r, chosen_l)
         sims_rl = jnp.maximum(best_sim_r[:, None],
                               jnp.matmul(points_rd, candidates_ld.T, precision=HIGHEST))
         spread_l = jax.lax.psum(jnp.where(valid_r[:, None], 1.0 - sims_rl, 0.0).sum(axis=0),
                                 sharding.DATA)
         pick = jnp.argmin(jnp.where(chosen_l == PAD_ID, jnp.inf, spread_l))
-        return centroids_kd.at[j].set(candidates_ld[pick]), sims_rl[:, pick]
+        return centroids_ud.at[j].set(candidates_ld[pick]), sims_rl[:, pick]
 
     def next_centroid(j, state):
         return add(j, state, draw(j, jnp.maximum(1.0 - state[1], 0.0)))
@@ -181,50 +181,50 @@ def _kmeans_plus_plus(points_rd, ids_r, key, k: int, devices: int):
 
 
 # --- replicated: the centroid update -------------------------------------------------------
-def _split_empty(centroids_kd, counts_k, key):
+def _split_empty(centroids_ud, counts_u, key):
     """Refills each empty cluster by splitting a populated one (module docstring)."""
-    nudge_d = jnp.where(jnp.arange(centroids_kd.shape[1]) % 2 == 0, SPLIT_EPS, -SPLIT_EPS)
+    nudge_d = jnp.where(jnp.arange(centroids_ud.shape[1]) % 2 == 0, SPLIT_EPS, -SPLIT_EPS)
 
     def refill(j, state):
-        centroids_kd, counts_k = state
-        spare_k = jnp.maximum(counts_k - 1, 0)
+        centroids_ud, counts_u = state
+        spare_u = jnp.maximum(counts_u - 1, 0)
 
         def split(state):
-            centroids_kd, counts_k = state
-            source = jax.random.categorical(jax.random.fold_in(key, j), jnp.log(spare_k))
-            base_d = centroids_kd[source]
-            half = jnp.floor(counts_k[source] / 2)
-            return (centroids_kd.at[j].set(base_d * (1 + nudge_d))
+            centroids_ud, counts_u = state
+            source = jax.random.categorical(jax.random.fold_in(key, j), jnp.log(spare_u))
+            base_d = centroids_ud[source]
+            half = jnp.floor(counts_u[source] / 2)
+            return (centroids_ud.at[j].set(base_d * (1 + nudge_d))
                     .at[source].set(base_d * (1 - nudge_d)),
-                    counts_k.at[j].set(half).at[source].add(-half))
+                    counts_u.at[j].set(half).at[source].add(-half))
 
-        return jax.lax.cond((counts_k[j] == 0) & (spare_k.sum() > 0), split, lambda s: s,
+        return jax.lax.cond((counts_u[j] == 0) & (spare_u.sum() > 0), split, lambda s: s,
                             state)
 
-    centroids_kd, _ = jax.lax.cond(
-        (counts_k == 0).any(),
-        lambda: jax.lax.fori_loop(0, counts_k.shape[0], refill, (centroids_kd, counts_k)),
-        lambda: (centroids_kd, counts_k))
-    return l2_normalize(centroids_kd)
+    centroids_ud, _ = jax.lax.cond(
+        (counts_u == 0).any(),
+        lambda: jax.lax.fori_loop(0, counts_u.shape[0], refill, (centroids_ud, counts_u)),
+        lambda: (centroids_ud, counts_u))
+    return l2_normalize(centroids_ud)
 
 
 @functools.lru_cache(maxsize=8)
 def _programs(mesh, tile: int) -> tuple[Callable, Callable, Callable]:
     """(assign, iterate, init) compiled for one mesh and tile size."""
-    def local_step(points_rd, ids_r, centroids_kd, previous_r):
-        best_r, sums_kd, counts_k, total = _assign(points_rd, ids_r, centroids_kd, tile)
+    def local_step(points_rd, ids_r, centroids_ud, previous_r):
+        best_r, sums_ud, counts_u, total = _assign(points_rd, ids_r, centroids_ud, tile)
         moved = jax.lax.psum(((best_r != previous_r) & (ids_r != PAD_ID)).sum(), sharding.DATA)
-        return best_r, sums_kd, counts_k, total, moved
+        return best_r, sums_ud, counts_u, total, moved
 
     step = jax.shard_map(local_step, mesh=mesh,
                          in_specs=(ROW_VECTORS, ROWS, WHOLE, ROWS),
                          out_specs=(ROWS, WHOLE, WHOLE, WHOLE, WHOLE))
 
-    def iterate(points_nd, ids_n, centroids_kd, previous_n, key):
-        best_n, sums_kd, counts_k, total, moved = step(points_nd, ids_n, centroids_kd,
+    def iterate(points_nd, ids_n, centroids_ud, previous_n, key):
+        best_n, sums_ud, counts_u, total, moved = step(points_nd, ids_n, centroids_ud,
                                                           previous_n)
-        return (_split_empty(l2_normalize(sums_kd), counts_k, key), best_n, total, moved,
-                (counts_k == 0).sum())
+        return (_split_empty(l2_normalize(sums_ud), counts_u, key), best_n, total, moved,
+                (counts_u == 0).sum())
 
     def init(points_nd, ids_n, key, k: int, count: int, method: str):
         if method == "kmeans++":
@@ -232,9 +232,9 @@ def _programs(mesh, tile: int) -> tuple[Callable, Callable, Callable]:
                                       devices=sharding.data_shards(mesh))
             return jax.shard_map(local, mesh=mesh, in_specs=(ROW_VECTORS, ROWS),
                                  out_specs=WHOLE)(points_nd, ids_n)
-        want_k = jax.random.choice(key, count, (k,), replace=False).astype(jnp.int32)
+        want_u = jax.random.choice(key, count, (k,), replace=False).astype(jnp.int32)
         return jax.shard_map(_rows_by_id, mesh=mesh, in_specs=(ROW_VECTORS, ROWS, WHOLE),
-                             out_specs=WHOLE)(points_nd, ids_n, want_k)
+                             out_specs=WHOLE)(points_nd, ids_n, want_u)
 
     return (jax.jit(step), jax.jit(iterate),
             jax.jit(init, static_argnames=("k", "count", "method")))
@@ -252,12 +252,12 @@ def spherical_kmeans(points: Points, k: int, cfg: KMeansConfig, *, seed: int, me
     history, best = [], None
     for run in range(cfg.nredo):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), run)
-        centroids_kd = init(points.points_nd, points.ids_n, jax.random.fold_in(key, 0), k=k,
+        centroids_ud = init(points.points_nd, points.ids_n, jax.random.fold_in(key, 0), k=k,
                             count=points.count, method=cfg.init)
         previous_n = jnp.full_like(points.ids_n, -1)
         for iteration in range(cfg.iterations):
-            centroids_kd, previous_n, total, moved, empty = iterate(
-                points.points_nd, points.ids_n, centroids_kd, previous_n,
+            centroids_ud, previous_n, total, moved, empty = iterate(
+                points.points_nd, points.ids_n, centroids_ud, previous_n,
                 jax.random.fold_in(key, iteration + 1))
             entry = {"run": run, "iteration": iteration,
                      "objective": float(total) / points.count, "moved": int(moved),
@@ -267,11 +267,11 @@ def spherical_kmeans(points: Points, k: int, cfg: KMeansConfig, *, seed: int, me
                 progress(entry)
             if entry["moved"] == 0:
                 break
-        cluster_n, _, _, total, _ = assign(points.points_nd, points.ids_n, centroids_kd,
+        cluster_n, _, _, total, _ = assign(points.points_nd, points.ids_n, centroids_ud,
                                               previous_n)
         if best is None or float(total) > best[0]:
-            best = (float(total), centroids_kd, cluster_n)
-    total, centroids_kd, cluster_n = best
+            best = (float(total), centroids_ud, cluster_n)
+    total, centroids_ud, cluster_n = best
     local_n = distributed.get_rows(cluster_n, mesh, rows)[:points.local]
-    return KMeansResult(np.asarray(centroids_kd.addressable_data(0)), local_n,
+    return KMeansResult(np.asarray(centroids_ud.addressable_data(0)), local_n,
                         total / points.count, history)

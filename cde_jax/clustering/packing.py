@@ -30,42 +30,42 @@ class Packing(NamedTuple):
 
 
 @jax.jit
-def _tour(centroids_kd, start):
+def _tour(centroids_ud, start):
     """The greedy tour from `start`: (k,) cluster indices. Ties go to the lower index."""
-    k = centroids_kd.shape[0]
+    k = centroids_ud.shape[0]
 
     def step(i, state):
-        order_k, visited_k, current = state
-        sims_k = jnp.where(visited_k, -jnp.inf, centroids_kd @ centroids_kd[current])
-        following = jnp.argmax(sims_k)
-        return order_k.at[i].set(following), visited_k.at[following].set(True), following
+        order_u, visited_u, current = state
+        sims_u = jnp.where(visited_u, -jnp.inf, centroids_ud @ centroids_ud[current])
+        following = jnp.argmax(sims_u)
+        return order_u.at[i].set(following), visited_u.at[following].set(True), following
 
-    order_k = jnp.zeros(k, jnp.int32).at[0].set(start)
-    visited_k = jnp.zeros(k, bool).at[start].set(True)
-    return jax.lax.fori_loop(1, k, step, (order_k, visited_k, start))[0]
+    order_u = jnp.zeros(k, jnp.int32).at[0].set(start)
+    visited_u = jnp.zeros(k, bool).at[start].set(True)
+    return jax.lax.fori_loop(1, k, step, (order_u, visited_u, start))[0]
 
 
-def greedy_tour(centroids_kd: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Every row of `centroids_kd` once, from a random one, each next the most similar
+def greedy_tour(centroids_ud: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Every row of `centroids_ud` once, from a random one, each next the most similar
     (largest inner product) of those not yet visited."""
-    start = jnp.int32(rng.integers(len(centroids_kd)))
-    return np.asarray(_tour(jnp.asarray(centroids_kd, jnp.float32), start))
+    start = jnp.int32(rng.integers(len(centroids_ud)))
+    return np.asarray(_tour(jnp.asarray(centroids_ud, jnp.float32), start))
 
 
-def pack_batches(cluster_n: np.ndarray, centroids_kd: np.ndarray, batch_size: int,
+def pack_batches(cluster_n: np.ndarray, centroids_ud: np.ndarray, batch_size: int,
                  seed: int) -> Packing:
     """Batches along the tour of the clusters that have examples (module docstring);
     deterministic in `seed`."""
     rng = np.random.default_rng(seed)
     cluster_n = np.asarray(cluster_n, np.int64)
-    used_k = np.unique(cluster_n)
-    tour = used_k[greedy_tour(centroids_kd[used_k], rng)]
-    rank_k = np.zeros(len(centroids_kd), np.int64)
-    rank_k[tour] = np.arange(len(tour))
-    by_cluster = np.argsort(rank_k[cluster_n], kind="stable")
-    bounds = np.cumsum(np.bincount(rank_k[cluster_n], minlength=len(tour)))[:-1]
+    used_u = np.unique(cluster_n)
+    tour = used_u[greedy_tour(centroids_ud[used_u], rng)]
+    rank_u = np.zeros(len(centroids_ud), np.int64)
+    rank_u[tour] = np.arange(len(tour))
+    by_cluster = np.argsort(rank_u[cluster_n], kind="stable")
+    bounds = np.cumsum(np.bincount(rank_u[cluster_n], minlength=len(tour)))[:-1]
     sequence = np.concatenate([rng.permutation(m) for m in np.split(by_cluster, bounds)])
     full = len(sequence) // batch_size * batch_size
     batch_n = np.full(len(cluster_n), NO_BATCH, np.int64)
     batch_n[sequence[:full]] = np.arange(full) // batch_size
-    return Packing(rank_k[cluster_n], batch_n, len(tour))
+    return Packing(rank_u[cluster_n], batch_n, len(tour))
