@@ -8,12 +8,13 @@ float32's top 10, without and with rescoring, and the bytes of one stored row.
 Two synthetic BEIR sets from random_docs.txt, built as tests/test_evaluation.py builds its
 fixture (query i is the last sentence of document i, judged relevant to it alone): that
 fixture (24 documents under 200 characters, 8 queries) and a larger one (--docs documents of
-two sentences or more, the first --queries of them queried). The model is --model (a
-converted or released checkpoint) or, by default, the tests' random-weight tiny checkpoint
-(64 dimensions): its numbers show what each precision loses relative to float32 at that
-width, not the real model's retrieval quality. Embeddings are computed once per set
-(`evaluation.retrieval.embed_dataset_split`) and searched as `cde-jax eval --precision`
-searches them (`search_embedded`); bytes per row are those of the stored values.
+two sentences or more under 1,000 characters, the first --queries of them queried). The
+model is --model (a converted or released checkpoint) or, by default, the tests'
+random-weight tiny checkpoint (64 dimensions): its numbers show what each precision loses
+relative to float32 at that width, not the real model's retrieval quality. Embeddings are
+computed once per set (`evaluation.retrieval.embed_dataset_split`) and searched as
+`cde-jax eval --precision` searches them (`search_embedded`); bytes per row are those of the
+stored values.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         model = cde_jax.load(path)
         lines = fallback_minicorpus()
         sets = {"fixture": synthetic_beir(lines, 24, 8, 200),
-                "larger": synthetic_beir(lines, args.docs, args.queries, 10 ** 9)}
+                "larger": synthetic_beir(lines, args.docs, args.queries, 1000)}
         results = {}
         for name, dataset in sets.items():
             start = time.perf_counter()
