@@ -51,8 +51,8 @@ class Quantization:
     the (2, width) float32 calibration ranges ([low; high] per dimension, the `ranges`
     argument of sentence-transformers' `quantize_embeddings`)."""
 
-    precision: str = "float32"
-    width: int = 0
+    precision: str
+    width: int
     ranges: np.ndarray | None = None
 
     def __post_init__(self):

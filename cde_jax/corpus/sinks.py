@@ -78,7 +78,7 @@ def open_sink(path: str | Path, *, rows: int, width: int, chunk_rows: int, key: 
         raise OutputError(f"{path}: only .zarr outputs may be remote (gs://, s3://)")
     sink = {".zarr": ZarrSink, ".parquet": ParquetSink, ".npy": NpySink}[kind]
     return sink(str(path), rows=rows, width=width, chunk_rows=chunk_rows, key=key,
-                id_kind=id_kind, quantization=quantization or Quantization(width=width))
+                id_kind=id_kind, quantization=quantization or Quantization("float32", width))
 
 
 def read_embeddings(path: str | Path) -> Embeddings:
@@ -196,7 +196,7 @@ def _stored_as(quantization: Quantization) -> dict:
 
 def _quantization(record: dict | None, width: int) -> Quantization:
     """A run's stored quantization record (None: float32 of this width) read back."""
-    return Quantization(width=width) if record is None else Quantization.from_record(record)
+    return Quantization("float32", width) if record is None else Quantization.from_record(record)
 
 
 def _refuse(path: str) -> OutputError:

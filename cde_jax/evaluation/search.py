@@ -166,8 +166,8 @@ def quantized_top_k(queries_qd, stored_nd: np.ndarray, quantization: Quantizatio
         local_qk = np.where(mine_qk[block], rows_qk[block] - first_row, 0)
         docs_qkd = (quantization.dequantize(stored_nd[local_qk]) if rescore_nd is None
                     else np.asarray(rescore_nd[local_qk], np.float32))
-        scores = np.einsum("qd,qkd->qk", queries_qd[block], docs_qkd)
-        rescored_qk[block] = np.where(mine_qk[block], scores, -np.inf)
+        scores_qk = np.einsum("qd,qkd->qk", queries_qd[block], docs_qkd)
+        rescored_qk[block] = np.where(mine_qk[block], scores_qk, -np.inf)
     rescored_qk = distributed.max_all(rescored_qk)  # each row's score from the process holding it
     order_qk = np.lexsort((rows_qk, -rescored_qk))[:, :k]
     return (np.take_along_axis(rescored_qk, order_qk, axis=1),
