@@ -112,7 +112,8 @@ class Quantization:
         return np.asarray(stored, np.float32)
 
     def scores(self, queries_qd: np.ndarray, stored: np.ndarray) -> np.ndarray:
-        """(q, n) quantized scores of float32 queries (quantized here) against stored rows."""
+        """(q, n) quantized scores of float32 queries (quantized here) against stored rows,
+        on the host (`evaluation.search.quantized_top_k` keeps the best on the devices)."""
         return self.code_vectors(self.apply(queries_qd)) @ self.code_vectors(stored).T
 
     def record(self) -> dict:

@@ -151,7 +151,8 @@ def quantized_top_k(queries_qd, stored_nd: np.ndarray, quantization: Quantizatio
     their dequantized rows (as sentence-transformers' rescoring does) or, when given, their
     float32 rows `rescore_nd` (a compact index searched, full embeddings kept beside it),
     and the best k of those kept. Processes pass their own rows as for `exact_top_k` (`kw`:
-    its options); each rescores the candidates it holds."""
+    its options); each rescores the candidates it holds. The code vectors are float32 rows
+    in host memory, as large as the float32 corpus."""
     depth = candidates(k, quantization.precision, rescore_multiplier)
     queries_qd = validation.embedding_rows(queries_qd, "queries")
     scores_qk, rows_qk = exact_top_k(
