@@ -2,8 +2,9 @@
 `quantize_embeddings` itself, dequantization and quantized scores against independent numpy,
 every sink round-tripping every precision with its metadata, calibration ranges kept by a
 resumed run, and the quantized search (with rescoring) against a numpy reference. The
-commands are checked in test_cli.py (embed, killed and resumed) and test_evaluation.py
-(eval's nDCG@10 per precision)."""
+commands are checked in test_cli.py (an int8 embed killed and resumed), test_corpus.py (an
+int8 embed on 3 processes, an int8 eval with rescoring on 2) and test_evaluation.py (eval's
+nDCG@10 per precision)."""
 
 from __future__ import annotations
 
