@@ -351,7 +351,7 @@ def test_cli_eval_errors_leave_nothing(synthetic, random_docs, tmp_path, capsys)
 @pytest.fixture(scope="module")
 def larger_beir(tmp_path_factory, random_docs):
     """Every random_docs document the fixture's rule admits (59), each queried: (its dir, the
-    dataset, (first row, document embeddings, query embeddings))."""
+    dataset)."""
     root = tmp_path_factory.mktemp("beir59") / "beir"
     write_beir(root, random_docs, n_docs=59, n_queries=59)
     return root, load_beir(root)
@@ -359,6 +359,7 @@ def larger_beir(tmp_path_factory, random_docs):
 
 @pytest.fixture(scope="module")
 def larger_embedded(model, larger_beir):
+    """(first row, document embeddings, query embeddings), as `rank_corpus` makes them."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 59 documents for a minicorpus of 512: oversampled
         return embed_dataset_split(model, larger_beir[1], batch_size=BATCH,
@@ -367,9 +368,9 @@ def larger_embedded(model, larger_beir):
 
 def quantized_ndcg(model, dataset, embedded, **kw) -> float:
     first_row, docs_nd, queries_qd = embedded
-    scores, rows = search_embedded(queries_qd, docs_nd, 10, first_row=first_row,
-                                   mesh=model.mesh, **kw)
-    run = run_dict(dataset.query_ids, dataset.doc_ids, scores, rows)
+    scores_qk, rows_qk = search_embedded(queries_qd, docs_nd, 10, first_row=first_row,
+                                         mesh=model.mesh, **kw)
+    run = run_dict(dataset.query_ids, dataset.doc_ids, scores_qk, rows_qk)
     return ranking_metrics(dataset.qrels, run, [10])["ndcg@10"]
 
 
