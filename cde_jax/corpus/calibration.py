@@ -48,11 +48,12 @@ def calibrate(out: str, *, key: str, width: int, precision: str, rows: int,
     """How a corpus job of `rows` rows stores its values in `out`: the ranges an unfinished
     run with this key recorded there, or those of the sample, embedded now
     (`embed_rows(indices)`, every process with its share)."""
-    run = sinks.unfinished_run(out) or {}
-    recorded = run.get("quantization") if run.get("key") == key else None
-    if precision in RANGED and int(distributed.sum_all(np.asarray(recorded is not None))) \
-            == distributed.process_count():
-        ranges = Quantization.from_record(recorded).ranges
-        return Quantization(precision, width, agreed_ranges(ranges, width))
+    if precision in RANGED:
+        run = sinks.unfinished_run(out) or {}
+        recorded = run.get("quantization") if run.get("key") == key else None
+        found = int(distributed.sum_all(np.asarray(recorded is not None)))
+        if found == distributed.process_count():  # every process takes the same branch
+            ranges = Quantization.from_record(recorded).ranges
+            return Quantization(precision, width, agreed_ranges(ranges, width))
     return calibrated(precision, width, rows, lambda sample: embed_rows(
         sample[distributed.process_share(len(sample))]))
