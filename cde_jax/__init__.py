@@ -6,10 +6,10 @@ compiled on the mesh, batches in and rows out) on `model` / `encoder` (the two s
 ModernBERT encoder), with `attention` (the kernel registry), `sharding` (the rules table),
 `buckets` (length buckets), `minicorpus` (sampling, dataset-embeddings files), `prompts`,
 `validation`; `distributed` (the only module that talks across processes), `outputs` (the
-lifecycle of every output), `corpus` (chunked sources, resumable sinks, the multi-process
-corpus job); `convert` (the key map and checkpoint formats), `hub` (hub ids converted once
-into a cache, `save_pretrained`, `push_to_hub`), `training`, `evaluation`, `serving` (the
-embedding server), `commands` (the CLI).
+lifecycle of every output), `quantize` (compact outputs), `corpus` (chunked sources,
+resumable sinks, the multi-process corpus job); `convert` (the key map and checkpoint
+formats), `hub` (hub ids converted once into a cache, `save_pretrained`, `push_to_hub`),
+`training`, `evaluation`, `serving` (the embedding server), `commands` (the CLI).
 
 Dimension key: array names end in their shape, one letter per axis, the same everywhere:
   b batch rows          s sequence (key) positions   t query positions

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,11 +174,15 @@ def test_embed_parquet(cli, model_dir, texts, ctx_npz, documents_ref, tmp_path):
 
 
 def test_kill_9_then_resume_is_byte_identical(cli, model_dir, ctx_npz, embedded_txt, tmp_path):
+    """An int8 run, killed with SIGKILL and run again, writes what an uninterrupted run
+    writes: the uninterrupted float32 run's rows (the same chunks, batches and programs)
+    quantized with the ranges its calibration sample gave, here all 64 texts' [min, max]
+    (embedded in other batches: float32 noise), recorded by the killed run."""
     src, uninterrupted, _ = embedded_txt
     out = tmp_path / "emb.npy"
     journal, partial = tmp_path / "emb.npy.journal", tmp_path / "emb.npy.partial"
     args = ("embed", "--model", model_dir, "--input", src, "--role", "document",
-            "--dataset-embeddings", ctx_npz, "--out", out, *CHUNK)
+            "--dataset-embeddings", ctx_npz, "--out", out, "--precision", "int8", *CHUNK)
     with open(tmp_path / "log", "w") as log:
         proc = cli(*args, popen=True, stdout=log, stderr=log)
         deadline = time.monotonic() + 300
@@ -194,8 +199,14 @@ def test_kill_9_then_resume_is_byte_identical(cli, model_dir, ctx_npz, embedded_
     done = cli(*args)
     assert done.returncode == 0, done.stderr
     assert f"resuming {out}: {finished}/{n_chunks} chunks already done" in done.stderr
-    assert out.read_bytes() == uninterrupted.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.ids.jsonl", "log"]
+    got, rows = cde_jax.read_embeddings(out), np.load(uninterrupted)
+    assert (got.quantization.precision, got.quantization.width) == ("int8", 64)
+    assert max_rel_err(got.quantization.ranges, np.stack([rows.min(0), rows.max(0)])) <= 1e-6
+    np.save(tmp_path / "want.npy", got.quantization.apply(rows))
+    assert out.read_bytes() == (tmp_path / "want.npy").read_bytes()
+    assert Path(f"{out}.ids.jsonl").read_bytes() == Path(f"{uninterrupted}.ids.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "emb.npy", "emb.npy.ids.jsonl", "emb.npy.quantization.json", "log", "want.npy"]
 
 
 @early

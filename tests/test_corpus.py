@@ -122,11 +122,13 @@ def single(corpus, tmp):
 @early
 def many(corpus, tmp):
     """{(processes, format): output}: 2 processes into one .zarr (also the uninterrupted run
-    that a killed one must equal), 3 into one .parquet."""
+    that a killed one must equal), 3 into one int8 .parquet (each process embeds its share of
+    the calibration sample)."""
     outs = {(2, "zarr"): tmp / "2" / "many.zarr", (3, "parquet"): tmp / "3" / "many.parquet"}
-    for (n, _), out in outs.items():
+    for (n, fmt), out in outs.items():
         out.parent.mkdir()
-        ok(run_processes(n, *embed_args(corpus, out)))
+        precision = ("--precision", "int8") if fmt == "parquet" else ()
+        ok(run_processes(n, *embed_args(corpus, out), *precision))
     return outs
 
 
@@ -134,11 +136,19 @@ def many(corpus, tmp):
 def test_processes_write_one_output_with_ids(single, many, n, fmt):
     out = many[n, fmt]
     want_ids, want = cde_jax.read_embeddings(single)
-    ids, got = cde_jax.read_embeddings(out)
+    ids, got = stored = cde_jax.read_embeddings(out)
     assert list(ids) == [f"doc-{i}" for i in range(60)] == list(want_ids)
-    err = max_rel_err(got, want)
-    print(f"1 vs {n} processes ({fmt}): max rel err {err:.2e}")
-    assert err <= 1e-6
+    if fmt == "parquet":  # int8: ranges from all 60 rows, levels within float32 noise
+        q = stored.quantization
+        assert max_rel_err(q.ranges, np.stack([want.min(0), want.max(0)])) <= 1e-6
+        levels = np.abs(got.astype(int) - q.apply(want))
+        assert q.precision == "int8" and levels.max() <= 1 and (levels == 0).mean() >= 0.99
+        got = q.dequantize(got)  # within half a step
+        assert np.abs(got - want).max() <= ((q.ranges[1] - q.ranges[0]) / 255).max() * 0.51
+    else:
+        err = max_rel_err(got, want)
+        print(f"1 vs {n} processes ({fmt}): max rel err {err:.2e}")
+        assert err <= 1e-6
     assert sorted(os.listdir(out.parent)) == [f"many.{fmt}"]  # no parts, locks or temp files
 
 
@@ -156,7 +166,7 @@ def seven_rows(corpus, tmp):
 def test_seven_rows_on_three_processes(single, seven_rows):
     ids, three = cde_jax.read_embeddings(seven_rows)
     assert list(ids) == [f"doc-{i}" for i in range(7)]
-    assert max_rel_err(three, cde_jax.read_embeddings(single)[1][:7]) <= 1e-6
+    assert max_rel_err(three, cde_jax.read_embeddings(single).values[:7]) <= 1e-6
 
 
 def committed(out) -> int:
@@ -210,13 +220,14 @@ def test_kill_9_then_restart_resumes(single, many, killed_and_restarted, first, 
         assert output_bytes(out) == output_bytes(many[2, "zarr"])
     ids, got = cde_jax.read_embeddings(out)
     assert list(ids) == [f"doc-{i}" for i in range(60)]
-    assert max_rel_err(got, cde_jax.read_embeddings(single)[1]) <= 1e-6
+    assert max_rel_err(got, cde_jax.read_embeddings(single).values) <= 1e-6
 
 
 @early
 def two_process_commands(corpus, random_docs, tmp):
-    """`dataset-embeddings` (seed 3) and `eval` (on a BEIR dir) on two processes: (their
-    output files, the BEIR dir)."""
+    """`dataset-embeddings` (seed 3) and `eval` (on a BEIR dir, the corpus int8, the best 20
+    rescored: each process rescores its own documents) on two processes: (their output
+    files, the BEIR dir)."""
     from test_evaluation import write_beir
 
     model_dir, _, path = corpus
@@ -224,7 +235,8 @@ def two_process_commands(corpus, random_docs, tmp):
                "--out", tmp / "ds2.npz", "--batch-size", 8))
     write_beir(tmp / "beir", random_docs)
     ok(run_processes(2, "eval", "--model", model_dir, "--dataset", tmp / "beir", "--out",
-               tmp / "r2.json", "--k", "1,5", "--batch-size", 8))
+               tmp / "r2.json", "--k", "1,5", "--batch-size", 8, "--precision", "int8",
+               "--rescore-multiplier", 2))
     return tmp / "ds2.npz", tmp / "r2.json", tmp / "beir"
 
 
@@ -244,8 +256,11 @@ def test_dataset_embeddings_and_eval_on_two_processes(corpus, two_process_comman
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         one = evaluate_retrieval(model, load_beir(beir), [1, 5], batch_size=8,
-                                 show_progress_bar=False)
-    two = json.loads(report.read_text())["metrics"]
+                                 show_progress_bar=False, precision="int8",
+                                 rescore_multiplier=2)
+    result = json.loads(report.read_text())
+    two = result["metrics"]
+    assert (result["precision"], result["rescore_multiplier"]) == ("int8", 2)
     assert two == pytest.approx(one, abs=1e-12) and one["ndcg@5"] > 0
 
 

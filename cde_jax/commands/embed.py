@@ -3,6 +3,12 @@ their ids, as `.npy` (one process; ids in OUT.ids.jsonl), `.parquet` (id + embed
 columns) or `.zarr` (tensorstore zarr v3, any tensorstore path such as gs://); read any of
 them back with `cde_jax.read_embeddings(OUT)`.
 
+--precision stores them compactly, as sentence-transformers' `quantize_embeddings` does:
+float16 (2 bytes a value), int8 / uint8 (1 byte: each dimension's range, calibrated on a
+fixed sample of up to 1024 input texts embedded first, cut into 256 levels) or binary /
+ubinary (the sign bits, packed: d / 8 bytes a row). The precision and the calibration
+ranges are kept in the output's metadata.
+
 The input is read in chunks of --chunk-size texts, the unit of work: each process of a run
 embeds its share of the chunks and commits each chunk atomically. A run that is killed
 continues, when started again with the same arguments (and any number of processes), from
@@ -28,6 +34,7 @@ from ..corpus import job, sinks
 from ..corpus.source import Source, open_chunks
 from ..distributed import all_succeed
 from ..minicorpus import fallback_minicorpus
+from ..quantize import PRECISIONS
 from . import runtime
 
 
@@ -48,6 +55,10 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="the .npy, .parquet or .zarr to write")
     parser.add_argument("--chunk-size", type=runtime.positive_int, default=4096,
                         help="texts per chunk, the unit of work a resumed run keeps")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="how values are stored: float32, float16, int8 / uint8 (256 levels "
+                             "per dimension, ranges calibrated on a fixed sample of the input) "
+                             "or binary / ubinary (packed sign bits)")
     parser.add_argument("--read-threads", type=runtime.positive_int, default=2,
                         help="threads reading and tokenizing the next chunks while one is "
                              "embedded (scripts/host_benchmark.py measures what they reach)")
@@ -63,6 +74,8 @@ def run_key(args, source: Source, fingerprint: str, dataset_md: np.ndarray) -> s
              "dtype": args.dtype, "attention": args.attention,
              "dataset_embeddings": hashlib.sha256(
                  np.ascontiguousarray(dataset_md).tobytes()).hexdigest()}
+    if args.precision != "float32":  # float32 keys as before the option existed
+        parts["precision"] = args.precision
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -84,5 +97,6 @@ def run(args) -> int:
         key = run_key(args, source, model.fingerprint, context.dataset_embeddings)
         job.embed_corpus(source, args.out, key=key, width=model.hidden_size, embed=embed,
                          prepare=lambda texts: model.tokenize(texts, prompts.by_name(args.role)),
-                         read_threads=args.read_threads, show_progress=not args.quiet)
+                         read_threads=args.read_threads, show_progress=not args.quiet,
+                         precision=args.precision)
     return 0

@@ -2,11 +2,20 @@
 (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv): nDCG@k, Recall@k, MAP@k and MRR@10.
 
 Writes (atomically; one run per output at a time) a JSON object: the model's path and
-fingerprint, the dataset's path, split and sizes, the minicorpus seed, the k values and the
-metrics.
+fingerprint, the dataset's path, split and sizes, the minicorpus seed, the k values, the
+precision and rescoring, and the metrics.
+
+--precision scores the corpus as `cde-jax embed --precision` would store it (int8 / uint8
+ranges calibrated on the same sample of the corpus): documents ranked by the quantized
+scores, the queries quantized like them; --rescore-multiplier M rescores each query's best
+k x M documents with the float32 query against the dequantized documents (as
+sentence-transformers does) or, with --rescore-documents float32, against their float32
+embeddings (a compact index searched, the full embeddings kept beside it).
 
 example:
   cde-jax eval --model cde-small-v2-jax --dataset beir/scifact --out scifact.json --k 10,100
+  cde-jax eval --model cde-small-v2-jax --dataset beir/scifact --out scifact-binary.json \\
+      --precision ubinary --rescore-multiplier 4
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import cde_jax
 from .. import distributed, outputs
 from ..evaluation.beir import load_beir
 from ..evaluation.retrieval import MINICORPUS_SEED, evaluate_retrieval
+from ..evaluation.search import RESCORE_DOCUMENTS, candidates
+from ..quantize import PRECISIONS
 from . import runtime
 
 
@@ -47,12 +58,22 @@ def register(subparsers) -> None:
                    help="cutoffs, comma-separated (default: 10,100)")
     p.add_argument("--seed", type=int, default=MINICORPUS_SEED,
                    help="minicorpus sampling seed (docs/model.md §7: 42)")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="score the corpus stored in this precision, as `embed --precision` "
+                        "stores it")
+    p.add_argument("--rescore-multiplier", type=runtime.positive_int, default=None, metavar="M",
+                   help="rescore each query's best k x M documents by quantized score with the "
+                        "float32 query (default: no rescoring)")
+    p.add_argument("--rescore-documents", choices=RESCORE_DOCUMENTS, default="dequantized",
+                   help="what rescoring compares the float32 query with: the stored documents "
+                        "dequantized, or their float32 embeddings")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     start = time.perf_counter()
+    candidates(1, args.precision, args.rescore_multiplier)  # refuses bad options before work
     runtime.start(args)
     with outputs.claim(args.out, overwrite=args.overwrite):
         # Bad files fail before the model loads (every process reads the dataset).
@@ -61,7 +82,10 @@ def run(args) -> int:
         model = runtime.load_model(args)
         metrics = evaluate_retrieval(model, dataset, args.k, seed=args.seed,
                                      batch_size=args.batch_size,
-                                     show_progress_bar=False if args.quiet else None)
+                                     show_progress_bar=False if args.quiet else None,
+                                     precision=args.precision,
+                                     rescore_multiplier=args.rescore_multiplier,
+                                     rescore_documents=args.rescore_documents)
         if distributed.is_main():
             write_result(args, model, dataset, metrics, time.perf_counter() - start)
     return 0
@@ -76,6 +100,9 @@ def write_result(args, model, dataset, metrics: dict, seconds: float) -> None:
         "seed": args.seed,
         "minicorpus_size": model.config.transductive_corpus_size,
         "k": list(args.k),
+        "precision": args.precision,
+        "rescore_multiplier": args.rescore_multiplier,
+        "rescore_documents": args.rescore_documents if args.rescore_multiplier else None,
         "metrics": metrics,
         "seconds": round(seconds, 3),
         "cde_jax_version": cde_jax.__version__,

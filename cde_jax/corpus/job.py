@@ -4,6 +4,8 @@
               --overwrite)
     validate: each process reads its share of the chunks; any bad line stops every process
               before an output exists (and, with ids, no id may repeat in the file)
+    calibrate int8/uint8 ranges (`calibration`): embed a fixed sample first, or take the
+              ranges an unfinished run recorded
     replace a finished OUT (--overwrite), open the sink
     todo = chunks not committed yet (read by every process before any writes)
     process p embeds todo[p::N], Grain reading the next chunks while the current one runs;
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed, outputs
 from ..validation import UserError
-from . import sinks
+from . import calibration, sinks
 from .source import InputError, Source, id_hashes
 
 # prepare(texts) -> what `embed` takes (e.g. token ids), run in Grain's reader threads;
@@ -87,18 +89,22 @@ def claim(out: str, overwrite: bool):
 
 def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed,
                  prepare: Prepare = lambda texts: texts, read_threads: int = 2,
-                 prefetch: int = 4, show_progress: bool = True) -> Path:
+                 prefetch: int = 4, show_progress: bool = True,
+                 precision: str = "float32") -> Path:
     """Runs (or resumes) the job inside `claim(out, ...)`; every process calls it with the
     same arguments. `read_threads` Grain threads read, check and `prepare` the next
     `prefetch` chunks while the current one is embedded (tokenizing is most of a host's
-    work: threads scale it)."""
+    work: threads scale it). Rows are stored in `precision` (`cde_jax.quantize`)."""
     validate(source)
+    quantization = calibration.calibrate(
+        out, key=key, width=width, precision=precision, rows=source.rows,
+        embed_rows=lambda rows: embed(prepare(read_rows(source, rows)), lambda n: None))
     if distributed.is_main() and sinks.exists(out):  # --overwrite: replaced, input checked
         sinks.remove(out)
     distributed.barrier("claimed")
     sink = distributed.all_succeed(lambda: sinks.open_sink(
         out, rows=source.rows, width=width, chunk_rows=source.chunk_rows, key=key,
-        id_kind=source.id_kind), "opening the output")
+        id_kind=source.id_kind, quantization=quantization), "opening the output")
     done = sink.done_chunks()
     if distributed.is_main() and show_progress and 0 < len(done) < len(source):
         print(f"cde-jax: resuming {out}: {len(done)}/{len(source)} chunks already done",
@@ -117,7 +123,7 @@ def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed
                                           disable=not show_progress) as bar:
         for _ in range(-(-len(todo) // distributed.process_count())):
             chunk, prepared = next(reader, (None, prepare([])))
-            values = embed(prepared, bar.update)
+            values = quantization.apply(embed(prepared, bar.update))
             if chunk:
                 sink.write_chunk(chunk.index, chunk.ids, values)
     distributed.barrier("written")

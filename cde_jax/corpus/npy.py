@@ -1,12 +1,12 @@
-"""A float32 `.npy` written chunk by chunk, resumable after the process is killed (even with
-SIGKILL) and renamed into place only when complete.
+"""A `.npy` (float32 unless told otherwise) written chunk by chunk, resumable after the
+process is killed (even with SIGKILL) and renamed into place only when complete.
 
 Beside `out` live two files while a run is unfinished: `out.partial`, the final file at its
 final size from the start (the `.npy` header, then chunk i's rows at a fixed offset), and
-`out.journal`, a JSON header line (the run's key and shape) followed by one line per finished
-chunk. A chunk is journaled only after its rows are fsynced, so the journal never claims rows
-that are not on disk; a torn last line is ignored. A journal with another key (other
-arguments, input or model) or without its data file means starting over.
+`out.journal`, a JSON header line (the run's key, shape and any `extra` record) followed by
+one line per finished chunk. A chunk is journaled only after its rows are fsynced, so the
+journal never claims rows that are not on disk; a torn last line is ignored. A journal with
+another key (other arguments, input or model) or without its data file means starting over.
 """
 
 from __future__ import annotations
@@ -24,19 +24,21 @@ from ..outputs import atomic_file
 DTYPE = np.dtype("<f4")
 
 
-def npy_header(shape: tuple[int, ...]) -> bytes:
-    """The header `np.save` writes for a C-ordered float32 array of this shape."""
+def npy_header(shape: tuple[int, ...], dtype: np.dtype = DTYPE) -> bytes:
+    """The header `np.save` writes for a C-ordered array of this shape and dtype."""
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(DTYPE),
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                "fortran_order": False, "shape": shape})
     return buf.getvalue()
 
 
 class ResumableArray:
-    """`rows` x `width` float32 rows in chunks of `chunk_rows`; `done` holds the chunk indices
-    already on disk, `resumed` whether they come from an interrupted run with this key."""
+    """`rows` x `width` rows of `dtype` in chunks of `chunk_rows`; `done` holds the chunk
+    indices already on disk, `resumed` whether they come from an interrupted run with this
+    key (and `extra`, what else its journal header must match)."""
 
-    def __init__(self, out: str | Path, *, rows: int, width: int, chunk_rows: int, key: str):
+    def __init__(self, out: str | Path, *, rows: int, width: int, chunk_rows: int, key: str,
+                 dtype: np.dtype = DTYPE, extra: dict | None = None):
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         self.out = Path(out)
@@ -44,8 +46,10 @@ class ResumableArray:
         self.journal_path = self.out.with_name(self.out.name + ".journal")
         self.rows, self.width, self.chunk_rows = rows, width, chunk_rows
         self.n_chunks = -(-rows // chunk_rows)
-        self._header = npy_header((rows, width))
-        head = {"version": 1, "key": key, "rows": rows, "width": width, "chunk_rows": chunk_rows}
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self._header = npy_header((rows, width), self.dtype)
+        head = {"version": 1, "key": key, "rows": rows, "width": width, "chunk_rows": chunk_rows,
+                **(extra or {})}
         done = self._journaled(head)
         self.resumed = done is not None
         if done is None:
@@ -63,7 +67,7 @@ class ResumableArray:
             size = self.data_path.stat().st_size
         except (FileNotFoundError, ValueError):  # no journal or data file, or garbage
             return None
-        if found != head or size != len(self._header) + self.rows * self.width * DTYPE.itemsize:
+        if found != head or size != self._size():
             return None
         # lines[-1] follows the last "\n": empty, or a line torn by the kill.
         return {int(s) for s in lines[1:-1] if s.isdigit() and int(s) < self.n_chunks}
@@ -74,9 +78,12 @@ class ResumableArray:
             self.journal_path.unlink()
         with atomic_file(self.data_path) as f:
             f.write(self._header)
-            f.truncate(len(self._header) + self.rows * self.width * DTYPE.itemsize)
+            f.truncate(self._size())
         with atomic_file(self.journal_path, "w") as f:
             f.write(json.dumps(head, sort_keys=True) + "\n")
+
+    def _size(self) -> int:
+        return len(self._header) + self.rows * self.width * self.dtype.itemsize
 
     def chunk_slice(self, chunk: int) -> slice:
         return slice(chunk * self.chunk_rows, min(self.rows, (chunk + 1) * self.chunk_rows))
@@ -87,8 +94,8 @@ class ResumableArray:
         if values_rd.shape != (rows.stop - rows.start, self.width):
             raise ValueError(f"chunk {chunk} needs shape {(rows.stop - rows.start, self.width)}, "
                              f"got {values_rd.shape}")
-        data = memoryview(np.ascontiguousarray(values_rd, DTYPE)).cast("B")
-        offset = len(self._header) + rows.start * self.width * DTYPE.itemsize
+        data = memoryview(np.ascontiguousarray(values_rd, self.dtype)).cast("B")
+        offset = len(self._header) + rows.start * self.width * self.dtype.itemsize
         while data:
             written = os.pwrite(self._data, data, offset)
             data, offset = data[written:], offset + written

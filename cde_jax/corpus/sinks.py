@@ -7,7 +7,11 @@ Every sink has the same life: `open_sink(path, rows, width, chunk_rows, key, id_
 it again is harmless), `ids()` (all ids in row order, for the duplicate check) and
 `finish()` (one process, after every chunk is done). `key` names everything the bytes depend
 on (input, model, arguments); the process count is not part of it, so a run resumes with
-any number of processes. `read_embeddings(path)` reads a finished output of any format.
+any number of processes. `quantization` (`cde_jax.quantize`) says how values are stored:
+float32 by default (the outputs are then as they were before precisions existed); any other
+precision is recorded beside the key (with its calibration ranges), in the zarr attributes,
+the parquet schema metadata or an `OUT.quantization.json` sidecar, and must match for a run
+to resume. `read_embeddings(path)` reads a finished output of any format, with that record.
 
 - `.zarr` (tensorstore, zarr v3; `gs://` and `s3://` paths work the same): a group whose
   attributes hold the run (`cde_jax`: key, shape, id kind), the (rows, width) float32 array
@@ -40,6 +44,7 @@ from typing import Protocol
 import numpy as np
 
 from ..outputs import atomic_file
+from ..quantize import Embeddings, Quantization
 from ..validation import UserError
 from .npy import ResumableArray
 
@@ -65,32 +70,68 @@ class Sink(Protocol):
 
 
 def open_sink(path: str | Path, *, rows: int, width: int, chunk_rows: int, key: str,
-              id_kind: str) -> Sink:
-    """The sink for `path`'s suffix; every process of a run opens it with the same arguments."""
+              id_kind: str, quantization: Quantization | None = None) -> Sink:
+    """The sink for `path`'s suffix; every process of a run opens it with the same arguments.
+    `width` is the embeddings'; they are stored as `quantization` says (default float32)."""
     kind = output_format(path)
     if "://" in str(path) and kind != ".zarr":
         raise OutputError(f"{path}: only .zarr outputs may be remote (gs://, s3://)")
     sink = {".zarr": ZarrSink, ".parquet": ParquetSink, ".npy": NpySink}[kind]
     return sink(str(path), rows=rows, width=width, chunk_rows=chunk_rows, key=key,
-                id_kind=id_kind)
+                id_kind=id_kind, quantization=quantization or Quantization("float32", width))
 
 
-def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, embeddings) of a finished output: ids int64 or object (str), float32 (rows, d)."""
+def read_embeddings(path: str | Path) -> Embeddings:
+    """A finished output: its ids (int64, or object for str), its values as stored and their
+    `Quantization` (precision, width, calibration ranges). `ids, values = read_embeddings(p)`
+    unpacks the first two."""
     kind = output_format(path)
     if kind == ".zarr":
-        return ZarrSink.read(str(path))
-    if kind == ".parquet":
+        ids, values, quantization = ZarrSink.read(str(path))
+    elif kind == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        width = table.schema.field("embedding").type.list_size
+        stored_width = table.schema.field("embedding").type.list_size
         values = table.column("embedding").combine_chunks().flatten().to_numpy()
-        return _id_array(table.column("id").to_pylist()), values.reshape(-1, width)
-    ids_path = Path(str(path) + ".ids.jsonl")
-    with ids_path.open(encoding="utf-8") as f:
-        ids = [json.loads(line) for line in f]
-    return _id_array(ids), np.load(path)
+        ids, values = table.column("id").to_pylist(), values.reshape(-1, stored_width)
+        found = _parquet_metadata(Path(path), "quantization")
+        quantization = _quantization(json.loads(found) if found else None, stored_width)
+    else:
+        sidecar = Path(str(path) + QUANTIZATION_FILE)
+        ids_path = Path(str(path) + ".ids.jsonl")
+        with ids_path.open(encoding="utf-8") as f:
+            ids = [json.loads(line) for line in f]
+        values = np.load(path)
+        quantization = _quantization(json.loads(sidecar.read_bytes()) if sidecar.exists()
+                                     else None, values.shape[1])
+    if (values.dtype, values.shape[1]) != (quantization.dtype, quantization.stored_width):
+        raise OutputError(f"{path}: holds {values.dtype} rows of {values.shape[1]} values; its "
+                          f"metadata says {quantization.precision} of width {quantization.width}")
+    return Embeddings(_id_array(ids), values, quantization)
+
+
+def unfinished_run(path: str | Path) -> dict | None:
+    """The record an unfinished run left at `path` (its "key" and, unless float32, its
+    "quantization"), or None: nothing there, finished, or unreadable (opening the sink then
+    starts over or refuses, as it would anyway)."""
+    try:
+        if output_format(path) == ".zarr":
+            import tensorstore as ts
+
+            kv = ts.KvStore.open(_kvstore_spec(str(path))).result()
+            if kv.read(b"complete").result().state != "missing":
+                return None
+            group = kv.read(b"zarr.json").result()
+            return json.loads(group.value)["attributes"][GROUP_ATTR]
+        if Path(path).exists():
+            return None
+        if output_format(path) == ".parquet":
+            return json.loads(Path(str(path) + ".parts/run.json").read_bytes())
+        with open(str(path) + ".journal", encoding="utf-8") as f:
+            return json.loads(f.readline())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def embeddings_by_id(path: str | Path, want_ids: list) -> np.ndarray:
@@ -139,7 +180,8 @@ def remove(path: str | Path) -> None:
 
 
 # What a run leaves beside OUT while unfinished (`remove` deletes them too).
-SIDECARS = (".parts", ".ids.parts", ".ids.jsonl", ".partial", ".journal")
+QUANTIZATION_FILE = ".quantization.json"  # beside a non-float32 .npy
+SIDECARS = (".parts", ".ids.parts", ".ids.jsonl", ".partial", ".journal", QUANTIZATION_FILE)
 
 
 def _id_array(ids: list) -> np.ndarray:
@@ -154,9 +196,23 @@ def _n_chunks(rows: int, chunk_rows: int) -> int:
     return -(-rows // chunk_rows)
 
 
-def _run(rows: int, width: int, chunk_rows: int, key: str, id_kind: str) -> dict:
+def _run(rows: int, width: int, chunk_rows: int, key: str, id_kind: str,
+         quantization: Quantization) -> dict:
     return {"key": key, "rows": rows, "width": width, "chunk_rows": chunk_rows,
-            "id_kind": id_kind}
+            "id_kind": id_kind, **_stored_as(quantization)}
+
+
+def _stored_as(quantization: Quantization) -> dict:
+    """The run record's entry for how values are stored: none for float32, so that float32
+    outputs (and the runs they resume) are byte for byte what they were before."""
+    if quantization.precision == "float32":
+        return {}
+    return {"quantization": quantization.record()}
+
+
+def _quantization(record: dict | None, width: int) -> Quantization:
+    """A run's stored quantization record (None: float32 of this width) read back."""
+    return Quantization("float32", width) if record is None else Quantization.from_record(record)
 
 
 def _refuse(path: str) -> OutputError:
@@ -166,13 +222,14 @@ def _refuse(path: str) -> OutputError:
 
 class ZarrSink:
     def __init__(self, path: str, *, rows: int, width: int, chunk_rows: int, key: str,
-                 id_kind: str):
+                 id_kind: str, quantization: Quantization):
         import tensorstore as ts
 
         self.path, self.rows, self.chunk_rows = path, rows, chunk_rows
+        self.quantization, stored_width = quantization, quantization.stored_width
         self.n_chunks = _n_chunks(rows, chunk_rows)
         self._kv = ts.KvStore.open(_kvstore_spec(path)).result()
-        run = _run(rows, width, chunk_rows, key, id_kind)
+        run = _run(rows, width, chunk_rows, key, id_kind, quantization)
         found = self._kv.read(b"zarr.json").result()
         if found.state == "missing":  # any process may write it: the same bytes
             group = {"zarr_format": 3, "node_type": "group", "attributes": {GROUP_ATTR: run}}
@@ -182,9 +239,9 @@ class ZarrSink:
         self.complete = self._kv.read(b"complete").result().state != "missing"
         self._array = ts.open(
             {"driver": "zarr3",
-             "metadata": {"shape": [rows, width], "data_type": "float32",
-                          "chunk_grid": {"name": "regular",
-                                         "configuration": {"chunk_shape": [chunk_rows, width]}}}},
+             "metadata": {"shape": [rows, stored_width], "data_type": quantization.dtype.name,
+                          "chunk_grid": {"name": "regular", "configuration": {
+                              "chunk_shape": [chunk_rows, stored_width]}}}},
             kvstore=self._kv / "embeddings/", open=True, create=True).result()
 
     def done_chunks(self) -> set[int]:
@@ -199,7 +256,8 @@ class ZarrSink:
 
     def write_chunk(self, chunk: int, ids: list, values: np.ndarray) -> None:
         start = chunk * self.chunk_rows
-        self._array[start:start + len(values)].write(np.asarray(values, np.float32)).result()
+        values = np.asarray(values, self.quantization.dtype)
+        self._array[start:start + len(values)].write(values).result()
         # Only now, with the rows durable (tensorstore's file kvstore fsyncs and renames; an
         # object store has completed the PUT), may the chunk be listed as done.
         self._kv.write(f"ids/{chunk}.json".encode(), json.dumps(ids).encode()).result()
@@ -216,17 +274,20 @@ class ZarrSink:
             self.complete = True
 
     @classmethod
-    def read(cls, path: str) -> tuple[np.ndarray, np.ndarray]:
+    def read(cls, path: str) -> tuple[list, np.ndarray, Quantization]:
+        """(ids, values, quantization) of a finished output."""
         import tensorstore as ts
 
         kv = ts.KvStore.open(_kvstore_spec(path)).result()
         group = kv.read(b"zarr.json").result()
         if group.state == "missing":
             raise FileNotFoundError(f"{path}: no such output")
-        sink = cls(path, **json.loads(group.value)["attributes"][GROUP_ATTR])
+        run = json.loads(group.value)["attributes"][GROUP_ATTR]
+        quantization = _quantization(run.pop("quantization", None), run["width"])
+        sink = cls(path, **run, quantization=quantization)
         if not sink.complete:
             raise OutputError(f"{path}: unfinished (run the same command again to finish it)")
-        return _id_array(sink.ids()), sink._array.read().result()
+        return sink.ids(), sink._array.read().result(), quantization
 
 
 def _kvstore_spec(path: str) -> dict | str:
@@ -238,20 +299,24 @@ def _kvstore_spec(path: str) -> dict | str:
 
 class ParquetSink:
     def __init__(self, path: str, *, rows: int, width: int, chunk_rows: int, key: str,
-                 id_kind: str):
+                 id_kind: str, quantization: Quantization):
         import pyarrow as pa
 
-        self.path, self.width, self.chunk_rows = Path(path), width, chunk_rows
+        self.path, self.chunk_rows, self.quantization = Path(path), chunk_rows, quantization
         self.n_chunks = _n_chunks(rows, chunk_rows)
         self.parts = Path(path + ".parts")
-        self._key = key
+        self._metadata = {"key": key, **{name: json.dumps(record, sort_keys=True) for name, record
+                                         in _stored_as(quantization).items()}}
         self._schema = pa.schema(
             [("id", pa.int64() if id_kind == "int" else pa.string()),
-             ("embedding", pa.list_(pa.float32(), width))])
-        run = json.dumps(_run(rows, width, chunk_rows, key, id_kind), sort_keys=True)
+             ("embedding", pa.list_(pa.from_numpy_dtype(quantization.dtype),
+                                    quantization.stored_width))])
+        run = json.dumps(_run(rows, width, chunk_rows, key, id_kind, quantization),
+                         sort_keys=True)
         self.complete = self.path.exists()
         if self.complete:
-            if _parquet_key(self.path) != key:
+            if any(_parquet_metadata(self.path, name) != value
+                   for name, value in self._metadata.items()):
                 raise _refuse(path)
             return
         try:
@@ -275,10 +340,11 @@ class ParquetSink:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        flat = pa.array(np.ascontiguousarray(values, np.float32).ravel())
+        flat = pa.array(np.ascontiguousarray(values, self.quantization.dtype).ravel())
         table = pa.Table.from_arrays(
             [pa.array(ids, self._schema.field("id").type),
-             pa.FixedSizeListArray.from_arrays(flat, self.width)], schema=self._schema)
+             pa.FixedSizeListArray.from_arrays(flat, self.quantization.stored_width)],
+            schema=self._schema)
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer)
         _atomic_write(self._part(chunk), buffer.getvalue().to_pybytes())
@@ -299,7 +365,8 @@ class ParquetSink:
 
         if not self.complete:
             _check_done(str(self.path), self.done_chunks(), self.n_chunks)
-            schema = self._schema.with_metadata({f"{GROUP_ATTR}.key": self._key})
+            schema = self._schema.with_metadata(
+                {f"{GROUP_ATTR}.{name}": value for name, value in self._metadata.items()})
             with atomic_file(self.path) as f, pq.ParquetWriter(f, schema) as writer:
                 for i in range(self.n_chunks):
                     writer.write_table(pq.read_table(self._part(i)))
@@ -307,21 +374,25 @@ class ParquetSink:
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
-def _parquet_key(path: Path) -> str | None:
+def _parquet_metadata(path: Path, name: str) -> str | None:
+    """The schema metadata entry `cde_jax.NAME` of a finished .parquet ("key", and
+    "quantization" unless float32)."""
     import pyarrow.parquet as pq
 
     metadata = pq.read_schema(path).metadata or {}
-    return metadata.get(f"{GROUP_ATTR}.key".encode(), b"").decode() or None
+    return metadata.get(f"{GROUP_ATTR}.{name}".encode(), b"").decode() or None
 
 
 class NpySink:
     def __init__(self, path: str, *, rows: int, width: int, chunk_rows: int, key: str,
-                 id_kind: str):
+                 id_kind: str, quantization: Quantization):
         self.path = Path(path)
         self.id_parts = Path(path + ".ids.parts")
         self.ids_path = Path(path + ".ids.jsonl")
-        self._array = ResumableArray(path, rows=rows, width=width, chunk_rows=chunk_rows,
-                                     key=key)
+        self._stored_as = _stored_as(quantization)
+        self._array = ResumableArray(path, rows=rows, width=quantization.stored_width,
+                                     chunk_rows=chunk_rows, key=key, dtype=quantization.dtype,
+                                     extra=self._stored_as)
         if not self._array.resumed:  # ids of another run must not be finished with ours
             shutil.rmtree(self.id_parts, ignore_errors=True)
         self.id_parts.mkdir(parents=True, exist_ok=True)
@@ -339,9 +410,15 @@ class NpySink:
                 for record_id in json.loads((self.id_parts / f"{i}.json").read_bytes())]
 
     def finish(self) -> None:
-        """OUT.ids.jsonl, then OUT (each atomic): OUT present means both are complete."""
+        """OUT.ids.jsonl and OUT.quantization.json (unless float32), then OUT (each atomic):
+        OUT present means all are complete."""
         _check_done(str(self.path), self.done_chunks(), self._array.n_chunks)
         _atomic_write(self.ids_path, "".join(json.dumps(i) + "\n" for i in self.ids()).encode())
+        sidecar = Path(str(self.path) + QUANTIZATION_FILE)
+        if self._stored_as:
+            _atomic_write(sidecar, json.dumps(self._stored_as["quantization"]).encode())
+        else:  # not a stale one from an earlier output of this name
+            sidecar.unlink(missing_ok=True)
         self._array.finish()
         shutil.rmtree(self.id_parts, ignore_errors=True)
 

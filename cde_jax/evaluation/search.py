@@ -10,6 +10,10 @@ each tile is sent to the devices once, and at most two tiles are in flight. Ever
 the same padded shape, so the whole search compiles one program. Ties go to the lower corpus
 index, as in a stable argsort of -score.
 
+`quantized_top_k` searches a quantized corpus (`cde_jax.quantize`) the same way: by the
+quantized scores, whose code vectors are plain float32 rows for this search, then, as an
+option, rescoring the best candidates with the float32 queries.
+
 Shapes are suffixed with the package's dimension key (cde_jax/__init__.py): r is a tile's
 rows on one device.
 """
@@ -26,7 +30,11 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from .. import distributed, sharding, validation
+from ..quantize import Quantization
 from ..validation import UserError
+
+RESCORE_BLOCK = 256  # queries whose candidates are dequantized at a time
+RESCORE_DOCUMENTS = ("dequantized", "float32")  # what rescoring compares the queries with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +128,51 @@ def exact_top_k(queries_qd, corpus_nd, k: int, *, mesh=None, tiles: SearchTiles 
     scores = np.concatenate([np.asarray(s.addressable_data(0)) for s, _ in best])[:q]
     ids = np.concatenate([np.asarray(i.addressable_data(0)) for _, i in best])[:q]
     return scores, ids.astype(np.int64)
+
+
+def candidates(k: int, precision: str, rescore_multiplier: int | None) -> int:
+    """How many rows the quantized search keeps per query before rescoring (k without it)."""
+    if rescore_multiplier is None:
+        return k
+    if precision == "float32":
+        raise UserError("rescoring needs a quantized corpus: a precision other than float32")
+    if rescore_multiplier < 1:
+        raise UserError(f"rescore_multiplier must be >= 1, got {rescore_multiplier}")
+    return k * rescore_multiplier
+
+
+def quantized_top_k(queries_qd, stored_nd: np.ndarray, quantization: Quantization, k: int, *,
+                    rescore_multiplier: int | None = None, rescore_nd: np.ndarray | None = None,
+                    first_row: int = 0, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """The k best rows of a stored corpus for each float32 query: (scores (q, k) float32,
+    rows (q, k) int64), best first, ties to the lower row. Ranked by the quantized scores
+    (`exact_top_k` over code vectors, the queries quantized like the corpus); with
+    `rescore_multiplier` m the best k * m are rescored with the float32 queries against
+    their dequantized rows (as sentence-transformers' rescoring does) or, when given, their
+    float32 rows `rescore_nd` (a compact index searched, full embeddings kept beside it),
+    and the best k of those kept. Processes pass their own rows as for `exact_top_k` (`kw`:
+    its options); each rescores the candidates it holds. The code vectors are float32 rows
+    in host memory, as large as the float32 corpus."""
+    depth = candidates(k, quantization.precision, rescore_multiplier)
+    queries_qd = validation.embedding_rows(queries_qd, "queries")
+    scores_qk, rows_qk = exact_top_k(
+        quantization.code_vectors(quantization.apply(queries_qd)),
+        quantization.code_vectors(stored_nd), depth, first_row=first_row, **kw)
+    if rescore_multiplier is None:
+        return scores_qk, rows_qk
+    mine_qk = (rows_qk >= first_row) & (rows_qk < first_row + len(stored_nd))
+    rescored_qk = np.full(rows_qk.shape, -np.inf, np.float32)
+    for start in range(0, len(rows_qk) if len(stored_nd) else 0, RESCORE_BLOCK):
+        block = slice(start, start + RESCORE_BLOCK)
+        local_qk = np.where(mine_qk[block], rows_qk[block] - first_row, 0)
+        docs_qkd = (quantization.dequantize(stored_nd[local_qk]) if rescore_nd is None
+                    else np.asarray(rescore_nd[local_qk], np.float32))
+        scores_qk = np.einsum("qd,qkd->qk", queries_qd[block], docs_qkd)
+        rescored_qk[block] = np.where(mine_qk[block], scores_qk, -np.inf)
+    rescored_qk = distributed.max_all(rescored_qk)  # each row's score from the process holding it
+    order_qk = np.lexsort((rows_qk, -rescored_qk))[:, :k]
+    return (np.take_along_axis(rescored_qk, order_qk, axis=1),
+            np.take_along_axis(rows_qk, order_qk, axis=1))
 
 
 def run_dict(query_ids, doc_ids, scores_qk: np.ndarray, rows_qk: np.ndarray
