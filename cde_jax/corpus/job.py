@@ -1,10 +1,12 @@
 """The corpus job, as every process of a run executes it:
 
     claim OUT (`outputs.claim`: process 0 locks it; a finished OUT is refused unless
-              --overwrite)
+              --overwrite); the command has made every process agree on the run record
+              (`distributed.agree`: arguments, input digest, model, chunk size, batch plan)
     validate: each process reads its share of the chunks; any bad line stops every process
               before an output exists (and, with ids, no id may repeat in the file)
-    replace a finished OUT (--overwrite), open the sink
+    replace a finished OUT (--overwrite), open the sink (process 0 first: it writes the
+              output's record of the run, the others check it)
     todo = chunks not committed yet (read by every process before any writes)
     process p embeds todo[p::N], Grain reading the next chunks while the current one runs;
     every process joins every round (the model is one program over all devices)
@@ -96,7 +98,9 @@ def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed
     if distributed.is_main() and sinks.exists(out):  # --overwrite: replaced, input checked
         sinks.remove(out)
     distributed.barrier("claimed")
-    sink = distributed.all_succeed(lambda: sinks.open_sink(
+    # Process 0 writes the output's run record (or checks the one there), then the others
+    # read and check it: one writer, and a record no process disagrees with.
+    sink = distributed.main_first(lambda: sinks.open_sink(
         out, rows=source.rows, width=width, chunk_rows=source.chunk_rows, key=key,
         id_kind=source.id_kind), "opening the output")
     done = sink.done_chunks()

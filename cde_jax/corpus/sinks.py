@@ -158,7 +158,7 @@ class ZarrSink:
         self._kv = ts.KvStore.open(_kvstore_spec(path)).result()
         run = _run(rows, width, chunk_rows, key, id_kind)
         found = self._kv.read(b"zarr.json").result()
-        if found.state == "missing":  # any process may write it: the same bytes
+        if found.state == "missing":  # process 0, before the others open the sink
             group = {"zarr_format": 3, "node_type": "group", "attributes": {GROUP_ATTR: run}}
             self._kv.write(b"zarr.json", json.dumps(group, sort_keys=True).encode()).result()
         elif json.loads(found.value).get("attributes", {}).get(GROUP_ATTR) != run:
@@ -241,7 +241,7 @@ class ParquetSink:
         try:
             found = (self.parts / "run.json").read_text(encoding="utf-8")
         except FileNotFoundError:
-            _atomic_write(self.parts / "run.json", run.encode())  # same bytes from any process
+            _atomic_write(self.parts / "run.json", run.encode())  # process 0, first
             found = run
         if found != run:
             raise _refuse(str(self.parts))

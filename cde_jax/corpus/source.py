@@ -204,11 +204,9 @@ def _index_parquet(path: str, chunk_rows: int, field: str, id_field: str | None
     except ImportError:
         raise InputError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow), "
                          "which is not installed") from None
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
         stat = os.fstat(f.fileno())
-        for block in iter(lambda: f.read(BLOCK_BYTES), b""):
-            digest.update(block)
+        digest = _sha256(f)
         try:
             parquet = pq.ParquetFile(f)
         except pa.ArrowException as e:
@@ -232,8 +230,27 @@ def _index_parquet(path: str, chunk_rows: int, field: str, id_field: str | None
             wanted = "strings" if role == "text" else "strings or integers"
             raise InputError(f"{path}: column {name!r} holds {kind}, not {wanted}")
     return ParquetChunks(path, chunk_rows, field, id_field, int(sum(counts)),
-                         tuple(np.cumsum([0] + counts).tolist()), digest.hexdigest(),
+                         tuple(np.cumsum([0] + counts).tolist()), digest,
                          (stat.st_size, stat.st_mtime_ns), kinds.get("id", "int"))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes: how the processes of a run tell that they read the same
+    file (`distributed.agree`). A file that cannot be read is an `InputError`."""
+    try:
+        with open(path, "rb") as f:
+            return _sha256(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def _sha256(f) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(BLOCK_BYTES), b""):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_unchanged(path: str, indexed: tuple[int, int], now: os.stat_result) -> None:
