@@ -80,6 +80,10 @@ def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     kind = output_format(path)
     if kind == ".zarr":
         return ZarrSink.read(str(path))
+    if not Path(path).exists():
+        if any(Path(str(path) + s).exists() for s in SIDECARS):
+            raise _unfinished(path)
+        raise FileNotFoundError(f"{path}: no such output")
     if kind == ".parquet":
         import pyarrow.parquet as pq
 
@@ -141,6 +145,10 @@ def _n_chunks(rows: int, chunk_rows: int) -> int:
 def _run(rows: int, width: int, chunk_rows: int, key: str, id_kind: str) -> dict:
     return {"key": key, "rows": rows, "width": width, "chunk_rows": chunk_rows,
             "id_kind": id_kind}
+
+
+def _unfinished(path) -> OutputError:
+    return OutputError(f"{path}: unfinished (run the same command again to finish it)")
 
 
 def _refuse(path: str) -> OutputError:
@@ -209,7 +217,7 @@ class ZarrSink:
             raise FileNotFoundError(f"{path}: no such output")
         sink = cls(path, **json.loads(group.value)["attributes"][GROUP_ATTR])
         if not sink.complete:
-            raise OutputError(f"{path}: unfinished (run the same command again to finish it)")
+            raise _unfinished(path)
         return _id_array(sink.ids()), sink._array.read().result()
 
 

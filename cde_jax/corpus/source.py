@@ -50,7 +50,7 @@ def lines(path: Path, progress: Callable[[int], object] | None = None
           ) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) split on "\\n" only, without "\\n" / "\\r\\n" or a BOM;
     `progress(bytes)` is called for each line read."""
-    with Path(path).open("rb") as f:
+    with open(input_file(path), "rb") as f:
         for number, raw in enumerate(f, 1):
             if progress is not None:
                 progress(len(raw))
@@ -162,8 +162,7 @@ def open_chunks(path: str | Path, chunk_rows: int, *, field: str = "text",
                          f"{', '.join(FORMATS)}")
     if suffix == ".txt" and id_field is not None:
         raise InputError(f"{path}: a .txt file has no fields; its ids are line numbers")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+    input_file(path)
     if suffix == ".parquet":
         return _index_parquet(path, chunk_rows, field, id_field)
     return _index_text(path, suffix == ".jsonl", chunk_rows, field, id_field)
@@ -234,14 +233,21 @@ def _index_parquet(path: str, chunk_rows: int, field: str, id_field: str | None
                          (stat.st_size, stat.st_mtime_ns), kinds.get("id", "int"))
 
 
+def input_file(path: str | Path) -> str | Path:
+    """`path`, when it is a file: a directory or nothing there is a one-line error."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not a file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    return path
+
+
 def file_sha256(path: str | Path) -> str:
     """The sha256 of a file's bytes: how the processes of a run tell that they read the same
     file (`distributed.agree`). A file that cannot be read is an `InputError`."""
     try:
-        with open(path, "rb") as f:
+        with open(input_file(path), "rb") as f:
             return _sha256(f)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read it ({e.strerror})") from None
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..corpus.source import jsonl_records, lines
+from ..corpus.source import input_file, jsonl_records, lines
 from ..validation import UserError
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
@@ -54,10 +54,9 @@ def document_text(title: str, text: str) -> str:
 
 
 def _reading(path: Path, desc: str) -> tqdm:
-    """A byte progress bar over `path`, which must exist."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found")
-    return tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc, disable=None)
+    """A byte progress bar over `path`, which must be a file."""
+    return tqdm(total=Path(input_file(path)).stat().st_size, unit="B", unit_scale=True,
+                desc=desc, disable=None)
 
 
 def _string(path: Path, number: int, row: dict, key: str, *, optional: bool = False) -> str:

@@ -8,6 +8,8 @@ checkpoint intact; restoring onto the live arrays' shardings puts it straight on
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,18 +38,25 @@ def checkpoint_steps(directory: str | Path) -> list[int]:
 
 
 class Checkpoints:
+    """Saves are synchronous: a save that fails (a full disk) raises here, in the training
+    loop, as one error, where an asynchronous one would fail later, in orbax's threads. The
+    threads that write a synchronous save still log their failure, with its traceback,
+    before the save raises it: `save` keeps those records to the exception."""
+
     def __init__(self, directory: str | Path, *, keep: int = 2):
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=False))
 
     def save(self, state: TrainState) -> None:
         meta = {"step": state.step, "data_position": state.data_position,
                 "rng_key": np.asarray(state.rng_key).tolist()}
-        self.manager.save(state.step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(meta)))
+        with settled_event_loops(), _only_raised(logging.getLogger("absl")):
+            self.manager.save(state.step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                meta=ocp.args.JsonSave(meta)))
 
     def restore_latest(self, like: TrainState) -> TrainState | None:
         """The newest checkpoint laid out like `like`'s arrays, or None if there is none."""
@@ -72,6 +81,17 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _only_raised(logger: logging.Logger):
+    """The block's failures reach the caller as its exception, not as log records too."""
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def export_released(model: nnx.Module, base: convert.Checkpoint, out: str | Path, *,
