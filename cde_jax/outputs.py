@@ -47,8 +47,8 @@ _NOT_A_DIR = (errno.ENOTDIR, errno.EEXIST)  # mkdir over a file: EEXIST, or ENOT
 # system, a file-size limit.
 _CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 # The errno in another library's error: tensorstore's (also under orbax) and the path it
-# wrote, safetensors' (Rust's io::Error).
-_ERRNO_IN_TEXT = re.compile(r"os_error_code='(\d+)'|Os \{ code: (\d+)")
+# wrote, safetensors' (Rust's io::Error: "File too large (os error 27)").
+_ERRNO_IN_TEXT = re.compile(r"os_error_code='(\d+)'|\(os error (\d+)\)")
 _PATH_IN_TEXT = re.compile(r'local file "([^"]+)"')
 
 
@@ -135,7 +135,8 @@ def claim(out: str | Path, *, overwrite: bool = False,
             if not (alone or distributed.is_main()):
                 return
             if "://" not in out:
-                stack.enter_context(output_lock(out))
+                with _writing(out):  # the lock file holds the pid: a full disk fails here
+                    stack.enter_context(output_lock(out))
             if not overwrite and exists(out):
                 raise OutputExistsError(out, *(() if remedy is None else (remedy,)))
         if alone:

@@ -8,8 +8,8 @@ checkpoint intact; restoring onto the live arrays' shardings puts it straight on
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,9 +39,10 @@ def checkpoint_steps(directory: str | Path) -> list[int]:
 
 class Checkpoints:
     """Saves are synchronous: a save that fails (a full disk) raises here, in the training
-    loop, as one error, where an asynchronous one would fail later, in orbax's threads. The
-    threads that write a synchronous save still log their failure, with its traceback,
-    before the save raises it: `save` keeps those records to the exception."""
+    loop, where an asynchronous one would fail later, in orbax's threads. The threads that
+    write a synchronous save still log their failure with its traceback, some after the save
+    has raised it: `_RaisedElsewhere` drops those records during a save, and for good after
+    one that failed (the error is the caller's to report)."""
 
     def __init__(self, directory: str | Path, *, keep: int = 2):
         self.manager = ocp.CheckpointManager(
@@ -52,11 +53,15 @@ class Checkpoints:
     def save(self, state: TrainState) -> None:
         meta = {"step": state.step, "data_position": state.data_position,
                 "rng_key": np.asarray(state.rng_key).tolist()}
-        with settled_event_loops(), _only_raised(logging.getLogger("absl")):
+        absl = logging.getLogger("absl")  # orbax logs through absl
+        quiet = _RaisedElsewhere()
+        absl.addFilter(quiet)
+        with settled_event_loops():
             self.manager.save(state.step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
                 opt_state=ocp.args.StandardSave(state.opt_state),
                 meta=ocp.args.JsonSave(meta)))
+        absl.removeFilter(quiet)
 
     def restore_latest(self, like: TrainState) -> TrainState | None:
         """The newest checkpoint laid out like `like`'s arrays, or None if there is none."""
@@ -83,15 +88,16 @@ class Checkpoints:
         self.manager.close()
 
 
-@contextlib.contextmanager
-def _only_raised(logger: logging.Logger):
-    """The block's failures reach the caller as its exception, not as log records too."""
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+class _RaisedElsewhere(logging.Filter):
+    """Drops the records of errors that other threads log with their traceback: orbax's
+    writers, whose failure the save raises in the thread that called it."""
+
+    def __init__(self):
+        super().__init__()
+        self.caller = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.thread != self.caller)
 
 
 def export_released(model: nnx.Module, base: convert.Checkpoint, out: str | Path, *,
