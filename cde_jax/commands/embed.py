@@ -72,6 +72,7 @@ def run(args) -> int:
     with job.claim(args.out, args.overwrite):  # a second run on OUT stops here, at once
         source = all_succeed(lambda: open_chunks(args.input, args.chunk_size, field=args.field,
                                                  id_field=args.id_field), "indexing the input")
+        job.validate(source)  # every line checked, before the model loads
         model = runtime.load_model(args)
         record = all_succeed(lambda: run_record(args, source, model), "reading the inputs")
         runtime.agree_on_run(args, record)

@@ -1,10 +1,12 @@
 """The corpus job, as every process of a run executes it:
 
     claim OUT (`outputs.claim`: process 0 locks it; a finished OUT is refused unless
-              --overwrite); the command has made every process agree on the run record
-              (`distributed.agree`: arguments, input digest, model, chunk size, batch plan)
+              --overwrite)
     validate: each process reads its share of the chunks; any bad line stops every process
-              before an output exists (and, with ids, no id may repeat in the file)
+              before an output exists (and, with ids, no id may repeat in the file); the
+              command does it before it loads the model, so that bad input fails fast
+    the command makes every process agree on the run record (`distributed.agree`:
+              arguments, input digest, model, chunk size, batch plan), then
     replace a finished OUT (--overwrite), open the sink (process 0 first: it writes the
               output's record of the run, the others check it)
     todo = chunks not committed yet (read by every process before any writes)
@@ -90,11 +92,10 @@ def claim(out: str, overwrite: bool):
 def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed,
                  prepare: Prepare = lambda texts: texts, read_threads: int = 2,
                  prefetch: int = 4, show_progress: bool = True) -> Path:
-    """Runs (or resumes) the job inside `claim(out, ...)`; every process calls it with the
-    same arguments. `read_threads` Grain threads read, check and `prepare` the next
-    `prefetch` chunks while the current one is embedded (tokenizing is most of a host's
-    work: threads scale it)."""
-    validate(source)
+    """Runs (or resumes) the job inside `claim(out, ...)`, on a `validate`d source; every
+    process calls it with the same arguments. `read_threads` Grain threads read, check and
+    `prepare` the next `prefetch` chunks while the current one is embedded (tokenizing is
+    most of a host's work: threads scale it)."""
     if distributed.is_main() and sinks.exists(out):  # --overwrite: replaced, input checked
         sinks.remove(out)
     distributed.barrier("claimed")
