@@ -38,7 +38,7 @@ from cde_jax.training.data import read_examples
 from cde_jax.validation import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-PEER_TIMEOUT = 8
+PEER_TIMEOUT = 10
 RESUME = "the committed chunks are kept: run the same command again on every process to resume"
 TERMINATED = "cde-jax embed: terminated: run the same command again to resume"
 # What a user must never see: a Python traceback, JAX's C++ fatal log and stack dump.
