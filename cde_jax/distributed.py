@@ -60,7 +60,7 @@ T = TypeVar("T")
 PEER_TIMEOUT_ENV = "CDE_JAX_PEER_TIMEOUT"
 PEER_TIMEOUT = 60.0
 PEER_LOST = 3  # exit status of the processes that outlive a peer that stopped answering
-JAX_MARGIN = 10  # seconds JAX's own timeouts run past ours
+JAX_MARGIN = 10  # seconds JAX's own timeouts run past ours (at least)
 STOP_GRACE = 5.0  # seconds a process has to stop by itself after a peer stopped on an error
 INTERRUPTED = "interrupted: run the same command again to resume"
 TERMINATED = "terminated: run the same command again to resume"
@@ -135,8 +135,10 @@ def _join(args: argparse.Namespace, resume: str, *where) -> None:
     deadline.start()
     try:
         with mock.patch.object(jax_distributed, "_jax", _ServiceElsewhere(timeout)):
+            # JAX's clients beat every half of its heartbeat timeout, so its service may call
+            # a peer dead half that time after its death: twice ours, plus a margin.
             jax.distributed.initialize(*where, initialization_timeout=int(timeout) + JAX_MARGIN,
-                                       heartbeat_timeout_seconds=int(timeout) + JAX_MARGIN,
+                                       heartbeat_timeout_seconds=2 * (int(timeout) + JAX_MARGIN),
                                        shutdown_timeout_seconds=int(timeout) + JAX_MARGIN)
     finally:
         deadline.cancel()
