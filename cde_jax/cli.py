@@ -3,24 +3,29 @@
 Each command module defines `register(subparsers)`, which adds its parser (through
 `commands.runtime.add_command`) and sets `func(args) -> int`. Errors the user can fix
 (`validation.UserError`, a missing or existing file) exit with status 2 and one clear line;
-anything else is a bug and keeps its traceback. Warnings (cde_jax's log and Python's
-`warnings`) print as "cde-jax: warning: ..." above the progress bars, not into them;
---quiet keeps errors only, --verbose adds informational lines; absl's and orbax's lines
-below ERROR are silenced.
+anything else is a bug and keeps its traceback. Ctrl-C (exit 130), SIGTERM (143) and SIGHUP
+(129), what schedulers and preemptions send, end a command with one line saying how to
+resume (`distributed.stop_signals`); in a multi-process run every process stops that way,
+and a peer that is gone ends the others with one line (`distributed.end`). Warnings
+(cde_jax's log and Python's `warnings`) print as "cde-jax: warning: ..." above the progress
+bars, not into them; --quiet keeps errors only, --verbose adds informational lines; absl's
+and orbax's lines below ERROR are silenced.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import logging
+import signal
 import sys
 import warnings
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .validation import UserError
 
 # modules of cde_jax.commands
@@ -82,16 +87,25 @@ def cli_logging(quiet: bool, verbose: bool):
 def main(argv=None) -> int:
     quiet_logs()
     args = build_parser().parse_args(argv)
+    with distributed.stop_signals():
+        code, line, error = run(args)
+        return distributed.end(f"cde-jax {args.command}", code, line, error)
+
+
+def run(args) -> tuple[int, str | None, BaseException | None]:
+    """The command's (exit status, its last line, an unexpected error of a multi-process
+    run that `distributed.end` explains)."""
     try:
         with cli_logging(args.quiet, args.verbose):
-            return int(args.func(args) or 0)
+            return int(args.func(args) or 0), None, None
     except (UserError, FileNotFoundError) as e:
-        print(f"cde-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 2, f"error: {e}", None
     except KeyboardInterrupt:
-        print(f"cde-jax {args.command}: interrupted: run the same command again to resume",
-              file=sys.stderr)
-        return 130
+        return (*dataclasses.astuple(distributed.signal_stop(signal.SIGINT)), None)
+    except distributed.Terminated as e:
+        return (*dataclasses.astuple(distributed.signal_stop(e.signum)), None)
+    except Exception as e:
+        return 1, None, e
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ def sample_indices(n: int, size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(n, size, replace=n < size)
 
 
+MEMBERS = {"embeddings", "fingerprint", "prefix", "seed"}  # of a dataset-embeddings file
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetEmbeddings:
     """A dataset-embeddings file (`.npz`): the (m, d) array plus where it came from."""
@@ -97,11 +100,12 @@ class DatasetEmbeddings:
             what = "a .npy array" if head == b"\x93NUMPY" else "not an .npz archive"
             raise UserError(f"{path}: not a dataset-embeddings file ({what}; make one with "
                             "`cde-jax dataset-embeddings`)")
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"embeddings", "fingerprint", "prefix", "seed"} - set(z.files)
-            if missing:
-                raise UserError(f"{path}: not a dataset-embeddings file (missing "
-                                f"{sorted(missing)})")
+        with np.load(path, allow_pickle=False) as z:  # members load lazily, never pickled
+            missing, unknown = MEMBERS - set(z.files), set(z.files) - MEMBERS
+            if missing or unknown:
+                wrong = ", ".join(f"{what} {sorted(names)}" for what, names in
+                                  (("missing", missing), ("unknown members", unknown)) if names)
+                raise UserError(f"{path}: not a dataset-embeddings file ({wrong})")
             return cls(np.asarray(z["embeddings"], np.float32), str(z["fingerprint"]),
                        str(z["prefix"]), int(z["seed"]))
 

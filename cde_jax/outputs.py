@@ -16,7 +16,9 @@ killed.
   the next atomic write in the same directory removes the temps of processes that are gone
   (never a live process's, nor one from another host).
 - Creating anything in a directory that cannot be written (read-only, not a directory) is a
-  `UserError` naming that directory, not a raw `OSError`.
+  `UserError` naming that directory, not a raw `OSError`; inside `claim`, so is any write
+  that fails for want of room or rights (a full disk, a quota, a read-only file system):
+  one line naming the file and the cause, whichever library wrote it.
 """
 
 from __future__ import annotations
@@ -38,10 +40,16 @@ from .validation import UserError
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 # `.NAME.tmp-PID-HOST-RANDOM` (or `.old-`): tempfile's random part has no "-".
-_TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)-(?P<host>.+)-[a-z0-9_]+$")
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-(?P<host>.+)-[a-z0-9_]+$")
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 _NOT_A_DIR = (errno.ENOTDIR, errno.EEXIST)  # mkdir over a file: EEXIST, or ENOTDIR below it
-_FULL = (errno.ENOSPC, errno.EDQUOT)
+# A write that fails for want of room or rights: a full disk, a quota, a read-only file
+# system, a file-size limit.
+_CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+# The errno in another library's error: tensorstore's (also under orbax) and the path it
+# wrote, safetensors' (Rust's io::Error: "File too large (os error 27)").
+_ERRNO_IN_TEXT = re.compile(r"os_error_code='(\d+)'|\(os error (\d+)\)")
+_PATH_IN_TEXT = re.compile(r'local file "([^"]+)"')
 
 
 @contextlib.contextmanager
@@ -62,9 +70,42 @@ def _creating_in(directory: Path, out: Path):
             if blocker is not None:
                 raise UserError(f"cannot write {out}: {blocker} is a file, not a directory") \
                     from None
-        if e.errno in _FULL:
-            raise UserError(f"cannot write {out}: {where}: {e.strerror}") from None
         raise
+
+
+def os_error(error: BaseException) -> OSError | None:
+    """The OSError behind `error`: itself, one in its chain of causes, or one whose errno
+    tensorstore or safetensors wrote into the message of their own error."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno:
+            return error
+        if found := _ERRNO_IN_TEXT.search(str(error)):
+            code = int(found[1] or found[2])
+            path = _PATH_IN_TEXT.search(str(error))
+            return OSError(code, os.strerror(code), path and path[1])
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return None
+
+
+@contextlib.contextmanager
+def _writing(out: str):
+    """A write under `out` that fails for want of room or rights becomes one line naming
+    the file and the cause, whoever wrote (Python, tensorstore, orbax, safetensors). Every
+    output is committed atomically, so nothing left behind claims to be complete, and the
+    same command, run again, resumes what it can."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        error = os_error(e)
+        if error is None or error.errno not in _CANNOT_WRITE:
+            raise
+        where = Path(error.filename) if error.filename else Path(out)
+        if temp := _TEMP_NAME.match(where.name):  # a temp file: the output it was to become
+            where = where.with_name(temp["name"])
+        raise UserError(f"cannot write {where}: {error.strerror} (nothing was marked "
+                        "complete; run the same command again once it can write)") from None
 
 
 class OutputExistsError(UserError):
@@ -85,7 +126,8 @@ def claim(out: str | Path, *, overwrite: bool = False,
     `overwrite`, an output for which `exists(out)` is refused with `OutputExistsError`
     (`remedy` says what to do instead); with `overwrite` the old output stays until the
     block replaces it, so that a run that fails on its input loses nothing. Every process
-    raises if any did, and all meet at a barrier when the block ends. `alone`: this
+    raises if any did, and all meet at a barrier when the block ends. A write that fails for
+    want of room or rights is a one-line `UserError` (`_writing`). `alone`: this
     process's own output (a conversion into its host's cache), claimed without the others."""
     out = str(out)
     with contextlib.ExitStack() as stack:
@@ -93,15 +135,18 @@ def claim(out: str | Path, *, overwrite: bool = False,
             if not (alone or distributed.is_main()):
                 return
             if "://" not in out:
-                stack.enter_context(output_lock(out))
+                with _writing(out):  # the lock file holds the pid: a full disk fails here
+                    stack.enter_context(output_lock(out))
             if not overwrite and exists(out):
                 raise OutputExistsError(out, *(() if remedy is None else (remedy,)))
         if alone:
             check()
-            yield
+            with _writing(out):
+                yield
             return
         distributed.all_succeed(check, "claiming the output")
-        yield
+        with _writing(out):
+            yield
         distributed.barrier(f"finished {out}")
 
 

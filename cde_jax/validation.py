@@ -35,7 +35,21 @@ def json_object(line: str) -> dict:
         raise UserError(f"invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(record, dict):
         raise UserError(f"expected a JSON object, got {json_kind(record)}")
+    if "\\u" in line:  # only an escape ("\ud800") can make a lone surrogate
+        _no_lone_surrogate(record)
     return record
+
+
+def _no_lone_surrogate(record: dict) -> None:
+    """A lone UTF-16 surrogate (an unpaired "\\ud800" escape) is not text: UTF-8 cannot hold
+    it and the tokenizer refuses it. Refused here, by field, so that the readers that check
+    every line first (corpora, training data, BEIR) refuse it before any output exists."""
+    for key, value in record.items():
+        try:
+            json.dumps([key, value], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"field {key!r} holds a lone surrogate "
+                            f"(\\u{ord(e.object[e.start]):04x}), which is not text") from None
 
 
 def texts(values, what: str = "text") -> list[str]:

@@ -36,6 +36,7 @@ PARAMS_DIR = "params"
 CONVERTED_FILES = (META_FILE, "config.json", source.BACKBONE_FILE, PARAMS_DIR)
 FORMAT_VERSION = 1
 NULL_EMBEDDING_KEY = "second_stage_model.sequence_dropout_null_embedding"
+CHUNK_BYTES = 16 << 20  # the largest piece of an array that a conversion writes at once
 
 
 @dataclasses.dataclass
@@ -125,14 +126,18 @@ def write_converted(ckpt: Checkpoint, out: str | Path, *, source_name: str = "",
                     overwrite: bool = False) -> Path:
     import orbax.checkpoint as ocp
 
-    # Host arrays go to orbax without its defensive deep copy, and without OCDBT (which
-    # buffers the whole tree): peak memory stays near one copy of the weights.
+    # Host arrays go to orbax without its defensive deep copy, without OCDBT (which buffers
+    # the whole tree), and in chunks of at most CHUNK_BYTES (tensorstore copies and
+    # compresses a chunk at a time; a whole 155 MB embedding table as one chunk held two
+    # more copies of it): peak memory stays near one copy of the weights.
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=False)
     tree = unflatten({path: np.asarray(array) for path, array in ckpt.flat.items()})
+    chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
     with atomic_dir(Path(out).absolute(), overwrite=overwrite) as tmp:  # orbax: absolute only
-        ocp.Checkpointer(handler).save(tmp / "params", args=ocp.args.PyTreeSave(tree))
+        ocp.Checkpointer(handler).save(tmp / "params",
+                                       args=ocp.args.PyTreeSave(tree, save_args=chunked))
         _write_configs(tmp, ckpt)
         meta = {"format_version": FORMAT_VERSION, "fingerprint": ckpt.fingerprint,
                 "param_dtype": ckpt.backbone.param_dtype, "source": str(source_name),

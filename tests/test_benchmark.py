@@ -144,6 +144,7 @@ def test_quick_numbers_are_consistent(quick):
     assert profile["split"]["matmul"] > 0.05 and profile["op_ms"] > 0
     assert r["stream_rss_growth"] == pytest.approx(
         r["stream_rss_large_bytes"] / r["stream_rss_small_bytes"] - 1)
+    assert r["convert_rss_within_bound"] == (r["convert_rss_over_file"] <= 1.5)
     # The timed minicorpus run reused the warmed-up bucket programs.
     assert r["minicorpus_ours_compiles_timed"] == 0
 

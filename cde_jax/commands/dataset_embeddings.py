@@ -42,6 +42,8 @@ def run(args) -> int:
             raise InputError(f"{args.input}: no texts to sample a minicorpus from")
         job.validate(source)
         model = runtime.load_model(args)
+        runtime.agree_on_run(args, {"input sha256": source.sha256, "input rows": source.rows,
+                                    **runtime.model_facts(model, args.batch_size)})
         size = model.config.transductive_corpus_size
         if source.rows < size:
             warnings.warn(f"only {source.rows} texts for a minicorpus of {size}: oversampling "

@@ -27,15 +27,15 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
-
 from .. import prompts
 from ..corpus import job, sinks
-from ..corpus.source import Source, open_chunks
+from ..corpus.source import Source, file_sha256, open_chunks
 from ..distributed import all_succeed
 from ..minicorpus import fallback_minicorpus
 from ..quantize import PRECISIONS
 from . import runtime
+
+RESUME = "the committed chunks are kept: run the same command again on every process to resume"
 
 
 def register(subparsers) -> None:
@@ -65,27 +65,29 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def run_key(args, source: Source, fingerprint: str, dataset_md: np.ndarray) -> str:
-    """Everything the output bytes depend on (not the number of processes): a run with
-    another key does not resume this one."""
-    parts = {"input": source.sha256, "format": Path(args.input).suffix.lower(),
-             "field": args.field, "id_field": args.id_field, "role": args.role,
-             "model": fingerprint, "chunk_size": args.chunk_size, "batch_size": args.batch_size,
-             "dtype": args.dtype, "attention": args.attention,
-             "dataset_embeddings": hashlib.sha256(
-                 np.ascontiguousarray(dataset_md).tobytes()).hexdigest()}
-    if args.precision != "float32":  # float32 keys as before the option existed
-        parts["precision"] = args.precision
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+def run_record(args, source: Source, model) -> dict:
+    """Everything the output bytes depend on (not the number of processes, nor where the
+    files are): every process must have process 0's (`runtime.agree_on_run`), and its digest
+    is the key of the output, so that a run with another record does not resume this one."""
+    corpus = args.dataset_embeddings
+    return {"input sha256": source.sha256, "input format": Path(args.input).suffix.lower(),
+            "input rows": source.rows, "ids": source.id_kind, "--field": args.field,
+            "--id-field": args.id_field, "--role": args.role, "--chunk-size": args.chunk_size,
+            "--precision": args.precision,
+            "dataset embeddings": corpus if corpus == "fallback" else file_sha256(corpus),
+            **runtime.model_facts(model, args.batch_size)}
 
 
 def run(args) -> int:
     sinks.output_format(args.out)
-    runtime.start(args)
+    runtime.start(args, RESUME)
     with job.claim(args.out, args.overwrite):  # a second run on OUT stops here, at once
         source = all_succeed(lambda: open_chunks(args.input, args.chunk_size, field=args.field,
                                                  id_field=args.id_field), "indexing the input")
+        job.validate(source)  # every line checked, before the model loads
         model = runtime.load_model(args)
+        record = all_succeed(lambda: run_record(args, source, model), "reading the inputs")
+        runtime.agree_on_run(args, record)
         corpus = (fallback_minicorpus() if args.dataset_embeddings == "fallback"
                   else args.dataset_embeddings)
         context = model.context(corpus, batch_size=args.batch_size)
@@ -94,7 +96,7 @@ def run(args) -> int:
             return context.encode_tokens(token_ids, batch_size=args.batch_size,
                                          progress=progress)
 
-        key = run_key(args, source, model.fingerprint, context.dataset_embeddings)
+        key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
         job.embed_corpus(source, args.out, key=key, width=model.hidden_size, embed=embed,
                          prepare=lambda texts: model.tokenize(texts, prompts.by_name(args.role)),
                          read_threads=args.read_threads, show_progress=not args.quiet,

@@ -28,6 +28,7 @@ from pathlib import Path
 import cde_jax
 
 from .. import distributed, outputs
+from ..corpus.source import file_sha256
 from ..evaluation.beir import load_beir
 from ..evaluation.retrieval import MINICORPUS_SEED, evaluate_retrieval
 from ..evaluation.search import RESCORE_DOCUMENTS, candidates
@@ -80,6 +81,9 @@ def run(args) -> int:
         dataset = distributed.all_succeed(lambda: load_beir(args.dataset, args.split),
                                           "reading the dataset")
         model = runtime.load_model(args)
+        runtime.agree_on_run(args, {**{f"{f.relative_to(dataset.path)} sha256": file_sha256(f)
+                                       for f in dataset.files},
+                                    **runtime.model_facts(model, args.batch_size)})
         metrics = evaluate_retrieval(model, dataset, args.k, seed=args.seed,
                                      batch_size=args.batch_size,
                                      show_progress_bar=False if args.quiet else None,

@@ -6,6 +6,7 @@ the model."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -100,12 +101,38 @@ def enable_compilation_cache() -> Path:
     return path
 
 
-def start(args: argparse.Namespace) -> None:
+def start(args: argparse.Namespace, resume: str = distributed.RESUME) -> None:
     """Joins the multi-process run the flags describe (before JAX starts its backends) and
-    turns the compilation cache on."""
-    distributed.initialize(args)
+    turns the compilation cache on. `resume`: what the line for a lost peer ends with."""
+    distributed.initialize(args, resume)
     enable_compilation_cache()
 
 
 def load_model(args: argparse.Namespace) -> CdeModel:
-    return load(args.model, dtype=args.dtype, attention=args.attention)
+    return distributed.all_succeed(
+        lambda: load(args.model, dtype=args.dtype, attention=args.attention), "loading the model")
+
+
+# Arguments each process may set for itself: they change nothing in what is computed.
+LOCAL_ARGS = frozenset({"process_id", "peer_timeout", "quiet", "verbose", "read_threads",
+                        "progress", "func"})
+
+
+def model_facts(model: CdeModel, batch_size: int | None) -> dict:
+    """What the numbers depend on besides the inputs: the weights, the compute dtype and
+    kernel (resolved for this host's devices) and the batch plan (sized for them)."""
+    plan = model.plan.with_batch_size(batch_size)
+    return {"model": model.fingerprint, "dtype": model.backbone_config.dtype,
+            "attention kernel": model.backbone_config.attention,
+            "batch plan": dataclasses.asdict(plan)}
+
+
+def agree_on_run(args: argparse.Namespace, facts: dict) -> None:
+    """The run record, every process's equal to process 0's before any work
+    (`distributed.agree`): the command's arguments (as flags, those in `LOCAL_ARGS` aside),
+    the process count and `facts` (input digests, `model_facts`, ...; a fact named as a
+    flag is that flag's value)."""
+    record = {f"--{name.replace('_', '-')}": value for name, value in vars(args).items()
+              if name not in LOCAL_ARGS}
+    distributed.agree({**record, **facts, "processes": distributed.process_count()},
+                      "the run")

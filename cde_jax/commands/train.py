@@ -33,7 +33,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     cfg = flags.config_from_args(TrainConfig, args)
-    runtime.start(args)  # joins a multi-process run; a resumed or repeated run skips the compile
+    # Joins a multi-process run; a resumed or repeated run skips the compile.
+    runtime.start(args, "the checkpoints are kept: run the same command with --resume on "
+                        "every process")
     result = train(cfg, resume=args.resume,
                    show_progress=False if args.quiet else args.progress)
     if not distributed.is_main():

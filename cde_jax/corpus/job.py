@@ -3,10 +3,14 @@
     claim OUT (`outputs.claim`: process 0 locks it; a finished OUT is refused unless
               --overwrite)
     validate: each process reads its share of the chunks; any bad line stops every process
-              before an output exists (and, with ids, no id may repeat in the file)
+              before an output exists (and, with ids, no id may repeat in the file); the
+              command does it before it loads the model, so that bad input fails fast
+    the command makes every process agree on the run record (`distributed.agree`:
+              arguments, input digest, model, chunk size, batch plan), then
     calibrate int8/uint8 ranges (`calibration`): embed a fixed sample first, or take the
               ranges an unfinished run recorded
-    replace a finished OUT (--overwrite), open the sink
+    replace a finished OUT (--overwrite), open the sink (process 0 first: it writes the
+              output's record of the run, the others check it)
     todo = chunks not committed yet (read by every process before any writes)
     process p embeds todo[p::N], Grain reading the next chunks while the current one runs;
     every process joins every round (the model is one program over all devices)
@@ -91,18 +95,20 @@ def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed
                  prepare: Prepare = lambda texts: texts, read_threads: int = 2,
                  prefetch: int = 4, show_progress: bool = True,
                  precision: str = "float32") -> Path:
-    """Runs (or resumes) the job inside `claim(out, ...)`; every process calls it with the
-    same arguments. `read_threads` Grain threads read, check and `prepare` the next
-    `prefetch` chunks while the current one is embedded (tokenizing is most of a host's
-    work: threads scale it). Rows are stored in `precision` (`cde_jax.quantize`)."""
-    validate(source)
+    """Runs (or resumes) the job inside `claim(out, ...)`, on a `validate`d source; every
+    process calls it with the same arguments. `read_threads` Grain threads read, check and
+    `prepare` the next `prefetch` chunks while the current one is embedded (tokenizing is
+    most of a host's work: threads scale it). Rows are stored in `precision`
+    (`cde_jax.quantize`)."""
     quantization = calibration.calibrate(
         out, key=key, width=width, precision=precision, rows=source.rows,
         embed_rows=lambda rows: embed(prepare(read_rows(source, rows)), lambda n: None))
     if distributed.is_main() and sinks.exists(out):  # --overwrite: replaced, input checked
         sinks.remove(out)
     distributed.barrier("claimed")
-    sink = distributed.all_succeed(lambda: sinks.open_sink(
+    # Process 0 writes the output's run record (or checks the one there), then the others
+    # read and check it: one writer, and a record no process disagrees with.
+    sink = distributed.main_first(lambda: sinks.open_sink(
         out, rows=source.rows, width=width, chunk_rows=source.chunk_rows, key=key,
         id_kind=source.id_kind, quantization=quantization), "opening the output")
     done = sink.done_chunks()

@@ -88,6 +88,10 @@ def read_embeddings(path: str | Path) -> Embeddings:
     kind = output_format(path)
     if kind == ".zarr":
         ids, values, quantization = ZarrSink.read(str(path))
+    elif not Path(path).exists():
+        if any(Path(str(path) + s).exists() for s in SIDECARS):
+            raise _unfinished(path)
+        raise FileNotFoundError(f"{path}: no such output")
     elif kind == ".parquet":
         import pyarrow.parquet as pq
 
@@ -215,6 +219,10 @@ def _quantization(record: dict | None, width: int) -> Quantization:
     return Quantization("float32", width) if record is None else Quantization.from_record(record)
 
 
+def _unfinished(path) -> OutputError:
+    return OutputError(f"{path}: unfinished (run the same command again to finish it)")
+
+
 def _refuse(path: str) -> OutputError:
     return OutputError(f"{path}: holds a run with other arguments, input or model; delete it "
                        "or choose another output")
@@ -231,7 +239,7 @@ class ZarrSink:
         self._kv = ts.KvStore.open(_kvstore_spec(path)).result()
         run = _run(rows, width, chunk_rows, key, id_kind, quantization)
         found = self._kv.read(b"zarr.json").result()
-        if found.state == "missing":  # any process may write it: the same bytes
+        if found.state == "missing":  # process 0, before the others open the sink
             group = {"zarr_format": 3, "node_type": "group", "attributes": {GROUP_ATTR: run}}
             self._kv.write(b"zarr.json", json.dumps(group, sort_keys=True).encode()).result()
         elif json.loads(found.value).get("attributes", {}).get(GROUP_ATTR) != run:
@@ -286,7 +294,7 @@ class ZarrSink:
         quantization = _quantization(run.pop("quantization", None), run["width"])
         sink = cls(path, **run, quantization=quantization)
         if not sink.complete:
-            raise OutputError(f"{path}: unfinished (run the same command again to finish it)")
+            raise _unfinished(path)
         return sink.ids(), sink._array.read().result(), quantization
 
 
@@ -322,7 +330,7 @@ class ParquetSink:
         try:
             found = (self.parts / "run.json").read_text(encoding="utf-8")
         except FileNotFoundError:
-            _atomic_write(self.parts / "run.json", run.encode())  # same bytes from any process
+            _atomic_write(self.parts / "run.json", run.encode())  # process 0, first
             found = run
         if found != run:
             raise _refuse(str(self.parts))

@@ -50,7 +50,7 @@ def lines(path: Path, progress: Callable[[int], object] | None = None
           ) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) split on "\\n" only, without "\\n" / "\\r\\n" or a BOM;
     `progress(bytes)` is called for each line read."""
-    with Path(path).open("rb") as f:
+    with open(input_file(path), "rb") as f:
         for number, raw in enumerate(f, 1):
             if progress is not None:
                 progress(len(raw))
@@ -162,8 +162,7 @@ def open_chunks(path: str | Path, chunk_rows: int, *, field: str = "text",
                          f"{', '.join(FORMATS)}")
     if suffix == ".txt" and id_field is not None:
         raise InputError(f"{path}: a .txt file has no fields; its ids are line numbers")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+    input_file(path)
     if suffix == ".parquet":
         return _index_parquet(path, chunk_rows, field, id_field)
     return _index_text(path, suffix == ".jsonl", chunk_rows, field, id_field)
@@ -204,11 +203,9 @@ def _index_parquet(path: str, chunk_rows: int, field: str, id_field: str | None
     except ImportError:
         raise InputError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow), "
                          "which is not installed") from None
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
         stat = os.fstat(f.fileno())
-        for block in iter(lambda: f.read(BLOCK_BYTES), b""):
-            digest.update(block)
+        digest = _sha256(f)
         try:
             parquet = pq.ParquetFile(f)
         except pa.ArrowException as e:
@@ -232,8 +229,34 @@ def _index_parquet(path: str, chunk_rows: int, field: str, id_field: str | None
             wanted = "strings" if role == "text" else "strings or integers"
             raise InputError(f"{path}: column {name!r} holds {kind}, not {wanted}")
     return ParquetChunks(path, chunk_rows, field, id_field, int(sum(counts)),
-                         tuple(np.cumsum([0] + counts).tolist()), digest.hexdigest(),
+                         tuple(np.cumsum([0] + counts).tolist()), digest,
                          (stat.st_size, stat.st_mtime_ns), kinds.get("id", "int"))
+
+
+def input_file(path: str | Path) -> str | Path:
+    """`path`, when it is a file: a directory or nothing there is a one-line error."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not a file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes: how the processes of a run tell that they read the same
+    file (`distributed.agree`). A file that cannot be read is an `InputError`."""
+    try:
+        with open(input_file(path), "rb") as f:
+            return _sha256(f)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def _sha256(f) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(BLOCK_BYTES), b""):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_unchanged(path: str, indexed: tuple[int, int], now: os.stat_result) -> None:

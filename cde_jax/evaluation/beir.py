@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..corpus.source import jsonl_records, lines
+from ..corpus.source import input_file, jsonl_records, lines
 from ..validation import UserError
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
@@ -39,16 +39,24 @@ class BeirDataset:
     query_texts: list[str]
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 
+    @property
+    def files(self) -> tuple[Path, Path, Path]:
+        """The files it was read from: corpus, queries, the split's qrels."""
+        return files(self.path, self.split)
+
+
+def files(path: Path, split: str) -> tuple[Path, Path, Path]:
+    return path / "corpus.jsonl", path / "queries.jsonl", path / "qrels" / f"{split}.tsv"
+
 
 def document_text(title: str, text: str) -> str:
     return (title + " " + text).strip() if title else text.strip()
 
 
 def _reading(path: Path, desc: str) -> tqdm:
-    """A byte progress bar over `path`, which must exist."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found")
-    return tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc, disable=None)
+    """A byte progress bar over `path`, which must be a file."""
+    return tqdm(total=Path(input_file(path)).stat().st_size, unit="B", unit_scale=True,
+                desc=desc, disable=None)
 
 
 def _string(path: Path, number: int, row: dict, key: str, *, optional: bool = False) -> str:
@@ -132,13 +140,13 @@ def load_beir(path: str | Path, split: str = "test") -> BeirDataset:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a dataset directory")
-    qrels_path = path / "qrels" / f"{split}.tsv"
+    corpus_path, queries_path, qrels_path = files(path, split)
     if not qrels_path.is_file():
         found = sorted(p.stem for p in (path / "qrels").glob("*.tsv"))
         raise FileNotFoundError(f"{qrels_path}: no qrels for split {split!r} (found: "
                                 f"{', '.join(found) or 'none'})")
-    corpus = read_jsonl(path / "corpus.jsonl", title=True)
-    queries = read_jsonl(path / "queries.jsonl", title=False)
+    corpus = read_jsonl(corpus_path, title=True)
+    queries = read_jsonl(queries_path, title=False)
     qrels = read_qrels(qrels_path, queries)
     unknown = {d for judged in qrels.values() for d in judged if d not in corpus}
     _check_some_relevant_in_corpus(qrels_path, qrels, corpus, unknown)

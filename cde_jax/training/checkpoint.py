@@ -8,6 +8,8 @@ checkpoint intact; restoring onto the live arrays' shardings puts it straight on
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,18 +38,30 @@ def checkpoint_steps(directory: str | Path) -> list[int]:
 
 
 class Checkpoints:
+    """Saves are synchronous: a save that fails (a full disk) raises here, in the training
+    loop, where an asynchronous one would fail later, in orbax's threads. The threads that
+    write a synchronous save still log their failure with its traceback, some after the save
+    has raised it: `_RaisedElsewhere` drops those records during a save, and for good after
+    one that failed (the error is the caller's to report)."""
+
     def __init__(self, directory: str | Path, *, keep: int = 2):
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=False))
 
     def save(self, state: TrainState) -> None:
         meta = {"step": state.step, "data_position": state.data_position,
                 "rng_key": np.asarray(state.rng_key).tolist()}
-        self.manager.save(state.step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(meta)))
+        absl = logging.getLogger("absl")  # orbax logs through absl
+        quiet = _RaisedElsewhere()
+        absl.addFilter(quiet)
+        with settled_event_loops():
+            self.manager.save(state.step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                meta=ocp.args.JsonSave(meta)))
+        absl.removeFilter(quiet)
 
     def restore_latest(self, like: TrainState) -> TrainState | None:
         """The newest checkpoint laid out like `like`'s arrays, or None if there is none."""
@@ -72,6 +86,18 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class _RaisedElsewhere(logging.Filter):
+    """Drops the records of errors that other threads log with their traceback: orbax's
+    writers, whose failure the save raises in the thread that called it."""
+
+    def __init__(self):
+        super().__init__()
+        self.caller = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.thread != self.caller)
 
 
 def export_released(model: nnx.Module, base: convert.Checkpoint, out: str | Path, *,

@@ -10,10 +10,12 @@ checkpoint (nothing to resume: a new run starts over). A resumed run replays fro
 checkpoint and ends with exactly the parameters of an uninterrupted one (same programs, same
 inputs, same keys).
 
-With several processes (`cde_jax.distributed`), every process builds the same batches (they
-are a pure function of the data position) and feeds only its devices' rows; the step is one
-program over every device, so loss and gradients are those of one process. Orbax writes the
-checkpoints from all processes; process 0 alone writes the logs and the exported model.
+With several processes (`cde_jax.distributed`), every process must have process 0's settings,
+data and model (`distributed.agree`, before OUT is touched); every process builds the same
+batches (they are a pure function of the data position) and feeds only its devices' rows;
+the step is one program over every device, so loss and gradients are those of one process.
+Orbax writes the checkpoints from all processes; process 0 alone writes the logs and the
+exported model.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 from .. import attention as attention_lib
 from .. import convert, distributed, loading, outputs, sharding
 from ..config import DTYPES, ModernBertConfig, setting
+from ..corpus.source import file_sha256
 from ..loading import read_checkpoint
 from ..outputs import atomic_file
 from ..text_api import load
@@ -284,6 +287,9 @@ def _train(cfg: TrainConfig, *, resume: bool, show_progress: bool | None) -> Tra
     false_negatives = build_filter(cfg.filter, examples, lambda path: load(path, mesh=mesh))
     cfg, data, backbone = resolve(cfg, ckpt, examples, mesh, false_negatives)
     ckpt.cde = ckpt.cde.replace(transductive_corpus_size=cfg.batch.corpus_size)
+    distributed.agree({**traverse_util.flatten_dict(cfg.to_json(), sep="."), "resume": resume,
+                       "data sha256": file_sha256(cfg.data), "model": ckpt.fingerprint,
+                       "processes": distributed.process_count()}, "the training run")
     out = Path(cfg.out)
     distributed.all_succeed(lambda: _prepare_out(out, cfg, resume), "checking --out")
     distributed.barrier("out checked")  # before process 0 writes into OUT
