@@ -175,6 +175,9 @@ def _cluster(cfg, load_model, overwrite, show_progress) -> ClusterResult:
         cfg.data, CHUNK_ROWS, field=field, id_field=cfg.id_field), "indexing the input")
         for field, _, _ in (SIDES if cfg.model else SIDES[:1])]
     pairs = sources[0].rows
+    # Every process must cluster the same file with the same settings, before any work.
+    distributed.agree({"settings": dataclasses.asdict(cfg), "data sha256": sources[0].sha256,
+                       "processes": distributed.process_count()}, "the run")
     k = cfg.clusters(pairs)
     if pairs < cfg.batch_size:
         raise UserError(f"{cfg.data}: {pairs} pairs do not fill one batch of {cfg.batch_size}")
