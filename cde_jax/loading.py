@@ -33,7 +33,7 @@ def default_dtype(platform: str) -> str:
     return "float32" if platform == "cpu" else "bfloat16"
 
 
-def runtime_backbone(ckpt: convert.Checkpoint, mesh, *, dtype: str | None = None,
+def runtime_backbone(stored: ModernBertConfig, mesh, *, dtype: str | None = None,
                      param_dtype: str | None = None, attention_name: str = "auto"
                      ) -> ModernBertConfig:
     """The checkpoint's backbone with the run's choices: compute dtype (default per
@@ -41,8 +41,8 @@ def runtime_backbone(ckpt: convert.Checkpoint, mesh, *, dtype: str | None = None
     kernel ("auto" resolved for the mesh's devices and the compute dtype; a kernel that
     cannot run there is an error). Names are validated by `ModernBertConfig`."""
     device = mesh.devices.flat[0]
-    backbone = ckpt.backbone.replace(dtype=dtype or default_dtype(device.platform),
-                                     param_dtype=param_dtype or ckpt.backbone.param_dtype)
+    backbone = stored.replace(dtype=dtype or default_dtype(device.platform),
+                              param_dtype=param_dtype or stored.param_dtype)
     return backbone.replace(attention=attention.resolve(attention_name, device, backbone.dtype))
 
 

@@ -64,7 +64,7 @@ def load(path: str | Path, *, revision: str | None = None, dtype: str | None = N
     mesh = mesh if mesh is not None else sharding.make_mesh()
     path = hub.local_path(path, revision, backbone_config=backbone_config)
     ckpt = loading.read_checkpoint(path, backbone_config=backbone_config, mesh=mesh)
-    backbone = loading.runtime_backbone(ckpt, mesh, dtype=dtype, param_dtype=param_dtype,
+    backbone = loading.runtime_backbone(ckpt.backbone, mesh, dtype=dtype, param_dtype=param_dtype,
                                         attention_name=attention)
     runner = StageRunner(*loading.place_checkpoint(ckpt, backbone, mesh), mesh)
     tokenizer = ckpt.tokenizer_dir and TextTokenizer(load_tokenizer(ckpt.tokenizer_dir),

@@ -178,7 +178,7 @@ def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples, mesh
             if rows % step.grad_cache_rows:
                 raise UserError(f"grad_cache_rows {step.grad_cache_rows} does not divide the "
                                 f"{what} ({rows})")
-    backbone = loading.runtime_backbone(ckpt, mesh, dtype=cfg.dtype,
+    backbone = loading.runtime_backbone(ckpt.backbone, mesh, dtype=cfg.dtype,
                                         attention_name=cfg.attention)
     return dataclasses.replace(cfg, batch=data.cfg, step=step, dtype=backbone.dtype,
                                attention=backbone.attention,
