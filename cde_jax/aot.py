@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 
 import jax
@@ -86,6 +87,19 @@ CHIPS = {
 }
 
 
+# The generation of an attached device, by `jax.Device.device_kind`.
+KIND_GENERATIONS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
+                    "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e",
+                    "NVIDIA H100 80GB HBM3": "h100"}
+
+
+def target_for(device_kind: str) -> str | None:
+    """The target of `TARGETS` that compiles for a device of this kind (None: not known),
+    to put a measured rate beside the static prediction (scripts/accel_benchmark.py)."""
+    generation = KIND_GENERATIONS.get(device_kind)
+    return next((t for t in TARGETS if t.split(":")[0] == generation), None)
+
+
 def chip(target: str) -> Chip:
     generation = target.split(":")[0]
     if generation not in CHIPS:
@@ -95,6 +109,14 @@ def chip(target: str) -> Chip:
     return CHIPS[generation]
 
 
+# What libtpu reads when it loads: on a host whose JAX runs without TPUs it is loaded only to
+# compile, so several processes may load it at once (it otherwise takes /tmp/libtpu_lockfile)
+# and there is no TPU VM metadata server to ask for the host's TPUs (it otherwise logs its
+# search at length).
+COMPILE_ONLY_LIBTPU_ENV = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1",
+                           "TPU_WORKER_HOSTNAMES": "localhost"}
+
+
 @functools.cache
 def devices(target: str) -> tuple:
     """The compile-only devices of `target`."""
@@ -102,6 +124,10 @@ def devices(target: str) -> tuple:
 
     chip(target)
     name, _, topology = target.partition(":")
+    platforms = jax.config.jax_platforms or ""
+    if platforms and "tpu" not in platforms:  # never on a host that may run a TPU
+        for key, value in COMPILE_ONLY_LIBTPU_ENV.items():
+            os.environ.setdefault(key, value)
     try:
         if name == "h100":
             spec = resources.packaged_data(H100_SPEC).read_text()
@@ -283,7 +309,7 @@ def _inputs(stage: str, graphdef, backbone: ModernBertConfig, cde: CdeConfig,
 
 def compile_stage(target: str, stage: str, batch: int, length: int, *, model=None,
                   dtype: str = "bfloat16", param_dtype: str | None = None,
-                  attention: str = "auto", data_parallel: int = 1,
+                  activations: str = "compute", attention: str = "auto", data_parallel: int = 1,
                   model_parallel: int = 1) -> StageReport:
     """Compiles `stage` ("first": `batch` documents of `length` tokens -> dataset
     embeddings; "prefix": `batch` dataset embeddings -> the second stage's prefix, `length`
@@ -293,15 +319,15 @@ def compile_stage(target: str, stage: str, batch: int, length: int, *, model=Non
 
     model: a loaded `CdeModel`, a checkpoint path, or a preset name ("tiny", "base"; None:
     "base") with random weights, which need not exist: the program is lowered from shapes.
-    dtype, param_dtype, attention: as `load` takes them ("auto" resolved for the target's
-    devices; param_dtype defaults to the checkpoint's, float32 for a preset). A kernel that
-    cannot run on the target is an error, never a silent fallback."""
+    dtype, param_dtype, activations, attention: as `load` takes them ("auto" resolved for
+    the target's devices; param_dtype defaults to the checkpoint's, float32 for a preset). A
+    kernel that cannot run on the target is an error, never a silent fallback."""
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
     mesh = target_mesh(target, data_parallel, model_parallel)
     stored, cde, has_null = _configs(model)
     backbone = loading.runtime_backbone(stored, mesh, dtype=dtype, param_dtype=param_dtype,
-                                        attention_name=attention)
+                                        attention_name=attention, activations=activations)
     graphdef, _ = params.split(params.abstract_model(backbone, cde,
                                                      has_null_embedding=has_null))
     fn = runner.stage_functions(graphdef, mesh)[STAGES.index(stage)]

@@ -266,16 +266,20 @@ def _splash_kernel(h: int, t_pad: int, s_pad: int, offset: int, window_radius: i
     `LocalMask` with window (r, r) keeps |i + offset - j| <= r; `FullMask` keeps all.
     Padding is in the segment ids, not here, so one kernel serves every batch. Tiles: the
     largest of 512/256/128 dividing each padded length, for both passes (training runs the
-    backward kernels too)."""
+    backward kernels too). q, k and v are read sequence-minor: head_dim (64) minor would pad
+    to 128 lanes in TPU memory, doubling their traffic; XLA writes them in that layout
+    directly, so no transpose runs around the kernel."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 
     shape = (t_pad, s_pad)
+    seq_minor = splash_lib.QKVLayout.SEQ_MINOR
     head_mask = (splash_lib.FullMask(shape) if window_radius is None else
                  splash_lib.LocalMask(shape, (window_radius, window_radius), offset))
     bq, bkv = (next(b for b in (512, 256, 128) if n % b == 0) for n in shape)
     blocks = splash_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
                                    block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
-                                   block_q_dq=bq, block_kv_dq=bkv)
+                                   block_q_dq=bq, block_kv_dq=bkv,
+                                   q_layout=seq_minor, k_layout=seq_minor, v_layout=seq_minor)
     # The kernel keeps its block tables as arrays; built inside a `jit` trace they would be
     # tracers that this cache leaks into later traces. Make them concrete constants.
     with jax.ensure_compile_time_eval():

@@ -34,15 +34,17 @@ def default_dtype(platform: str) -> str:
 
 
 def runtime_backbone(stored: ModernBertConfig, mesh, *, dtype: str | None = None,
-                     param_dtype: str | None = None, attention_name: str = "auto"
-                     ) -> ModernBertConfig:
+                     param_dtype: str | None = None, attention_name: str = "auto",
+                     activations: str = "compute") -> ModernBertConfig:
     """The checkpoint's backbone with the run's choices: compute dtype (default per
-    platform, `default_dtype`), parameter dtype (default: the stored one) and the attention
-    kernel ("auto" resolved for the mesh's devices and the compute dtype; a kernel that
-    cannot run there is an error). Names are validated by `ModernBertConfig`."""
+    platform, `default_dtype`), parameter dtype (default: the stored one), what the
+    activations are kept in between ops (`config.ACTIVATIONS`) and the attention kernel
+    ("auto" resolved for the mesh's devices and the compute dtype; a kernel that cannot run
+    there is an error). Names are validated by `ModernBertConfig`."""
     device = mesh.devices.flat[0]
     backbone = stored.replace(dtype=dtype or default_dtype(device.platform),
-                              param_dtype=param_dtype or stored.param_dtype)
+                              param_dtype=param_dtype or stored.param_dtype,
+                              activations=activations)
     return backbone.replace(attention=attention.resolve(attention_name, device, backbone.dtype))
 
 

@@ -4,6 +4,7 @@ roofline (`cde_jax.aot`): a table in docs/performance.md and the figures in JSON
 
     JAX_PLATFORMS=cpu python scripts/aot_report.py [--section NAME] [--targets T ...]
         [--planner] [--json OUT]
+    JAX_PLATFORMS=cpu python scripts/aot_report.py --fidelity
 
 Cases, ModernBERT-base with random weights (nothing is loaded), bfloat16, "auto" attention,
 one device: the first stage on 64 documents of 256 tokens, the second stage on 64 documents
@@ -14,6 +15,12 @@ docs/aot/NAME.json (--json elsewhere). --planner also compiles the "xla" kernel 
 the generated table of temporary bytes per token in cde_jax/buckets.py from every kernel's
 largest case. A base compile takes 35-100 s on 2 cores: every target is 5 to 15 minutes.
 Needs the aot extra (`pip install -e '.[aot]'`).
+
+--fidelity instead runs the base model on this CPU (random weights, the synthetic base
+checkpoint) in float32 and in bfloat16 with each `activations` setting, and writes the worst
+and mean per-row cosine to float32 of the dataset embeddings (the 512-document fallback
+minicorpus cut to 64 tokens), 32 queries and 32 documents of 256 tokens (each model against
+its own dataset embeddings, end to end) into the block `fidelity` (about 10 minutes).
 """
 
 from __future__ import annotations
@@ -21,15 +28,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before JAX starts (see cde_jax.aot)
 
-from cde_jax import aot, buckets  # noqa: E402
+import numpy as np  # noqa: E402
+
+import cde_jax  # noqa: E402
+from cde_jax import aot, buckets, ops  # noqa: E402
+from cde_jax.config import ACTIVATIONS  # noqa: E402
+from cde_jax.convert import convert  # noqa: E402
+from cde_jax.convert.synthetic import make_synthetic_checkpoint  # noqa: E402
 from cde_jax.outputs import atomic_file  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_blocks import PERFORMANCE, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = (("first stage, 64 docs x 256", "first", 64, 256),
@@ -75,16 +91,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, name: str, text: str) -> None:
-    begin, end = f"<!-- aot:{name} -->", f"<!-- /aot:{name} -->"
-    old = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{text}\n{end}"
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    new = pattern.sub(lambda _: block, old) if begin in old else old.rstrip() + "\n\n" + block
-    with atomic_file(path, "w") as f:
-        f.write(new.lstrip() + "\n")
-
-
 def planner_table(rows: list[dict]) -> dict[str, dict[str, int]]:
     """{device kind: {kernel: largest temporary bytes per token of any case}}."""
     out: dict[str, dict[str, int]] = {}
@@ -100,9 +106,49 @@ def write_planner(table_of: dict[str, dict[str, int]]) -> None:
     body = "".join(f"    {kind!r}: {kernels!r},\n" for kind, kernels in sorted(table_of.items()))
     block = f"{buckets.GENERATED_BEGIN}\nBYTES_PER_TOKEN = {{\n{body}}}\n{buckets.GENERATED_END}"
     old = path.read_text()
-    start, stop = old.index(buckets.GENERATED_BEGIN), old.index(buckets.GENERATED_END)
+    start = old.index("\n" + buckets.GENERATED_BEGIN + "\n") + 1  # the marker line, not
+    stop = old.index("\n" + buckets.GENERATED_END + "\n") + 1       # the constants' values
     with atomic_file(path, "w") as f:
         f.write(old[:start] + block + old[stop + len(buckets.GENERATED_END):])
+
+
+def fidelity() -> tuple[str, dict]:
+    """(markdown, figures): bfloat16 with each `activations` setting against float32."""
+    work = Path(tempfile.mkdtemp(prefix="cde-fidelity-"))
+    converted = convert(make_synthetic_checkpoint(work / "released", preset="base"),
+                        work / "converted")
+    texts = cde_jax.fallback_minicorpus()
+    variants = {"float32": dict(dtype="float32")} | {
+        f"bfloat16, activations={a}": dict(dtype="bfloat16", activations=a) for a in ACTIVATIONS}
+    outputs = {}
+    for name, options in variants.items():
+        begin = time.perf_counter()
+        model = cde_jax.load(converted, **options)
+        model.max_seq_length = 64
+        dataset = model.embed_dataset(texts)
+        model.max_seq_length = 256
+        ctx = model.context(dataset)
+        outputs[name] = {"dataset embeddings": dataset,
+                         "queries": ctx.encode_query(texts[:32], normalize_embeddings=False),
+                         "documents": ctx.encode_document(texts[32:64],
+                                                          normalize_embeddings=False)}
+        print(f"{name}: {time.perf_counter() - begin:.0f} s", flush=True)
+    reference = outputs.pop("float32")
+    figures = {name: {kind: cosines(out[kind], reference[kind]) for kind in out}
+               for name, out in outputs.items()}
+    lines = ["| compute | " + " | ".join(f"{k}: worst / mean cosine" for k in reference) + " |",
+             "|---|" + "---|" * len(reference)]
+    lines += [f"| {name} | " + " | ".join(f"{c['worst']:.6f} / {c['mean']:.6f}"
+                                         for c in kinds.values()) + " |"
+              for name, kinds in figures.items()]
+    return "\n".join(lines), figures
+
+
+def cosines(a_nd, b_nd) -> dict[str, float]:
+    """Worst and mean per-row cosine, float64."""
+    rows = (ops.l2_normalize(np.asarray(a_nd, np.float64))
+            * ops.l2_normalize(np.asarray(b_nd, np.float64))).sum(1)
+    return {"worst": float(rows.min()), "mean": float(rows.mean())}
 
 
 def main(argv=None) -> int:
@@ -112,8 +158,18 @@ def main(argv=None) -> int:
     ap.add_argument("--planner", action="store_true",
                     help="also compile 'xla' attention and rewrite buckets.BYTES_PER_TOKEN")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "performance.md")
+    ap.add_argument("--docs", type=Path, default=PERFORMANCE)
+    ap.add_argument("--fidelity", action="store_true",
+                    help="measure bfloat16 against float32 on this CPU instead")
     args = ap.parse_args(argv)
+    if args.fidelity:
+        text, figures = fidelity()
+        write_section(args.docs, "fidelity", text)
+        out = args.json or ROOT / "docs" / "aot" / "fidelity.json"
+        with atomic_file(out, "w") as f:
+            json.dump(figures, f, indent=1)
+        print(text)
+        return 0
     kernels_of = (lambda p: PLANNER_KERNELS[p]) if args.planner else (lambda p: ("auto",))
     rows = run(args.targets, kernels_of)
     defaults = [r for r in rows if r["attention"] in ("splash", "cudnn")]
@@ -123,7 +179,12 @@ def main(argv=None) -> int:
     with atomic_file(out, "w") as f:
         json.dump(rows, f, indent=1, default=str)
     if args.planner:
-        write_planner(planner_table(rows))
+        planned = planner_table(rows)
+        write_planner(planned)
+        write_section(args.docs, "planner", "\n".join(
+            ["| device kind | kernel | temporary bytes per token |", "|---|---|---|"]
+            + [f"| {kind} | {kernel} | {n:,} |" for kind, kernels in sorted(planned.items())
+               for kernel, n in sorted(kernels.items())]))
     print(f"wrote {args.docs} ({args.section}) and {out}")
     return 0
 

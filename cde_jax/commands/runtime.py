@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 
 from .. import attention, distributed
-from ..config import DTYPES
+from ..config import ACTIVATIONS, DTYPES
 from ..resources import cache_dir
 from ..text_api import CdeModel, load
 
@@ -56,10 +56,15 @@ def positive_int(value: str) -> int:
 
 
 def add_compute_args(parser: argparse.ArgumentParser) -> None:
-    """--dtype and --attention, for every command that runs the model (one definition)."""
+    """--dtype, --activations and --attention, for every command that runs the model (one
+    definition)."""
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="compute dtype: matmul inputs in it, float32 accumulation, norms "
                              "and softmax (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--activations", choices=ACTIVATIONS, default="compute",
+                        help="with a half dtype, activations between ops in it (compute, the "
+                             "default) or in float32 (the last 1e-4 of fidelity, twice the "
+                             "memory traffic)")
     parser.add_argument("--attention", choices=attention.names(), default="auto",
                         help="attention kernel (default auto: cudnn on NVIDIA GPUs, splash on "
                              "TPUs, head_major on CPU)")
@@ -106,4 +111,5 @@ def start(args: argparse.Namespace) -> None:
 
 
 def load_model(args: argparse.Namespace) -> CdeModel:
-    return load(args.model, dtype=args.dtype, attention=args.attention)
+    return load(args.model, dtype=args.dtype, activations=args.activations,
+                attention=args.attention)
