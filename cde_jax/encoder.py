@@ -7,8 +7,11 @@ stage can reuse the pieces with a shared prefix (see `model.py`) without a secon
 
 Precision: with a half compute dtype (`cfg.dtype` "bfloat16"/"float16") every matmul takes
 half-precision inputs and accumulates in float32 (`preferred_element_type`), and so does
-attention; the residual stream, norms, RoPE, softmax and GELU stay float32, so rounding enters
-only at matmul inputs. With float32 every cast is a no-op: the float32 program is unchanged.
+attention. Between ops the activations (matmul outputs, q/k/v, the residual stream) are kept
+in `cfg.jnp_activation_dtype`: the compute dtype by default, which halves the memory traffic
+that bounds accelerators, or float32 (`activations="float32"`: rounding only at matmul
+inputs). Norms, RoPE, softmax and GELU compute in float32 inside their fusions either way.
+With float32 compute every cast is a no-op.
 
 Shapes are suffixed with the package's dimension key (cde_jax/__init__.py).
 """

@@ -28,8 +28,8 @@ def read_checkpoint(path: str | Path, *, backbone_config: str | Path | None = No
 def default_dtype(platform: str) -> str:
     """The compute dtype when none is asked for: bfloat16 on accelerators, where it doubles
     matmul throughput and halves activation memory (float32 accumulation keeps embeddings
-    within cosine 0.9999 of float32); float32 on CPU, where results stay bit-comparable to
-    the PyTorch reference."""
+    within cosine 0.9995 of float32, docs/performance.md); float32 on CPU, where results
+    stay bit-comparable to the PyTorch reference."""
     return "float32" if platform == "cpu" else "bfloat16"
 
 

@@ -11,9 +11,10 @@ one device: the first stage on 64 documents of 256 tokens, the second stage on 6
 of 256 tokens and on 256 queries of 32 tokens after the 512 + 8 prefix. The table replaces the
 block `<!-- aot:NAME -->` ... `<!-- /aot:NAME -->` of docs/performance.md (appended when
 absent), so the file keeps one table per section ("before", "after"); the JSON goes to
-docs/aot/NAME.json (--json elsewhere). --planner also compiles the "xla" kernel and rewrites
-the generated table of temporary bytes per token in cde_jax/buckets.py from every kernel's
-largest case. A base compile takes 35-100 s on 2 cores: every target is 5 to 15 minutes.
+docs/aot/NAME.json (--json elsewhere). --planner also compiles the "xla" kernel (on the
+second stage's documents) and rewrites the generated table of temporary bytes per token in
+cde_jax/buckets.py from every kernel's largest case. A base compile takes 35-100 s on 2
+cores (minutes on a loaded machine): every target is 5 to 15 minutes.
 Needs the aot extra (`pip install -e '.[aot]'`).
 
 --fidelity instead runs the base model on this CPU (random weights, the synthetic base
@@ -51,25 +52,26 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = (("first stage, 64 docs x 256", "first", 64, 256),
          ("second stage, 64 docs x 256", "second", 64, 256),
          ("second stage, 256 queries x 32", "second", 256, 32))
-PLANNER_KERNELS = {"tpu": ("splash", "xla"), "gpu": ("cudnn", "xla")}
+DEFAULT_KERNELS = ("splash", "cudnn")  # what "auto" picks: the table's rows
 
 
-def run(targets, kernels_of) -> list[dict]:
-    rows = []
-    for target in targets:
-        platform = aot.devices(target)[0].platform
-        for kernel in kernels_of(platform):
-            for label, stage, batch, length in CASES:
+def run(targets, planner: bool):
+    """Rows, one compile each: every case with "auto" attention on every target, then with
+    --planner the "xla" kernel (which "auto" does not pick) on the second stage's documents,
+    its largest temporaries per token."""
+    passes = [("auto", CASES)] + [("xla", CASES[1:2])] * planner
+    for kernel, cases in passes:
+        for target in targets:
+            for label, stage, batch, length in cases:
                 begin = time.perf_counter()
                 report = aot.compile_stage(target, stage, batch, length, attention=kernel)
                 row = report.to_dict() | {"case": label, "device_kind":
                                           aot.devices(target)[0].device_kind,
                                           "compile_seconds": time.perf_counter() - begin}
-                rows.append(row)
-                print(f"{target:10} {kernel:7} {label:32} roof {row['roof_fraction']:.2f} "
-                      f"{row['bytes_accessed'] / 1e9:7.1f} GB  {row['compile_seconds']:.0f} s",
-                      flush=True)
-    return rows
+                print(f"{target:10} {row['attention']:7} {label:32} roof "
+                      f"{row['roof_fraction']:.2f} {row['bytes_accessed'] / 1e9:7.1f} GB  "
+                      f"{row['compile_seconds']:.0f} s", flush=True)
+                yield row
 
 
 def table(rows: list[dict]) -> str:
@@ -154,7 +156,8 @@ def cosines(a_nd, b_nd) -> dict[str, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--section", default="current", help="the docs block to (re)write")
-    ap.add_argument("--targets", nargs="+", default=list(aot.TARGETS))
+    ap.add_argument("--targets", nargs="+", default=list(aot.TARGETS),
+                    help="in this order (default: every target)")
     ap.add_argument("--planner", action="store_true",
                     help="also compile 'xla' attention and rewrite buckets.BYTES_PER_TOKEN")
     ap.add_argument("--json", type=Path, default=None)
@@ -170,14 +173,14 @@ def main(argv=None) -> int:
             json.dump(figures, f, indent=1)
         print(text)
         return 0
-    kernels_of = (lambda p: PLANNER_KERNELS[p]) if args.planner else (lambda p: ("auto",))
-    rows = run(args.targets, kernels_of)
-    defaults = [r for r in rows if r["attention"] in ("splash", "cudnn")]
-    write_section(args.docs, args.section, table(defaults))
     out = args.json or ROOT / "docs" / "aot" / f"{args.section}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out, "w") as f:
-        json.dump(rows, f, indent=1, default=str)
+    rows = []
+    for row in run(args.targets, args.planner):  # written as they come: a long run keeps
+        rows.append(row)                          # what it has done
+        with atomic_file(out, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+        write_section(args.docs, args.section,
+                      table([r for r in rows if r["attention"] in DEFAULT_KERNELS]))
     if args.planner:
         planned = planner_table(rows)
         write_planner(planned)
