@@ -92,9 +92,10 @@ def test_model_parallel_splits_heads(aot_reports):
 
 def test_report_figures_agree_with_the_flop_count(aot_reports):
     """XLA's TPU count covers the matmuls flops.py counts (attention is in the Mosaic calls
-    it cannot see) plus the elementwise work flops.py leaves out, 13-14% of the tiny
-    preset's matmuls at width 64 (0.6% at base width: docs/performance.md); the H100 HLO
-    tally is the dense count (cuDNN computes local layers as masked dense attention)."""
+    it cannot see) plus the elementwise work flops.py leaves out: norms, GELU, RoPE and the
+    padding around splash are 15-17% of the tiny preset's matmul FLOPs at width 64 (0.6% at
+    base width, where the count is within 1%: docs/performance.md); the H100 HLO tally is the
+    dense count (cuDNN computes local layers as masked dense attention)."""
     for row in aot_reports.values():
         devices = row["devices"]
         assert row["flops"] > 0 and row["bytes_accessed"] > 0
@@ -105,7 +106,7 @@ def test_report_figures_agree_with_the_flop_count(aot_reports):
             continue
         if tpu(row):
             linear = row["model_flops_linear"]
-            assert linear <= row["xla_flops"] <= 1.15 * linear, row["case"]
+            assert linear <= row["xla_flops"] <= 1.2 * linear, row["case"]
             assert row["flops"] == pytest.approx(
                 row["xla_flops"] + row["model_flops"] - linear)
         else:
