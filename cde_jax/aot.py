@@ -286,10 +286,11 @@ def _model_flops(stage: str, backbone: ModernBertConfig, cde: CdeConfig, batch: 
                                     + cde.num_soft_prompt_tokens, attention=attention)
 
 
-def _inputs(stage: str, graphdef, backbone: ModernBertConfig, cde: CdeConfig,
-            has_null_embedding: bool, batch: int, length: int, mesh) -> tuple:
-    """The stage's arguments as `jax.ShapeDtypeStruct`s laid out as the runner lays them."""
-    model = params.abstract_model(backbone, cde, has_null_embedding=has_null_embedding)
+def _inputs(stage: str, model, backbone: ModernBertConfig, cde: CdeConfig, batch: int,
+            length: int, mesh) -> tuple:
+    """The stage's arguments as `jax.ShapeDtypeStruct`s laid out as the runner lays them
+    (`model`: the abstract model)."""
+    graphdef, _ = params.split(model)
     flat = params.flat_params(model)
     weights = params.unflatten({path: jax.ShapeDtypeStruct(
         leaf.shape, backbone.jnp_param_dtype,
@@ -328,10 +329,9 @@ def compile_stage(target: str, stage: str, batch: int, length: int, *, model=Non
     stored, cde, has_null = _configs(model)
     backbone = loading.runtime_backbone(stored, mesh, dtype=dtype, param_dtype=param_dtype,
                                         attention_name=attention, activations=activations)
-    graphdef, _ = params.split(params.abstract_model(backbone, cde,
-                                                     has_null_embedding=has_null))
-    fn = runner.stage_functions(graphdef, mesh)[STAGES.index(stage)]
-    lowered = fn.lower(*_inputs(stage, graphdef, backbone, cde, has_null, batch, length, mesh))
+    abstract = params.abstract_model(backbone, cde, has_null_embedding=has_null)
+    fn = runner.stage_functions(params.split(abstract)[0], mesh)[STAGES.index(stage)]
+    lowered = fn.lower(*_inputs(stage, abstract, backbone, cde, batch, length, mesh))
     gpu = mesh.devices.flat[0].platform == "gpu"
     compiled = lowered.compile(GPU_COMPILER_OPTIONS if gpu else None)
     return StageReport.of(compiled, target=target, stage=stage, batch=batch, length=length,
