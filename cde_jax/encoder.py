@@ -6,12 +6,13 @@ with theta 10k. The layer is split into `project_qkv` / `attend` / `mlp_block` s
 stage can reuse the pieces with a shared prefix (see `model.py`) without a second copy.
 
 Precision: with a half compute dtype (`cfg.dtype` "bfloat16"/"float16") every matmul takes
-half-precision inputs and accumulates in float32 (`preferred_element_type`), and so does
-attention. Between ops the activations (matmul outputs, q/k/v, the residual stream) are kept
-in `cfg.jnp_activation_dtype`: the compute dtype by default, which halves the memory traffic
-that bounds accelerators, or float32 (`activations="float32"`: rounding only at matmul
-inputs). Norms, RoPE, softmax and GELU compute in float32 inside their fusions either way.
-With float32 compute every cast is a no-op.
+half-precision inputs and accumulates in float32, and so does attention. Between ops the
+activations (matmul outputs, q/k/v, the residual stream) are kept in
+`cfg.jnp_activation_dtype`: the compute dtype by default (the linears write it directly,
+`preferred_element_type`), which halves the memory traffic that bounds accelerators, or
+float32 (`activations="float32"`: rounding only at matmul inputs). Norms, RoPE, softmax and
+GELU compute in float32 inside their fusions either way. With float32 compute every cast is
+a no-op.
 
 Shapes are suffixed with the package's dimension key (cde_jax/__init__.py).
 """
@@ -36,11 +37,12 @@ def layer_norm(cfg: ModernBertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def dense(cfg: ModernBertConfig, in_features, out_features, *, use_bias: bool, rngs: nnx.Rngs,
           axis=-1) -> nnx.LinearGeneral:
-    """Inputs and weights cast to the compute dtype, products accumulated and returned in
-    float32."""
+    """Inputs and weights cast to the compute dtype, products accumulated in float32 and
+    written in the activation dtype (`preferred_element_type`: cuBLAS and the MXU round their
+    float32 sums once, on the way out; XLA:CPU accumulates bfloat16 products in float32 too)."""
     return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias,
                              dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                             preferred_element_type=jnp.float32,
+                             preferred_element_type=cfg.jnp_activation_dtype,
                              kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
@@ -65,14 +67,14 @@ class Attention(nnx.Module):
     def project_qkv(self, x_bsd: jax.Array, activation_dtype) -> list[jax.Array]:
         """q, k, v (b, s, h, e) as three matmuls on the slices of the fused `wqkv` kernel:
         each writes its own array, so nothing splits a fused (b, s, 3, h, e) output (a pass
-        over all of it on accelerators). Same casts as `dense`."""
+        over all of it on accelerators). The same dtypes as `dense`."""
         wqkv = self.wqkv
         kernel_d3he = wqkv.kernel[...].astype(wqkv.dtype)
         x_bsd = x_bsd.astype(wqkv.dtype)
         out = []
         for i in range(3):
             y_bshe = jnp.einsum("bsd,dhe->bshe", x_bsd, kernel_d3he[:, i],
-                                preferred_element_type=jnp.float32)
+                                preferred_element_type=activation_dtype)
             if wqkv.bias is not None:
                 y_bshe = y_bshe + wqkv.bias[...][i].astype(jnp.float32)
             out.append(y_bshe.astype(activation_dtype))
