@@ -103,7 +103,12 @@ def planner_table(rows: list[dict]) -> dict[str, dict[str, int]]:
     return out
 
 
-def write_planner(table_of: dict[str, dict[str, int]]) -> None:
+def write_planner(table_of: dict[str, dict[str, int]], docs: Path) -> None:
+    """The table into cde_jax/buckets.py (`BYTES_PER_TOKEN`) and the docs' block `planner`."""
+    write_section(docs, "planner", "\n".join(
+        ["| device kind | kernel | temporary bytes per token |", "|---|---|---|"]
+        + [f"| {kind} | {kernel} | {n:,} |" for kind, kernels in sorted(table_of.items())
+           for kernel, n in sorted(kernels.items())]))
     path = ROOT / "cde_jax" / "buckets.py"
     body = "".join(f"    {kind!r}: {kernels!r},\n" for kind, kernels in sorted(table_of.items()))
     block = f"{buckets.GENERATED_BEGIN}\nBYTES_PER_TOKEN = {{\n{body}}}\n{buckets.GENERATED_END}"
@@ -182,12 +187,7 @@ def main(argv=None) -> int:
         write_section(args.docs, args.section,
                       table([r for r in rows if r["attention"] in DEFAULT_KERNELS]))
     if args.planner:
-        planned = planner_table(rows)
-        write_planner(planned)
-        write_section(args.docs, "planner", "\n".join(
-            ["| device kind | kernel | temporary bytes per token |", "|---|---|---|"]
-            + [f"| {kind} | {kernel} | {n:,} |" for kind, kernels in sorted(planned.items())
-               for kernel, n in sorted(kernels.items())]))
+        write_planner(planner_table(rows), args.docs)
     print(f"wrote {args.docs} ({args.section}) and {out}")
     return 0
 
