@@ -68,7 +68,7 @@ GENERATED_END = "# --- end of generated ---"
 BYTES_PER_TOKEN = {
     'NVIDIA H100 80GB HBM3': {'cudnn': 10762, 'xla': 59964},
     'TPU v5 lite': {'splash': 15849, 'xla': 63760},
-    'TPU v6 lite': {'splash': 7719},
+    'TPU v6 lite': {'splash': 15476},
 }
 # --- end of generated ---
 PLATFORM_KINDS = {"tpu": "TPU", "gpu": "NVIDIA"}  # how each platform's device kinds start
