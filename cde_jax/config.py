@@ -24,7 +24,8 @@ def setting(default=dataclasses.MISSING, *, help: str, choices=None):
     per field): the help text and, optionally, the choices."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 # Compute and parameter dtypes, by their numpy names. In "bfloat16"/"float16" the matmuls
-# take half-precision inputs and accumulate in float32; everything else stays float32.
+# take half-precision inputs and accumulate in float32; what they write and keep between ops
+# is the activations setting's.
 DTYPES = ("float32", "bfloat16", "float16")
 # What the encoder keeps between its ops with a half compute dtype: "compute" (the default)
 # that dtype, float32 only inside norms, softmax, RoPE and GELU; "float32" float32 between
