@@ -9,7 +9,9 @@ ModernBERT encoder), with `attention` (the kernel registry), `sharding` (the rul
 lifecycle of every output), `quantize` (compact outputs), `corpus` (chunked sources,
 resumable sinks, the multi-process corpus job); `convert` (the key map and checkpoint
 formats), `hub` (hub ids converted once into a cache, `save_pretrained`, `push_to_hub`),
-`training`, `evaluation`, `serving` (the embedding server), `commands` (the CLI).
+`training`, `evaluation`, `serving` (the embedding server), `commands` (the CLI); `aot`
+(the stages compiled for TPU and GPU targets from any host, `hlo`, `flops`: what the
+programs cost).
 
 Dimension key: array names end in their shape, one letter per axis, the same everywhere:
   b batch rows          s sequence (key) positions   t query positions

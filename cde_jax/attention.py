@@ -24,7 +24,14 @@ Kernels:
               scripts/benchmark.py).
   cudnn       cuDNN flash attention (NVIDIA GPU, bfloat16/float16): padding as sequence
               lengths, the local window as a static (1, 1, t, s) mask.
-  splash      Pallas splash attention (TPU; interpret mode elsewhere, for tests).
+  splash      Pallas splash attention: the Mosaic kernel when the program is compiled for
+              TPUs, interpret mode otherwise (tests on CPU). Run per device (`per_device`):
+              Mosaic kernels cannot be partitioned by XLA.
+
+Kernels learn the devices a program is compiled for from JAX's abstract mesh, which the
+stages are traced under (`sharding.traced_on`): `target_platform` (not the host's backend:
+a TPU program compiled on a CPU host gets the TPU kernel) and the mesh axes `per_device`
+splits over.
 
 `load(path, attention=...)` takes a name from `names()`; "auto" picks per device and dtype
 (`resolve`). An unknown name, or a kernel the device or dtype cannot run, is a ValueError.
@@ -38,9 +45,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from . import ops
 from .ops import MaskSpec
+from .sharding import DATA, MODEL
 from .validation import UserError
 
 Kernel = Callable[[jax.Array, jax.Array, jax.Array, MaskSpec], jax.Array]
@@ -223,7 +232,11 @@ def cudnn_version() -> int | None:
 
 
 def is_nvidia(device) -> bool:
-    return device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+    """A CUDA GPU, attached (platform version "cuda ...") or compile-only (a topology's
+    device: the version says "PJRT C API", the kind names NVIDIA)."""
+    return device.platform == "gpu" and (
+        "cuda" in device.client.platform_version.lower()
+        or device.device_kind.lower().startswith("nvidia"))
 
 
 def cudnn_supported(device) -> bool:
@@ -253,16 +266,20 @@ def _splash_kernel(h: int, t_pad: int, s_pad: int, offset: int, window_radius: i
     `LocalMask` with window (r, r) keeps |i + offset - j| <= r; `FullMask` keeps all.
     Padding is in the segment ids, not here, so one kernel serves every batch. Tiles: the
     largest of 512/256/128 dividing each padded length, for both passes (training runs the
-    backward kernels too)."""
+    backward kernels too). q, k and v are read sequence-minor: head_dim (64) minor would pad
+    to 128 lanes in TPU memory, doubling their traffic; XLA writes them in that layout
+    directly, so no transpose runs around the kernel."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 
     shape = (t_pad, s_pad)
+    seq_minor = splash_lib.QKVLayout.SEQ_MINOR
     head_mask = (splash_lib.FullMask(shape) if window_radius is None else
                  splash_lib.LocalMask(shape, (window_radius, window_radius), offset))
     bq, bkv = (next(b for b in (512, 256, 128) if n % b == 0) for n in shape)
     blocks = splash_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
                                    block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
-                                   block_q_dq=bq, block_kv_dq=bkv)
+                                   block_q_dq=bq, block_kv_dq=bkv,
+                                   q_layout=seq_minor, k_layout=seq_minor, v_layout=seq_minor)
     # The kernel keeps its block tables as arrays; built inside a `jit` trace they would be
     # tracers that this cache leaks into later traces. Make them concrete constants.
     with jax.ensure_compile_time_eval():
@@ -271,9 +288,43 @@ def _splash_kernel(h: int, t_pad: int, s_pad: int, offset: int, window_radius: i
                                           interpret=interpret)
 
 
+def target_platform() -> str:
+    """The platform of the devices the program being traced is compiled for: the abstract
+    mesh's (the stages are traced under their mesh), else JAX's default backend (a bare
+    `jit` with no mesh compiles for the default devices)."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
+def per_device(kernel: Kernel) -> Kernel:
+    """`kernel` run on each device's own rows and heads: `jax.shard_map` over the trace's
+    mesh axes that are not manual already (a user's `shard_map` around the stage), rows
+    split on "data" and heads on "model" where they divide. For kernels that XLA cannot
+    partition (Mosaic custom calls): attention is independent per row and head, so nothing
+    crosses devices. Without a mesh (or on one device) it is `kernel` itself."""
+    def run(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
+        mesh = jax.sharding.get_abstract_mesh()
+        free = [a for a in mesh.axis_names if a not in mesh.manual_axes]
+        if mesh.empty or all(mesh.shape[a] == 1 for a in free):
+            return kernel(q_bthe, k_bshe, v_bshe, mask)
+        b, h = q_bthe.shape[0], q_bthe.shape[2]
+
+        def axis(name, size):  # a free mesh axis that divides `size`, else None (whole)
+            return name if name in free and size % mesh.shape[name] == 0 else None
+
+        rows, heads = axis(DATA, b), axis(MODEL, h)
+        x_spec = P(rows, None, heads, None)
+        mask_spec = MaskSpec(P(rows, None), P(), P(), mask.window_radius)
+        return jax.shard_map(kernel, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, mask_spec),
+                             out_specs=x_spec, axis_names=set(free), check_vma=False)(
+            q_bthe, k_bshe, v_bshe, mask)
+    return run
+
+
 def splash(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
-    """Splash attention vmapped over the batch; in interpret mode unless JAX's default
-    backend is a TPU (so the same code is tested on CPU).
+    """Splash attention vmapped over the batch: the Mosaic kernel when the program is
+    compiled for TPUs (`target_platform`), interpret mode otherwise (so the same code is
+    tested on CPU). Per device in the registry (`per_device`).
 
     The kernel does not scale logits, so q is scaled first. Both sequence axes are padded
     to multiples of 128 (padded query rows are dropped). Padding: every query in segment 1,
@@ -285,7 +336,7 @@ def splash(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
     s = k_bshe.shape[1]
     t_pad, s_pad = _round_up(t, SPLASH_TILE), _round_up(s, SPLASH_TILE)
     kernel = _splash_kernel(h, t_pad, s_pad, mask.offset, mask.window_radius,
-                            jax.default_backend() != "tpu")
+                            target_platform() != "tpu")
 
     def kernel_layout(x_bshe, padded):  # (b, s, h, e) -> (b, h, padded, e)
         return _head_major(jnp.pad(x_bshe, ((0, 0), (0, padded - x_bshe.shape[1]), (0, 0),
@@ -305,7 +356,7 @@ KERNELS: dict[str, Kernel] = {
     "xla": blocked_local(dense_attention),
     "head_major": head_major,
     "cudnn": cudnn,
-    "splash": splash,
+    "splash": per_device(splash),
 }
 
 # What "auto" prefers per `jax.Device.platform`; `resolve` falls back to "xla" where the

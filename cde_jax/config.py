@@ -24,8 +24,14 @@ def setting(default=dataclasses.MISSING, *, help: str, choices=None):
     per field): the help text and, optionally, the choices."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 # Compute and parameter dtypes, by their numpy names. In "bfloat16"/"float16" the matmuls
-# take half-precision inputs and accumulate in float32; everything else stays float32.
+# take half-precision inputs and accumulate in float32; what they write and keep between ops
+# is the activations setting's.
 DTYPES = ("float32", "bfloat16", "float16")
+# What the encoder keeps between its ops with a half compute dtype: "compute" (the default)
+# that dtype, float32 only inside norms, softmax, RoPE and GELU; "float32" float32 between
+# ops too, rounding only at matmul inputs (twice the memory traffic, the last 1e-4 of
+# fidelity). With float32 compute both are the same program.
+ACTIVATIONS = ("compute", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,7 @@ class ModernBertConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     attention: str = "xla"  # a kernel name from `attention.names()` ("auto": per platform)
+    activations: str = "compute"  # one of ACTIVATIONS
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -59,10 +66,11 @@ class ModernBertConfig:
                 f"hidden_size {self.hidden_size} is not a multiple of "
                 f"num_attention_heads {self.num_attention_heads}")
         check_attention(self.attention)
-        for field in ("dtype", "param_dtype"):
-            if getattr(self, field) not in DTYPES:
+        for field, names in (("dtype", DTYPES), ("param_dtype", DTYPES),
+                             ("activations", ACTIVATIONS)):
+            if getattr(self, field) not in names:
                 raise UserError(f"unknown {field} {getattr(self, field)!r}: choose one of "
-                                 f"{', '.join(DTYPES)}")
+                                 f"{', '.join(names)}")
         if self.hidden_activation not in ("gelu", "gelu_python"):
             raise UserError(f"unsupported hidden_activation {self.hidden_activation!r} "
                             "(ModernBERT uses exact 'gelu')")
@@ -87,6 +95,11 @@ class ModernBertConfig:
     @property
     def jnp_dtype(self):
         return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_activation_dtype(self):
+        """The dtype the encoder's activations have between ops (`ACTIVATIONS`)."""
+        return jnp.dtype(jnp.float32 if self.activations == "float32" else self.dtype)
 
     @property
     def jnp_param_dtype(self):
@@ -131,7 +144,7 @@ class ModernBertConfig:
             return cls.from_hf_dict(json.load(f), **runtime)
 
 
-_RUNTIME_FIELDS = ("param_dtype", "dtype", "attention")
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "attention", "activations")
 
 
 def modernbert_base(**runtime) -> ModernBertConfig:

@@ -6,9 +6,13 @@ with theta 10k. The layer is split into `project_qkv` / `attend` / `mlp_block` s
 stage can reuse the pieces with a shared prefix (see `model.py`) without a second copy.
 
 Precision: with a half compute dtype (`cfg.dtype` "bfloat16"/"float16") every matmul takes
-half-precision inputs and accumulates in float32 (`preferred_element_type`), and so does
-attention; the residual stream, norms, RoPE, softmax and GELU stay float32, so rounding enters
-only at matmul inputs. With float32 every cast is a no-op: the float32 program is unchanged.
+half-precision inputs and accumulates in float32, and so does attention. Between ops the
+activations (matmul outputs, q/k/v, the residual stream) are kept in
+`cfg.jnp_activation_dtype`: the compute dtype by default (the linears write it directly,
+`preferred_element_type`), which halves the memory traffic that bounds accelerators, or
+float32 (`activations="float32"`: rounding only at matmul inputs). Norms, RoPE, softmax and
+GELU compute in float32 inside their fusions either way. With float32 compute every cast is
+a no-op.
 
 Shapes are suffixed with the package's dimension key (cde_jax/__init__.py).
 """
@@ -33,11 +37,12 @@ def layer_norm(cfg: ModernBertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def dense(cfg: ModernBertConfig, in_features, out_features, *, use_bias: bool, rngs: nnx.Rngs,
           axis=-1) -> nnx.LinearGeneral:
-    """Inputs and weights cast to the compute dtype, products accumulated and returned in
-    float32."""
+    """Inputs and weights cast to the compute dtype, products accumulated in float32 and
+    written in the activation dtype (`preferred_element_type`: cuBLAS and the MXU round their
+    float32 sums once, on the way out; XLA:CPU accumulates bfloat16 products in float32 too)."""
     return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias,
                              dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                             preferred_element_type=jnp.float32,
+                             preferred_element_type=cfg.jnp_activation_dtype,
                              kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
@@ -59,6 +64,22 @@ class Attention(nnx.Module):
         self.wo = dense(cfg, (h, e), cfg.hidden_size, axis=(-2, -1),
                         use_bias=cfg.attention_bias, rngs=rngs)
 
+    def project_qkv(self, x_bsd: jax.Array, activation_dtype) -> list[jax.Array]:
+        """q, k, v (b, s, h, e) as three matmuls on the slices of the fused `wqkv` kernel:
+        each writes its own array, so nothing splits a fused (b, s, 3, h, e) output (a pass
+        over all of it on accelerators). The same dtypes as `dense`."""
+        wqkv = self.wqkv
+        kernel_d3he = wqkv.kernel[...].astype(wqkv.dtype)
+        x_bsd = x_bsd.astype(wqkv.dtype)
+        out = []
+        for i in range(3):
+            y_bshe = jnp.einsum("bsd,dhe->bshe", x_bsd, kernel_d3he[:, i],
+                                preferred_element_type=activation_dtype)
+            if wqkv.bias is not None:
+                y_bshe = y_bshe + wqkv.bias[...][i].astype(jnp.float32)
+            out.append(y_bshe.astype(activation_dtype))
+        return out
+
 
 class Mlp(nnx.Module):
     def __init__(self, cfg: ModernBertConfig, *, rngs: nnx.Rngs):
@@ -67,10 +88,11 @@ class Mlp(nnx.Module):
         self.wo = dense(cfg, cfg.intermediate_size, cfg.hidden_size, use_bias=cfg.mlp_bias,
                         rngs=rngs)
 
-    def __call__(self, x_bsd: jax.Array) -> jax.Array:
-        wi_bs2f = self.wi(x_bsd)
-        act_bsf = jax.nn.gelu(wi_bs2f[..., 0, :], approximate=False) * wi_bs2f[..., 1, :]
-        return self.wo(act_bsf)
+    def __call__(self, x_bsd: jax.Array, activation_dtype) -> jax.Array:
+        wi_bs2f = self.wi(x_bsd).astype(activation_dtype)
+        x_bsf, gate_bsf = (wi_bs2f[..., i, :].astype(jnp.float32) for i in range(2))
+        act_bsf = jax.nn.gelu(x_bsf, approximate=False) * gate_bsf
+        return self.wo(act_bsf).astype(activation_dtype)
 
 
 class EncoderLayer(nnx.Module):
@@ -79,6 +101,7 @@ class EncoderLayer(nnx.Module):
         self.window_radius = None if self.layer_type == GLOBAL else cfg.window_radius
         self.rope_theta = cfg.rope_theta(self.layer_type)
         self.head_dim, self.dtype = cfg.head_dim, cfg.jnp_dtype
+        self.activation_dtype = cfg.jnp_activation_dtype
         self.kernel = attention.kernel(cfg.attention, cfg.dtype)
         self.attn_norm = None if index == 0 else layer_norm(cfg, rngs)  # layer 0: identity
         self.attn = Attention(cfg, rngs=rngs)
@@ -89,8 +112,7 @@ class EncoderLayer(nnx.Module):
         """Normalized input -> q, k, v (b, s, h, e) in the compute dtype, RoPE (float32) at
         positions `pos_s`."""
         x_bsd = h_bsd if self.attn_norm is None else self.attn_norm(h_bsd)
-        qkv_bs3he = self.attn.wqkv(x_bsd)
-        q, k, v = (qkv_bs3he[:, :, i] for i in range(3))
+        q, k, v = self.attn.project_qkv(x_bsd, self.activation_dtype)
         cos_se, sin_se = ops.rope_cos_sin(pos_s, self.head_dim, self.rope_theta)
         return tuple(x.astype(self.dtype) for x in (
             ops.apply_rope(q, cos_se, sin_se), ops.apply_rope(k, cos_se, sin_se), v))
@@ -98,10 +120,12 @@ class EncoderLayer(nnx.Module):
     def attend(self, q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s) -> jax.Array:
         """Attention (the configured kernel, `attention.py`) projected back to (b, t, d)."""
         mask = ops.MaskSpec(key_mask_bs, q_pos_t, k_pos_s, self.window_radius)
-        return self.attn.wo(self.kernel(q_bthe, k_bshe, v_bshe, mask))
+        return self.attn.wo(self.kernel(q_bthe, k_bshe, v_bshe, mask)).astype(
+            self.activation_dtype)
 
     def mlp_block(self, h_bsd: jax.Array) -> jax.Array:
-        return h_bsd + self.mlp(self.mlp_norm(h_bsd))
+        out_bsd = self.mlp(self.mlp_norm(h_bsd), self.activation_dtype)
+        return (h_bsd + out_bsd).astype(self.activation_dtype)
 
 
 class ModernBert(nnx.Module):
@@ -139,6 +163,7 @@ class ModernBert(nnx.Module):
         """
         s = h_bsd.shape[1]
         pos_s = jnp.arange(s)
+        h_bsd = h_bsd.astype(self.config.jnp_activation_dtype)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if i == 0 and layer0_prefix_qkv is not None:
@@ -152,6 +177,7 @@ class ModernBert(nnx.Module):
             q_pos_t = pos_s
             if i == last and keep_from:
                 q, h_bsd, q_pos_t = q[:, keep_from:], h_bsd[:, keep_from:], pos_s[keep_from:]
-            h_bsd = h_bsd + layer.attend(q, k, v, key_mask_bs, q_pos_t, pos_s)
+            h_bsd = (h_bsd + layer.attend(q, k, v, key_mask_bs, q_pos_t, pos_s)).astype(
+                layer.activation_dtype)
             h_bsd = layer.mlp_block(h_bsd)
         return h_bsd

@@ -8,7 +8,9 @@ and the small MLP heads are left out (well under 1% at ModernBERT-base sizes).
 `attention="windowed"` (the default, model FLOPs) counts in a local layer only the pairs with
 `|i - j| <= window_radius`, as the model defines it, whatever a kernel executes;
 `attention="dense"` counts every pair, which is what a dense masked kernel (XLA's
-`dot_product_attention` with a mask, torch SDPA) executes.
+`dot_product_attention` with a mask, torch SDPA, cuDNN) executes; `attention="none"` counts
+the linear layers only, which is what XLA's cost analysis sees of a program whose attention
+runs in a custom call it cannot look into (splash's Mosaic kernels).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from .config import GLOBAL, ModernBertConfig
 
 ATTENTION_COUNTS = ("windowed", "dense")
+LINEAR_ONLY = "none"
 
 
 def linear_flops_per_token(cfg: ModernBertConfig) -> int:
@@ -35,10 +38,16 @@ def visible_pairs(q_start: int, seq: int, radius: int | None) -> int:
     return int((np.minimum(seq - 1, i + radius) - np.maximum(0, i - radius) + 1).sum())
 
 
-def _radius(cfg: ModernBertConfig, layer_type: str, attention: str) -> int | None:
-    if attention not in ATTENTION_COUNTS:
-        raise ValueError(f"attention must be one of {ATTENTION_COUNTS}, got {attention!r}")
-    return None if layer_type == GLOBAL or attention == "dense" else cfg.window_radius
+def _pairs(cfg: ModernBertConfig, layer_type: str, attention: str, q_start: int,
+           seq: int) -> int:
+    """The (query, key) pairs of one layer that `attention` counts."""
+    if attention not in (*ATTENTION_COUNTS, LINEAR_ONLY):
+        raise ValueError(f"attention must be one of {(*ATTENTION_COUNTS, LINEAR_ONLY)}, "
+                         f"got {attention!r}")
+    if attention == LINEAR_ONLY:
+        return 0
+    radius = None if layer_type == GLOBAL or attention == "dense" else cfg.window_radius
+    return visible_pairs(q_start, seq, radius)
 
 
 def encoder_flops(cfg: ModernBertConfig, batch: int, seq: int, *,
@@ -46,8 +55,8 @@ def encoder_flops(cfg: ModernBertConfig, batch: int, seq: int, *,
     """`ModernBert` on a (batch, seq) batch of real tokens."""
     per_row = 0
     for layer_type in cfg.layer_types:
-        pairs = visible_pairs(0, seq, _radius(cfg, layer_type, attention))
-        per_row += seq * linear_flops_per_token(cfg) + 4 * cfg.hidden_size * pairs
+        per_row += (seq * linear_flops_per_token(cfg)
+                    + 4 * cfg.hidden_size * _pairs(cfg, layer_type, attention, 0, seq))
     return batch * per_row
 
 
@@ -65,5 +74,11 @@ def second_stage_flops(cfg: ModernBertConfig, batch: int, text_len: int, prefix_
     for i, layer_type in enumerate(cfg.layer_types):
         q_start = prefix_len if i == last else 0
         per_row += (text_len if i == 0 else seq) * qkv + (seq - q_start) * rest
-        per_row += 4 * d * visible_pairs(q_start, seq, _radius(cfg, layer_type, attention))
+        per_row += 4 * d * _pairs(cfg, layer_type, attention, q_start, seq)
     return batch * per_row
+
+
+def prefix_flops(cfg: ModernBertConfig, prefix_len: int) -> int:
+    """The second stage's prefix, computed once per context: layer 0's q/k/v projection of
+    its `prefix_len` positions."""
+    return prefix_len * 2 * cfg.hidden_size * 3 * cfg.hidden_size

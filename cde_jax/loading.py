@@ -28,21 +28,23 @@ def read_checkpoint(path: str | Path, *, backbone_config: str | Path | None = No
 def default_dtype(platform: str) -> str:
     """The compute dtype when none is asked for: bfloat16 on accelerators, where it doubles
     matmul throughput and halves activation memory (float32 accumulation keeps embeddings
-    within cosine 0.9999 of float32); float32 on CPU, where results stay bit-comparable to
-    the PyTorch reference."""
+    within cosine 0.9995 of float32, docs/performance.md); float32 on CPU, where results
+    stay bit-comparable to the PyTorch reference."""
     return "float32" if platform == "cpu" else "bfloat16"
 
 
-def runtime_backbone(ckpt: convert.Checkpoint, mesh, *, dtype: str | None = None,
-                     param_dtype: str | None = None, attention_name: str = "auto"
-                     ) -> ModernBertConfig:
+def runtime_backbone(stored: ModernBertConfig, mesh, *, dtype: str | None = None,
+                     param_dtype: str | None = None, attention_name: str = "auto",
+                     activations: str = "compute") -> ModernBertConfig:
     """The checkpoint's backbone with the run's choices: compute dtype (default per
-    platform, `default_dtype`), parameter dtype (default: the stored one) and the attention
-    kernel ("auto" resolved for the mesh's devices and the compute dtype; a kernel that
-    cannot run there is an error). Names are validated by `ModernBertConfig`."""
+    platform, `default_dtype`), parameter dtype (default: the stored one), what the
+    activations are kept in between ops (`config.ACTIVATIONS`) and the attention kernel
+    ("auto" resolved for the mesh's devices and the compute dtype; a kernel that cannot run
+    there is an error). Names are validated by `ModernBertConfig`."""
     device = mesh.devices.flat[0]
-    backbone = ckpt.backbone.replace(dtype=dtype or default_dtype(device.platform),
-                                     param_dtype=param_dtype or ckpt.backbone.param_dtype)
+    backbone = stored.replace(dtype=dtype or default_dtype(device.platform),
+                              param_dtype=param_dtype or stored.param_dtype,
+                              activations=activations)
     return backbone.replace(attention=attention.resolve(attention_name, device, backbone.dtype))
 
 

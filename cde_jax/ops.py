@@ -28,11 +28,15 @@ def rope_cos_sin(positions_s: jax.Array, head_dim: int, theta: float):
 
 
 def apply_rope(x_bshe: jax.Array, cos_se: jax.Array, sin_se: jax.Array) -> jax.Array:
-    """`x*cos + rotate_half(x)*sin` with `rotate_half([x1, x2]) = [-x2, x1]`, in float32."""
+    """`x*cos + rotate_half(x)*sin` with `rotate_half([x1, x2]) = [-x2, x1]`, computed in
+    float32 half by half (`[x1*cos - x2*sin, x2*cos + x1*sin]`, the same products and sums):
+    one concatenate at the end, so XLA fuses it with its input and output instead of
+    materializing the rotated copy. Returns x's dtype."""
+    half = x_bshe.shape[-1] // 2
     x = x_bshe.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = x * cos_se[None, :, None, :] + rotated * sin_se[None, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    cos_1s1e, sin_1s1e = (t[None, :, None, :half] for t in (cos_se, sin_se))
+    out = jnp.concatenate([x1 * cos_1s1e - x2 * sin_1s1e, x2 * cos_1s1e + x1 * sin_1s1e], -1)
     return out.astype(x_bshe.dtype)
 
 

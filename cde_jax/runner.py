@@ -31,11 +31,12 @@ IN_FLIGHT = 2
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(graphdef: nnx.GraphDef, mesh) -> tuple[Callable, Callable, Callable]:
+def stage_functions(graphdef: nnx.GraphDef, mesh) -> tuple[Callable, Callable, Callable]:
     """(first, prefix, second) of one architecture on one mesh, as jitted functions of
-    (params, arrays). Runners with equal graphdefs and meshes share them, so a second model
-    of the same architecture (another checkpoint, a fine-tuned copy) runs the programs the
-    first one compiled instead of compiling them again."""
+    (params, arrays), traced on the mesh (`sharding.traced_on`). Runners with equal
+    graphdefs and meshes share them, so a second model of the same architecture (another
+    checkpoint, a fine-tuned copy) runs the programs the first one compiled instead of
+    compiling them again; `aot.compile_stage` lowers the same functions for a target."""
     rows, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def first_fn(params, input_ids_bs, attention_mask_bs):
@@ -48,8 +49,10 @@ def _compiled(graphdef: nnx.GraphDef, mesh) -> tuple[Callable, Callable, Callabl
         return nnx.merge(graphdef, params).second_stage_model(input_ids_bs, attention_mask_bs,
                                                               prefix)
 
-    return (jax.jit(first_fn, out_shardings=rows), jax.jit(prefix_fn, out_shardings=replicated),
-            jax.jit(second_fn, out_shardings=rows))
+    on_mesh = functools.partial(sharding.traced_on, mesh)
+    return (jax.jit(on_mesh(first_fn), out_shardings=rows),
+            jax.jit(on_mesh(prefix_fn), out_shardings=replicated),
+            jax.jit(on_mesh(second_fn), out_shardings=rows))
 
 
 class StageRunner:
@@ -57,7 +60,7 @@ class StageRunner:
 
     def __init__(self, graphdef: nnx.GraphDef, params: dict, mesh):
         self.graphdef, self.params, self.mesh = graphdef, params, mesh
-        self._first, self._prefix, self._second = _compiled(graphdef, mesh)
+        self._first, self._prefix, self._second = stage_functions(graphdef, mesh)
 
     @property
     def model(self) -> ContextualEmbedder:

@@ -9,6 +9,7 @@ dimensions has its own row; the catch-all row is for vectors (a test walks the m
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -52,6 +53,18 @@ def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
                         f"{model_parallel}")
     grid = np.array(devices).reshape(len(devices) // model_parallel, model_parallel)
     return Mesh(grid, (DATA, MODEL))
+
+
+def traced_on(mesh: Mesh, fn):
+    """`fn`, traced with `mesh` as JAX's abstract mesh (`jax.sharding.get_abstract_mesh`):
+    the attention kernels read from it the devices the program is compiled for and the axes
+    a kernel that XLA cannot partition is run per device over (`attention.per_device`).
+    Every jitted stage and training step is traced so."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced
 
 
 def logical_axes(path: str) -> tuple[str | None, ...]:

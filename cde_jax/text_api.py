@@ -48,7 +48,7 @@ from .validation import UserError
 
 
 def load(path: str | Path, *, revision: str | None = None, dtype: str | None = None,
-         param_dtype: str | None = None, attention: str = "auto",
+         param_dtype: str | None = None, activations: str = "compute", attention: str = "auto",
          backbone_config: str | Path | None = None, mesh=None,
          plan: buckets.BucketPlan | None = None) -> CdeModel:
     """Loads a converted dir, a released-layout dir (config.json + model.safetensors), or a
@@ -57,21 +57,26 @@ def load(path: str | Path, *, revision: str | None = None, dtype: str | None = N
 
     dtype: compute dtype, one of `config.DTYPES` (default: "bfloat16" on GPU/TPU, with
     float32 accumulation, norms and softmax; "float32" on CPU). param_dtype: defaults to the
-    stored one. attention: a kernel from `attention.names()`; "auto" picks the best for the
-    platform and dtype. mesh: defaults to every device on a (data, model=1) mesh. plan:
-    defaults to the platform's (`buckets.default_plan`, sized from device memory).
+    stored one. activations: with a half dtype, "compute" keeps the activations between ops
+    in it (half the memory traffic), "float32" in float32 (rounding at matmul inputs only,
+    the last 1e-4 of fidelity); the same program in float32. attention: a kernel from
+    `attention.names()`; "auto" picks the best for the platform and dtype. mesh: defaults to
+    every device on a (data, model=1) mesh. plan: defaults to the platform's
+    (`buckets.default_plan`, sized from the measured memory per token of the kernel).
     """
     mesh = mesh if mesh is not None else sharding.make_mesh()
     path = hub.local_path(path, revision, backbone_config=backbone_config)
     ckpt = loading.read_checkpoint(path, backbone_config=backbone_config, mesh=mesh)
-    backbone = loading.runtime_backbone(ckpt, mesh, dtype=dtype, param_dtype=param_dtype,
-                                        attention_name=attention)
+    backbone = loading.runtime_backbone(ckpt.backbone, mesh, dtype=dtype, param_dtype=param_dtype,
+                                        attention_name=attention, activations=activations)
     runner = StageRunner(*loading.place_checkpoint(ckpt, backbone, mesh), mesh)
     tokenizer = ckpt.tokenizer_dir and TextTokenizer(load_tokenizer(ckpt.tokenizer_dir),
                                                      pad_id=backbone.pad_token_id)
     device = mesh.devices.flat[0]
     plan = plan or buckets.default_plan(device.platform, buckets.device_memory(device),
-                                        sharding.data_shards(mesh))
+                                        sharding.data_shards(mesh),
+                                        device_kind=device.device_kind,
+                                        kernel=backbone.attention)
     return CdeModel(runner, ckpt, backbone, tokenizer, plan)
 
 

@@ -11,6 +11,11 @@ tpu: ours with "splash" and "xla" (no PyTorch: torch_xla is not assumed).
 --cpu-smoke: the same code on CPU, tiny preset, small batches (cuDNN is then recorded as
      unavailable; splash runs in interpret mode).
 
+Beside each measured rate goes the static prediction of the same program (`cde_jax.aot`:
+roofline texts/s of the stage compiled for this device's kind, the same checkpoint, batch and
+kernel); on a device, the table of both replaces the block `measured-gpu` / `measured-tpu`
+of docs/performance.md.
+
 Everything runs bfloat16 (compute and parameters; ours accumulate in float32). Each case
 alternates all contenders (the harness of scripts/benchmark.py: warm-up, then medians). Ours
 are compared with the first PyTorch contender (GPU) or with "xla" (TPU) by the worst per-row
@@ -36,8 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark as bench  # noqa: E402  (the harness)
+from docs_blocks import PERFORMANCE, write_section  # noqa: E402
 
 import cde_jax  # noqa: E402
+from cde_jax import aot  # noqa: E402
 from cde_jax.convert import convert  # noqa: E402
 from cde_jax.convert.synthetic import make_synthetic_checkpoint  # noqa: E402
 from cde_jax.minicorpus import fallback_minicorpus  # noqa: E402
@@ -99,6 +106,26 @@ def torch_contenders(released: Path, device: str, probe) -> tuple[dict, dict]:
         refs["torch_best"], notes["torch_best"] = ref, label
         break
     return refs, notes
+
+
+def predictions(target: str, converted: Path, ours: dict, kinds, results: dict) -> list[str]:
+    """Markdown rows: each of our kernels' measured texts/s beside the static roofline of the
+    same program compiled for `target` (`cde_jax.aot`), and their ratio."""
+    rows = [f"Measured on {target} against the static prediction (`cde_jax.aot`, bfloat16 "
+            "parameters and compute):", "",
+            "| case | kernel | measured texts/s | roofline texts/s | measured / roofline |",
+            "|---|---|---|---|---|"]
+    for kind, batch, length in kinds:
+        for name in ours:
+            report = aot.compile_stage(target, "second", batch, length, model=converted,
+                                       attention=name.removeprefix("ours_"), **BF16)
+            rate = results[f"second_stage_texts_per_s_{name}_{kind}_b{batch}"]
+            results[f"second_stage_roofline_texts_per_s_{name}_{kind}_b{batch}"] = \
+                report.roofline_texts_per_s
+            rows.append(f"| {kind} {batch} x {length} | {name} | {rate:,.1f} | "
+                        f"{report.roofline_texts_per_s:,.1f} | "
+                        f"{rate / report.roofline_texts_per_s:.2f} |")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -169,6 +196,14 @@ def main(argv=None) -> int:
     if skipped:
         print(f"SKIPPED (time budget): {skipped}", flush=True)
         notes["skipped"] = skipped
+    target = aot.target_for(kind_name) if not smoke else None
+    measured = [k for k in kinds if "{}_b{}".format(*k) not in skipped]
+    if target is not None:
+        rows = predictions(target, converted, ours, measured, results)
+        write_section(PERFORMANCE, f"measured-{args.target}", "\n".join(rows))
+        print("\n".join(rows))
+    else:
+        notes["prediction"] = f"no aot target for device kind {kind_name!r}"
 
     # Where a step's time goes, for each of our kernels, on the last case run.
     kind, batch, length = next(k for k in reversed(kinds) if "{}_b{}".format(*k) not in skipped)

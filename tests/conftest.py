@@ -5,7 +5,8 @@ The tokenizer and random_docs come from $CDE_SHARED_DIR when set, else from ../s
 the repo when it is there, else from the byte-identical copies the package ships
 (`cde_jax/data`), so a bare clone runs every test.
 
-The session compiles at XLA backend optimization level 0. The suite compiles about a thousand
+The session runs on the CPU backend (JAX_PLATFORMS=cpu) and compiles at XLA backend
+optimization level 0. The suite compiles about a thousand
 programs for a few rows each, and LLVM's optimization passes were half of all compile time
 while buying nothing at these sizes (test_model + test_attention: 145 s -> 101 s). The HLO,
 its fusions and the float semantics are the same; only the machine code is less tuned.
@@ -26,6 +27,10 @@ from pathlib import Path
 # Before JAX starts: the cde_jax import below starts it.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+# The suite runs on the CPU backend, also where the aot extra (libtpu, the CUDA plugin) is
+# installed: without this JAX would try those backends at start-up (libtpu logs its search
+# for a TPU VM, the CUDA plugin its missing driver) in every command the tests start.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

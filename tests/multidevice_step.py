@@ -30,7 +30,8 @@ CFG = step.StepConfig(total_steps=10, learning_rate=2e-5, permute=True, sequence
 
 
 def run(mesh, ckpt, batches):
-    graphdef, params = loading.place_checkpoint(ckpt, loading.runtime_backbone(ckpt, mesh), mesh)
+    backbone = loading.runtime_backbone(ckpt.backbone, mesh)
+    graphdef, params = loading.place_checkpoint(ckpt, backbone, mesh)
     before = jax.tree.map(np.array, params)  # a copy: the step donates `params`
     optimizer = step.make_optimizer(CFG, params)
     opt_state = step.init_opt_state(optimizer, params, mesh)

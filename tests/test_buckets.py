@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import cde_jax
+from cde_jax import buckets
 from cde_jax.buckets import BucketPlan, default_plan, device_memory
 from cde_jax.minicorpus import DatasetEmbeddings, fallback_minicorpus, sample_minicorpus
 from cde_jax.profiling import count_compiles
@@ -136,18 +137,32 @@ def test_dataset_embeddings_file(model, ctx, tmp_path, synthetic):
             tmp_path / "nan.npz"))
 
 
-def test_default_plan_per_platform(model):
+def test_default_plan_per_platform(model, monkeypatch):
+    """Half the device's memory at the recorded bytes per token of its kind and kernel (a
+    table of made-up numbers here: scripts/aot_report.py --planner writes the real one)."""
+    monkeypatch.setattr(buckets, "BYTES_PER_TOKEN", {
+        "NVIDIA H100 80GB HBM3": {"cudnn": 256 * 1024, "xla": 512 * 1024},
+        "TPU v5 lite": {"splash": 128 * 1024}, "TPU v6 lite": {"splash": 96 * 1024}})
     assert model.plan == BucketPlan() == default_plan("cpu", None, 8)
-    h100 = default_plan("gpu", 80 * 2 ** 30)
+    h100 = default_plan("gpu", 80 * 2 ** 30, device_kind="NVIDIA H100 80GB HBM3",
+                        kernel="cudnn")  # 40 GiB / 256 KiB = 163840: clamped
     assert (h100.tokens_per_batch, h100.max_batch, h100.lengths) == (65536, 1024,
                                                                      BucketPlan().lengths)
     assert h100.batch_size(16, 1, 520) == 122  # queries after the 520-token prefix
-    # 16 GiB per device (TPU v5e): 16 GiB / 4 / 128 KiB = 32768 tokens, times 4 devices.
-    v5e = default_plan("tpu", 16 * 2 ** 30, devices=4)
-    assert v5e.tokens_per_batch == 4 * 32768 and v5e.max_batch == 4 * 1024
+    # 16 GiB per device (TPU v5e): 8 GiB / 128 KiB = 65536 tokens, times 4 devices.
+    v5e = default_plan("tpu", 16 * 2 ** 30, devices=4, device_kind="TPU v5 lite",
+                       kernel="splash")
+    assert v5e.tokens_per_batch == 4 * 65536 and v5e.max_batch == 4 * 1024
     assert v5e.lengths == (128, 256, 384, 512)
-    assert default_plan("gpu", None).tokens_per_batch == 32768      # memory not reported
-    assert default_plan("gpu", 2 * 2 ** 30).tokens_per_batch == 8192  # the floor
+    # The xla kernel's 512 KiB: 8 GiB / 512 KiB = 16384 tokens.
+    assert default_plan("gpu", 16 * 2 ** 30, device_kind="NVIDIA H100 80GB HBM3").\
+        tokens_per_batch == 16384
+    # An unknown kind takes its platform's largest (512 KiB): memory not reported, 16 GiB.
+    assert default_plan("gpu", None, device_kind="NVIDIA A100").tokens_per_batch == 16384
+    assert default_plan("tpu", 16 * 2 ** 30, device_kind="TPU v4",  # 8 GiB / 128 KiB
+                        kernel="splash").tokens_per_batch == 65536
+    assert default_plan("gpu", 2 * 2 ** 30, device_kind="NVIDIA H100 80GB HBM3",
+                        kernel="cudnn").tokens_per_batch == 8192  # the floor
     assert device_memory(model.mesh.devices.flat[0]) is None  # CPU reports none
 
 

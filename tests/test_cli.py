@@ -372,8 +372,9 @@ def test_quiet_and_warnings_above_the_bar(cli, model_dir, texts, tmp_path):
 
 @pytest.mark.parametrize("command", ["dataset-embeddings", "embed", "eval", "train", "serve"])
 def test_model_options_reach_the_model(command, monkeypatch, tmp_path, capsys):
-    """--dtype and --attention, defined once (`runtime.add_model_args`), on every command
-    that runs the model, validated by argparse and passed to `load` / training."""
+    """--dtype, --activations and --attention, defined once (`runtime.add_model_args`), on
+    every command that runs the model, validated by argparse and passed to `load` /
+    training."""
     from cde_jax import cli
     from cde_jax.commands import flags, runtime
     from cde_jax.training import TrainConfig
@@ -391,11 +392,13 @@ def test_model_options_reach_the_model(command, monkeypatch, tmp_path, capsys):
     argv = [command, "--model", "m", *map(str, required)]
     parser = cli.build_parser()
     defaults = parser.parse_args(argv)
-    assert (defaults.dtype, defaults.attention) == (None, "auto")
-    args = parser.parse_args(argv + ["--dtype", "bfloat16", "--attention", "xla"])
+    assert (defaults.dtype, defaults.activations, defaults.attention) == (None, "compute",
+                                                                          "auto")
+    args = parser.parse_args(argv + ["--dtype", "bfloat16", "--activations", "float32",
+                                     "--attention", "xla"])
     if command == "train":
         cfg = flags.config_from_args(TrainConfig, args)
-        assert (cfg.dtype, cfg.attention) == ("bfloat16", "xla")
+        assert (cfg.dtype, cfg.activations, cfg.attention) == ("bfloat16", "float32", "xla")
     else:
         seen = {}
 
@@ -407,7 +410,7 @@ def test_model_options_reach_the_model(command, monkeypatch, tmp_path, capsys):
         monkeypatch.setattr("cde_jax.commands.eval.load_beir", lambda *a: None)
         with pytest.raises(SystemExit):
             args.func(args)
-        assert seen == {"dtype": "bfloat16", "attention": "xla"}
+        assert seen == {"dtype": "bfloat16", "activations": "float32", "attention": "xla"}
     with pytest.raises(SystemExit):
         parser.parse_args(argv + ["--dtype", "bf16"])
     err = capsys.readouterr().err

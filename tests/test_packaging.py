@@ -72,7 +72,8 @@ def test_wheel_contents(tmp_path):
     info = f"cde_jax-{cde_jax.__version__}.dist-info"
     assert {"cde_jax/py.typed", f"{info}/licenses/LICENSE", "cde_jax/data/random_docs.txt",
             "cde_jax/data/modernbert-tokenizer/tokenizer.json", "cde_jax/hub.py",
-            "cde_jax/commands/convert.py", "cde_jax/convert/keymap.py"} <= names
+            "cde_jax/commands/convert.py", "cde_jax/convert/keymap.py",
+            "cde_jax/data/h100_sxm.txtpb", "cde_jax/aot.py"} <= names
     metadata = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
     assert f"\nVersion: {cde_jax.__version__}\n" in metadata
     assert "\nLicense-Expression: MIT\n" in metadata

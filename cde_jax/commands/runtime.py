@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 
 from .. import attention, distributed
-from ..config import DTYPES
+from ..config import ACTIVATIONS, DTYPES
 from ..resources import cache_dir
 from ..text_api import CdeModel, load
 
@@ -57,10 +57,15 @@ def positive_int(value: str) -> int:
 
 
 def add_compute_args(parser: argparse.ArgumentParser) -> None:
-    """--dtype and --attention, for every command that runs the model (one definition)."""
+    """--dtype, --activations and --attention, for every command that runs the model (one
+    definition)."""
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="compute dtype: matmul inputs in it, float32 accumulation, norms "
                              "and softmax (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--activations", choices=ACTIVATIONS, default="compute",
+                        help="with a half dtype, activations between ops in it (compute, the "
+                             "default) or in float32 (the last 1e-4 of fidelity, twice the "
+                             "memory traffic)")
     parser.add_argument("--attention", choices=attention.names(), default="auto",
                         help="attention kernel (default auto: cudnn on NVIDIA GPUs, splash on "
                              "TPUs, head_major on CPU)")
@@ -110,7 +115,8 @@ def start(args: argparse.Namespace, resume: str = distributed.RESUME) -> None:
 
 def load_model(args: argparse.Namespace) -> CdeModel:
     return distributed.all_succeed(
-        lambda: load(args.model, dtype=args.dtype, attention=args.attention), "loading the model")
+        lambda: load(args.model, dtype=args.dtype, activations=args.activations,
+                     attention=args.attention), "loading the model")
 
 
 # Arguments each process may set for itself: they change nothing in what is computed.
@@ -123,6 +129,7 @@ def model_facts(model: CdeModel, batch_size: int | None) -> dict:
     kernel (resolved for this host's devices) and the batch plan (sized for them)."""
     plan = model.plan.with_batch_size(batch_size)
     return {"model": model.fingerprint, "dtype": model.backbone_config.dtype,
+            "activations": model.backbone_config.activations,
             "attention kernel": model.backbone_config.attention,
             "batch plan": dataclasses.asdict(plan)}
 

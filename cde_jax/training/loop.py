@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .. import attention as attention_lib
 from .. import convert, distributed, loading, outputs, sharding
-from ..config import DTYPES, ModernBertConfig, setting
+from ..config import ACTIVATIONS, DTYPES, ModernBertConfig, setting
 from ..corpus.source import file_sha256
 from ..loading import read_checkpoint
 from ..outputs import atomic_file
@@ -74,6 +74,9 @@ class TrainConfig:
     dtype: str | None = setting(None, choices=DTYPES,
                                 help="compute dtype (default: bfloat16 on GPU/TPU, float32 "
                                      "on CPU)")
+    activations: str = setting("compute", choices=ACTIVATIONS,
+                               help="with a half dtype, activations between ops in it "
+                                    "(compute) or in float32")
     attention: str = setting("auto", choices=attention_lib.names(),
                              help="attention kernel (auto: the best for the device)")
 
@@ -186,8 +189,9 @@ def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples, mesh,
             if rows % step.grad_cache_rows:
                 raise UserError(f"grad_cache_rows {step.grad_cache_rows} does not divide the "
                                 f"{what} ({rows})")
-    backbone = loading.runtime_backbone(ckpt, mesh, dtype=cfg.dtype,
-                                        attention_name=cfg.attention)
+    backbone = loading.runtime_backbone(ckpt.backbone, mesh, dtype=cfg.dtype,
+                                        attention_name=cfg.attention,
+                                        activations=cfg.activations)
     return dataclasses.replace(cfg, batch=data.cfg, step=step, dtype=backbone.dtype,
                                attention=backbone.attention,
                                model=str(Path(cfg.model).absolute()),

@@ -240,5 +240,5 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: StepConfig, optimizer, params, 
                    "false_negatives": batches["false_negative_qc"].sum()}
         return optax.apply_updates(params, updates), opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1),
+    return jax.jit(sharding.traced_on(mesh, step), donate_argnums=(0, 1),
                    out_shardings=state_shardings + (sharding.replicated(mesh),))
