@@ -45,7 +45,6 @@ import time
 import traceback
 from collections.abc import Callable
 from typing import TypeVar
-from unittest import mock
 
 import jax
 import numpy as np
@@ -134,13 +133,17 @@ def _join(args: argparse.Namespace, resume: str, *where) -> None:
     deadline.daemon = True
     deadline.start()
     try:
-        with mock.patch.object(jax_distributed, "_jax", _ServiceElsewhere(timeout)):
-            # JAX's clients beat every half of its heartbeat timeout, so its service may call
-            # a peer dead half that time after its death: twice ours, plus a margin.
-            jax.distributed.initialize(*where, initialization_timeout=int(timeout) + JAX_MARGIN,
-                                       heartbeat_timeout_seconds=2 * (int(timeout) + JAX_MARGIN),
-                                       shutdown_timeout_seconds=int(timeout) + JAX_MARGIN)
+        # `initialize` makes process 0's service through its module's `_jax`: swapped for
+        # the call only (jax is pinned to 0.10.x, whose `_jax` this wraps).
+        jax_distributed._jax = _ServiceElsewhere(timeout)
+        # JAX's clients beat every half of its heartbeat timeout, so its service may call
+        # a peer dead half that time after its death: twice ours, plus a margin.
+        jax.distributed.initialize(*where, initialization_timeout=int(timeout) + JAX_MARGIN,
+                                   heartbeat_timeout_seconds=2 * (int(timeout) + JAX_MARGIN),
+                                   shutdown_timeout_seconds=int(timeout) + JAX_MARGIN)
     finally:
+        if isinstance(jax_distributed._jax, _ServiceElsewhere):
+            jax_distributed._jax = jax_distributed._jax.jaxlib
         deadline.cancel()
     state = jax_distributed.global_state
     _run = _Run(state.client, state.process_id, state.num_processes, timeout, program, resume)
@@ -166,10 +169,10 @@ class _ServiceElsewhere:
     coordination service is a `_CoordinatorProcess`."""
 
     def __init__(self, timeout: float):
-        self._jaxlib, self._timeout = jax_distributed._jax, timeout
+        self.jaxlib, self._timeout = jax_distributed._jax, timeout
 
     def __getattr__(self, name: str):
-        return getattr(self._jaxlib, name)
+        return getattr(self.jaxlib, name)
 
     def get_distributed_runtime_service(self, address: str, num_nodes: int, *,
                                         heartbeat_timeout: int, shutdown_timeout: int, **_):

@@ -3,6 +3,7 @@ truncated at 512 tokens with a counted warning, padded on the right with the pad
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -16,6 +17,18 @@ from . import validation
 log = logging.getLogger(__name__)
 
 MAX_LENGTH = 512
+
+
+@contextlib.contextmanager
+def quiet_truncation():
+    """No per-call truncation warning inside the block: for callers that count cut texts
+    themselves (training reports totals, the server counts them in /metrics)."""
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

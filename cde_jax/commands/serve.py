@@ -13,11 +13,11 @@ example:
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 
 from ..serving.config import ServeConfig
+from ..tokenization import quiet_truncation
 from ..validation import UserError
 from . import flags, runtime
 
@@ -35,11 +35,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     cfg = flags.config_from_args(ServeConfig, args)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (checked here: the server's libraries are an extra)
 
-        from ..serving.app import EmbeddingService, build_app
-        from ..serving.batcher import Batcher
-        from ..serving.metrics import Metrics
+        from ..serving import app  # noqa: F401
     except ModuleNotFoundError as e:
         if e.name not in SERVER_LIBRARIES:
             raise
@@ -47,7 +45,17 @@ def run(args) -> int:
     runtime.enable_compilation_cache()
     # Cutting is a request's default here, not news: /metrics counts it instead of a warning
     # line per request.
-    logging.getLogger("cde_jax.tokenization").setLevel(logging.ERROR)
+    with quiet_truncation():
+        return _serve(args, cfg)
+
+
+def _serve(args, cfg: ServeConfig) -> int:
+    import uvicorn
+
+    from ..serving.app import EmbeddingService, build_app
+    from ..serving.batcher import Batcher
+    from ..serving.metrics import Metrics
+
     model = runtime.load_model(args)
     model.max_seq_length = cfg.max_seq_length
     contexts = {name: model.context(path) for name, path in cfg.contexts.items()}

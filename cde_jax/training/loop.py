@@ -42,7 +42,7 @@ from ..corpus.source import file_sha256
 from ..loading import read_checkpoint
 from ..outputs import atomic_file
 from ..text_api import load
-from ..tokenization import TextTokenizer, load_tokenizer
+from ..tokenization import TextTokenizer, load_tokenizer, quiet_truncation
 from ..validation import UserError, int_in_range
 from . import data as data_lib
 from .checkpoint import Checkpoints, TrainState, checkpoint_steps, export_released
@@ -150,19 +150,6 @@ def _keep_metrics_until(path: Path, step: int) -> None:
              if line.strip() and json.loads(line)["step"] <= step]
     with atomic_file(path, "w") as f:
         f.write("".join(line + "\n" for line in lines))
-
-
-@contextlib.contextmanager
-def _quiet_truncation():
-    """Per-batch truncation warnings would interleave with the progress bar; `train`
-    reports the totals once instead."""
-    logger = logging.getLogger("cde_jax.tokenization")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples, mesh,
@@ -310,7 +297,7 @@ def _train(cfg: TrainConfig, *, resume: bool, show_progress: bool | None) -> Tra
         if distributed.is_main():
             _keep_metrics_until(out / METRICS_FILE, state.step)
         show = sys.stderr.isatty() if show_progress is None else show_progress
-        with _quiet_truncation():
+        with quiet_truncation():  # per batch they would break the bar: totals at the end
             state, history = _run_steps(session, state, checkpoints, out / METRICS_FILE, show)
     finally:
         checkpoints.close()
