@@ -97,6 +97,24 @@ def early(run):
     return result
 
 
+def pytest_collection_modifyitems(items):
+    """Modules that wait for early runs go after those that do not, in the order their
+    runs finish (the last one each needs): while the worker runs a command, this process
+    tests something else instead of waiting with a core idle. Within a module the order
+    stays as written."""
+    order = list(EARLY)
+
+    def needs(item) -> int:
+        module = getattr(item, "module", None)
+        return max((order.index((module.__name__, name)) for name in item.fixturenames
+                    if module and (module.__name__, name) in EARLY), default=-1)
+
+    last = {}
+    for item in items:
+        last[item.fspath] = max(last.get(item.fspath, -1), needs(item))
+    items.sort(key=lambda item: last[item.fspath])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def early_runs(request, command_compile_cache, tmp_path_factory):
     """Starts, in the order they are declared, the early runs that a selected test uses, and

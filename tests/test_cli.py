@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -415,3 +416,41 @@ def test_model_options_reach_the_model(command, monkeypatch, tmp_path, capsys):
         parser.parse_args(argv + ["--dtype", "bf16"])
     err = capsys.readouterr().err
     assert "invalid choice: 'bf16'" in err and "bfloat16" in err and "float16" in err
+
+
+def test_train_flags_are_the_config_fields(capsys):
+    """Every field of `TrainConfig` and its parts is a flag of its own name, and the parsed
+    flags build the config that Python would: the config is the one source of the flags."""
+    import dataclasses
+    import typing
+
+    from cde_jax import cli
+    from cde_jax.commands import flags
+    from cde_jax.training import TrainConfig
+    from cde_jax.training.data import BatchConfig
+    from cde_jax.training.step import StepConfig
+
+    def leaves(cls):
+        for field in dataclasses.fields(cls):
+            kind = typing.get_type_hints(cls)[field.name]
+            yield from leaves(kind) if dataclasses.is_dataclass(kind) else [field.name]
+
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    help_text = capsys.readouterr().out
+    names = list(leaves(TrainConfig))
+    assert len(names) == len(set(names)) > 20
+    shown = set(re.findall(r"--[a-z0-9-]+", help_text))
+    missing = [n for n in names if flags.flag(n) not in shown]
+    assert not missing, missing
+    args = parser.parse_args(["train", "--model", "m", "--data", "d.jsonl", "--out", "run",
+                              "--total-steps", "7", "--batch-size", "4", "--learning-rate",
+                              "3e-5", "--grad-cache-rows", "2", "--no-permute",
+                              "--accum-steps", "2"])
+    want = TrainConfig(model="m", data="d.jsonl", out="run",
+                       batch=BatchConfig(batch_size=4),
+                       step=StepConfig(total_steps=7, learning_rate=3e-5, grad_cache_rows=2,
+                                       permute=False),
+                       accum_steps=2)
+    assert flags.config_from_args(TrainConfig, args) == want
