@@ -50,7 +50,7 @@ H100_SPEC = "h100_sxm.txtpb"
 # ("Couldn't find output tile sizes ... f32[49664,2304]"); cuBLAS takes them all.
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 # Kernels that run as custom calls XLA's cost analysis counts no FLOPs in (Mosaic).
-OPAQUE_KERNELS = ("splash",)
+OPAQUE_KERNELS = ("splash", "rope_fused")
 
 
 @dataclasses.dataclass(frozen=True)

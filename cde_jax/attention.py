@@ -27,6 +27,12 @@ Kernels:
   splash      Pallas splash attention: the Mosaic kernel when the program is compiled for
               TPUs, interpret mode otherwise (tests on CPU). Run per device (`per_device`):
               Mosaic kernels cannot be partitioned by XLA.
+  rope_fused  our Pallas kernel with RoPE inside (`rope_attention.py`): q, k, v read once
+              as the projections write them, (b, s, d) with heads side by side and not yet
+              rotated, so no pass rotates, pads or transposes them. The TPU choice of "auto"
+              (the bytes it saves: docs/performance.md). Mosaic on TPUs, interpret mode
+              elsewhere; per device like splash. A kernel of this kind is built per layer
+              (`layer_kernel`), since RoPE's base differs between global and local layers.
 
 Kernels learn the devices a program is compiled for from JAX's abstract mesh, which the
 stages are traced under (`sharding.traced_on`): `target_platform` (not the host's backend:
@@ -35,6 +41,7 @@ splits over.
 
 `load(path, attention=...)` takes a name from `names()`; "auto" picks per device and dtype
 (`resolve`). An unknown name, or a kernel the device or dtype cannot run, is a ValueError.
+The encoder asks `layer_kernel` for a layer's kernel and whether it applies RoPE itself.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from . import ops
+from . import ops, rope_attention
 from .ops import MaskSpec
 from .sharding import DATA, MODEL
 from .validation import UserError
@@ -296,24 +303,25 @@ def target_platform() -> str:
     return jax.default_backend() if device is None else device.platform
 
 
-def per_device(kernel: Kernel) -> Kernel:
+def per_device(kernel: Kernel, head_dim: int | None = None) -> Kernel:
     """`kernel` run on each device's own rows and heads: `jax.shard_map` over the trace's
     mesh axes that are not manual already (a user's `shard_map` around the stage), rows
     split on "data" and heads on "model" where they divide. For kernels that XLA cannot
     partition (Mosaic custom calls): attention is independent per row and head, so nothing
-    crosses devices. Without a mesh (or on one device) it is `kernel` itself."""
+    crosses devices. Without a mesh (or on one device) it is `kernel` itself. q, k, v are
+    (b, s, h, e), or (b, s, d) with heads of `head_dim` side by side."""
     def run(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
         mesh = jax.sharding.get_abstract_mesh()
         free = [a for a in mesh.axis_names if a not in mesh.manual_axes]
         if mesh.empty or all(mesh.shape[a] == 1 for a in free):
             return kernel(q_bthe, k_bshe, v_bshe, mask)
-        b, h = q_bthe.shape[0], q_bthe.shape[2]
+        b, h = q_bthe.shape[0], q_bthe.shape[2] // (head_dim or 1)
 
         def axis(name, size):  # a free mesh axis that divides `size`, else None (whole)
             return name if name in free and size % mesh.shape[name] == 0 else None
 
         rows, heads = axis(DATA, b), axis(MODEL, h)
-        x_spec = P(rows, None, heads, None)
+        x_spec = P(rows, None, heads) if head_dim else P(rows, None, heads, None)
         mask_spec = MaskSpec(P(rows, None), P(), P(), mask.window_radius)
         return jax.shard_map(kernel, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, mask_spec),
                              out_specs=x_spec, axis_names=set(free), check_vma=False)(
@@ -351,6 +359,17 @@ def splash(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
     return _head_major(o_bhte[:, :, :t]).astype(q_bthe.dtype)
 
 
+# --- rope_fused: TPUs (Pallas, ours) ------------------------------------------------------
+def rope_fused(theta: float, head_dim: int) -> Kernel:
+    """`rope_attention.rope_attention` for one layer's RoPE base, on (b, s, d) operands whose
+    q and k are not rotated yet: Mosaic when the program is compiled for TPUs, interpret
+    mode otherwise; per device."""
+    def kernel(q_btd, k_bsd, v_bsd, mask: MaskSpec):
+        return rope_attention.rope_attention(q_btd, k_bsd, v_bsd, mask, theta, head_dim,
+                                             interpret=target_platform() != "tpu")
+    return per_device(kernel, head_dim)
+
+
 # --- the registry -------------------------------------------------------------------------
 KERNELS: dict[str, Kernel] = {
     "xla": blocked_local(dense_attention),
@@ -358,14 +377,17 @@ KERNELS: dict[str, Kernel] = {
     "cudnn": cudnn,
     "splash": per_device(splash),
 }
+# Kernels that rotate q and k themselves, built per layer: name -> (theta, head_dim) -> Kernel
+# on (b, s, d) operands.
+ROPE_KERNELS: dict[str, Callable[[float, int], Kernel]] = {"rope_fused": rope_fused}
 
 # What "auto" prefers per `jax.Device.platform`; `resolve` falls back to "xla" where the
 # preferred kernel cannot run (cuDNN missing or too old, float32 compute).
-AUTO = {"cpu": "head_major", "gpu": "cudnn", "tpu": "splash"}
+AUTO = {"cpu": "head_major", "gpu": "cudnn", "tpu": "rope_fused"}
 
 
 def names() -> tuple[str, ...]:
-    return ("auto", *KERNELS)
+    return ("auto", *KERNELS, *ROPE_KERNELS)
 
 
 def check(name: str) -> str:
@@ -404,7 +426,12 @@ def resolve(name: str, device=None, dtype: str = "float32") -> str:
     return name
 
 
-def kernel(name: str, dtype: str = "float32") -> Kernel:
-    """The kernel of `name`; "auto" is resolved for JAX's first device and compute `dtype`
+def layer_kernel(name: str, dtype: str, theta: float, head_dim: int) -> tuple[Kernel, bool]:
+    """(kernel, rotates): the kernel of `name` for a layer with RoPE base `theta`, and
+    whether it applies RoPE itself (then it takes (b, s, d) operands, else rotated
+    (b, s, h, e)). "auto" is resolved for JAX's first device and compute `dtype`
     (`resolve`), as `load` resolves it for the mesh's devices."""
-    return KERNELS[resolve(name, dtype=dtype) if name == "auto" else check(name)]
+    name = resolve(name, dtype=dtype) if name == "auto" else check(name)
+    if name in ROPE_KERNELS:
+        return ROPE_KERNELS[name](theta, head_dim), True
+    return KERNELS[name], False

@@ -64,21 +64,42 @@ class Attention(nnx.Module):
         self.wo = dense(cfg, (h, e), cfg.hidden_size, axis=(-2, -1),
                         use_bias=cfg.attention_bias, rngs=rngs)
 
-    def project_qkv(self, x_bsd: jax.Array, activation_dtype) -> list[jax.Array]:
-        """q, k, v (b, s, h, e) as three matmuls on the slices of the fused `wqkv` kernel:
-        each writes its own array, so nothing splits a fused (b, s, 3, h, e) output (a pass
-        over all of it on accelerators). The same dtypes as `dense`."""
+    def project_qkv(self, x_bsd: jax.Array, activation_dtype, *,
+                    heads_apart: bool = True) -> list[jax.Array]:
+        """q, k, v as three matmuls on the slices of the fused `wqkv` kernel: each writes its
+        own array, so nothing splits a fused (b, s, 3, h, e) output (a pass over all of it on
+        accelerators). (b, s, h, e), or with `heads_apart=False` (b, s, h * e), the heads side
+        by side as kernels that rotate q and k themselves read them. The dtypes of `dense`."""
         wqkv = self.wqkv
         kernel_d3he = wqkv.kernel[...].astype(wqkv.dtype)
+        d, _, h, e = kernel_d3he.shape
         x_bsd = x_bsd.astype(wqkv.dtype)
         out = []
         for i in range(3):
-            y_bshe = jnp.einsum("bsd,dhe->bshe", x_bsd, kernel_d3he[:, i],
-                                preferred_element_type=activation_dtype)
+            kernel_dhe, bias_he = kernel_d3he[:, i], None
             if wqkv.bias is not None:
-                y_bshe = y_bshe + wqkv.bias[...][i].astype(jnp.float32)
-            out.append(y_bshe.astype(activation_dtype))
+                bias_he = wqkv.bias[...][i].astype(jnp.float32)
+            if not heads_apart:
+                kernel_dhe = kernel_dhe.reshape(d, h * e)
+                bias_he = None if bias_he is None else bias_he.reshape(h * e)
+            y = jnp.einsum("bsd,d...->bs...", x_bsd, kernel_dhe,
+                           preferred_element_type=activation_dtype)
+            if bias_he is not None:
+                y = y + bias_he
+            out.append(y.astype(activation_dtype))
         return out
+
+    def project_out(self, o_btd: jax.Array) -> jax.Array:
+        """`wo` on heads side by side (b, t, h * e): its (h, e, d) kernel read as (h * e, d),
+        so the attention output is read as the kernel wrote it."""
+        wo = self.wo
+        kernel_hed = wo.kernel[...].astype(wo.dtype)
+        y_btd = jnp.einsum("btk,kd->btd", o_btd.astype(wo.dtype),
+                           kernel_hed.reshape(-1, kernel_hed.shape[-1]),
+                           preferred_element_type=wo.preferred_element_type)
+        if wo.bias is not None:
+            y_btd = y_btd + wo.bias[...].astype(jnp.float32)
+        return y_btd
 
 
 class Mlp(nnx.Module):
@@ -102,7 +123,8 @@ class EncoderLayer(nnx.Module):
         self.rope_theta = cfg.rope_theta(self.layer_type)
         self.head_dim, self.dtype = cfg.head_dim, cfg.jnp_dtype
         self.activation_dtype = cfg.jnp_activation_dtype
-        self.kernel = attention.kernel(cfg.attention, cfg.dtype)
+        self.kernel, self.kernel_rotates = attention.layer_kernel(
+            cfg.attention, cfg.dtype, self.rope_theta, cfg.head_dim)
         self.attn_norm = None if index == 0 else layer_norm(cfg, rngs)  # layer 0: identity
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = layer_norm(cfg, rngs)
@@ -110,9 +132,12 @@ class EncoderLayer(nnx.Module):
 
     def project_qkv(self, h_bsd: jax.Array, pos_s: jax.Array):
         """Normalized input -> q, k, v (b, s, h, e) in the compute dtype, RoPE (float32) at
-        positions `pos_s`."""
+        positions `pos_s`; for a kernel that rotates them itself, (b, s, h * e) unrotated."""
         x_bsd = h_bsd if self.attn_norm is None else self.attn_norm(h_bsd)
-        q, k, v = self.attn.project_qkv(x_bsd, self.activation_dtype)
+        q, k, v = self.attn.project_qkv(x_bsd, self.activation_dtype,
+                                        heads_apart=not self.kernel_rotates)
+        if self.kernel_rotates:
+            return tuple(x.astype(self.dtype) for x in (q, k, v))
         cos_se, sin_se = ops.rope_cos_sin(pos_s, self.head_dim, self.rope_theta)
         return tuple(x.astype(self.dtype) for x in (
             ops.apply_rope(q, cos_se, sin_se), ops.apply_rope(k, cos_se, sin_se), v))
@@ -120,8 +145,9 @@ class EncoderLayer(nnx.Module):
     def attend(self, q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s) -> jax.Array:
         """Attention (the configured kernel, `attention.py`) projected back to (b, t, d)."""
         mask = ops.MaskSpec(key_mask_bs, q_pos_t, k_pos_s, self.window_radius)
-        return self.attn.wo(self.kernel(q_bthe, k_bshe, v_bshe, mask)).astype(
-            self.activation_dtype)
+        out = self.kernel(q_bthe, k_bshe, v_bshe, mask)
+        project = self.attn.project_out if self.kernel_rotates else self.attn.wo
+        return project(out).astype(self.activation_dtype)
 
     def mlp_block(self, h_bsd: jax.Array) -> jax.Array:
         out_bsd = self.mlp(self.mlp_norm(h_bsd), self.activation_dtype)

@@ -52,7 +52,7 @@ def test_every_target_compiles_its_fused_attention(aot_reports):
     the H100: cuDNN's flash attention for every layer."""
     for target in aot.TARGETS:
         row = one_device(aot_reports, target)
-        assert row["attention"] == ("splash" if tpu(row) else "cudnn")
+        assert row["attention"] == ("rope_fused" if tpu(row) else "cudnn")
         if tpu(row):
             assert row["attention_calls"] == {"tpu_custom_call": TINY.num_hidden_layers}
             assert row["while_loops"] == 0

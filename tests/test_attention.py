@@ -1,7 +1,8 @@
 """The attention registry: validated names, "auto" per device and dtype, every registered
 kernel (and the block-local strategy) against the dense masked reference on CPU, cuDNN's
-argument construction through the XLA path of the same API, and splash (interpret mode) in
-the encoder and both stages.
+argument construction through the XLA path of the same API, rope_fused (RoPE inside, heads
+side by side) against RoPE + the dense reference, and splash and rope_fused (interpret mode)
+in the encoder and both stages.
 
 Kernels are compared on the query rows that see at least one key: a query that sees none
 (only padding can) gets a kernel-specific finite value that is never read. "xla", the
@@ -14,7 +15,7 @@ import pytest
 from conftest import max_rel_err
 
 import cde_jax
-from cde_jax import attention, ops
+from cde_jax import attention, ops, rope_attention
 from cde_jax.config import ModernBertConfig
 from cde_jax.ops import MaskSpec
 from cde_jax.tokenization import pad_batch
@@ -131,6 +132,83 @@ def test_kernel_gradients_match_the_reference(name):
         assert max_rel_err(g, w) <= 1e-5
 
 
+# --- rope_fused: q, k, v (b, s, h * e) before RoPE ------------------------------------------
+def rope_fused_case(seed, t, s, lengths, h, e, radius, theta=10_000.0, dtype=jnp.float32):
+    """Unrotated (b, s, h * e) inputs, the want of RoPE + the dense reference (b, t, h * e)
+    in float32, the rows that see a key, and the mask."""
+    q, k, v, key_mask_bs = qkv_inputs(seed, len(lengths), s, lengths, h=h, e=e)
+    pos = jnp.arange(s)
+    mask = MaskSpec(key_mask_bs, pos[s - t:], pos, radius)
+    cos_se, sin_se = ops.rope_cos_sin(pos, e, theta)
+    rotated_q = ops.apply_rope(q, cos_se, sin_se)[:, s - t:]
+    want = attention.dense_attention(rotated_q, ops.apply_rope(k, cos_se, sin_se), v, mask)
+    flat = [x.reshape(*x.shape[:2], h * e).astype(dtype) for x in (q[:, s - t:], k, v)]
+    rows_bt = rows_that_see_a_key(key_mask_bs, pos[s - t:], pos, radius)
+    return flat, want.reshape(len(lengths), t, h * e), rows_bt, mask
+
+
+@pytest.mark.parametrize("t,s,radius,lengths,h,e", [
+    (30, 30, None, (30, 24, 3, 0), 2, 8),        # small: one head group of 16 lanes
+    (30, 30, 5, (30, 24, 3, 0), 2, 8),
+    (11, 30, None, (30, 24, 3, 0), 2, 8),        # the last layer: the last 11 queries
+    (200, 200, 16, (200, 131, 3), 4, 64),        # 2 groups of 128 lanes, 2 query blocks
+    (300, 300, 64, (300, 290, 150), 2, 64),      # local windows crossing query blocks
+    (16, 200, None, (200, 190, 100), 4, 16),     # text queries after a prefix
+    (72, 200, 16, (200, 150, 40), 8, 16),        # a local last layer
+])
+def test_rope_fused_matches_rope_and_the_reference(t, s, radius, lengths, h, e):
+    flat, want, rows_bt, mask = rope_fused_case(t + s + h, t, s, lengths, h, e, radius)
+    kernel = attention.rope_fused(10_000.0, e)
+    got = jax.jit(kernel)(*flat, mask)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert err_on_rows(got, want, rows_bt) <= 1e-5
+
+
+def test_rope_fused_bfloat16_is_within_rounding_of_float32():
+    """bfloat16 q, k, v: RoPE, logits, softmax and accumulation in float32 inside; as close to
+    the float32 reference as bfloat16 inputs allow."""
+    flat, want, rows_bt, mask = rope_fused_case(5, 200, 200, (200, 150, 40), 4, 64, 64,
+                                                theta=160_000.0, dtype=jnp.bfloat16)
+    got = jax.jit(attention.rope_fused(160_000.0, 64))(*flat, mask)
+    assert got.dtype == jnp.bfloat16
+    assert err_on_rows(got, want, rows_bt) <= 2e-2
+
+
+def test_rope_fused_gradients_match_the_reference():
+    """Training differentiates through rope_fused: its backward is the reference's, wired by
+    a custom VJP, and must equal autodiff of RoPE + dense attention (the mask gets none)."""
+    t, s, radius, lengths, h, e = 72, 200, 16, (200, 150, 40), 2, 16
+    flat, _, rows_bt, mask = rope_fused_case(9, t, s, lengths, h, e, radius)
+    q_full = jnp.concatenate([jnp.zeros((len(lengths), s - t, h * e)), flat[0]], axis=1)
+    weights_btd = jnp.where(rows_bt[..., None], jax.random.normal(jax.random.key(2),
+                                                                  (len(lengths), t, h * e)), 0.0)
+
+    def loss(kernel, q, k, v):
+        return (kernel(q[:, s - t:], k, v, mask) * weights_btd).sum()
+
+    def reference(q, k, v, mask):
+        return rope_attention.reference(q, k, v, mask, 10_000.0, e)
+
+    want = jax.grad(loss, argnums=(1, 2, 3))(reference, q_full, *flat[1:])
+    got = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)(
+        attention.rope_fused(10_000.0, e), q_full, *flat[1:])
+    for g, w in zip(got, want):
+        assert max_rel_err(g, w) <= 1e-5
+
+
+def test_rope_tables_fold_rotate_half():
+    """x * cos + partner(x) * signed sin, partner swapping each head's halves, is
+    `ops.apply_rope` (checked on the host, where the kernel's lane rotations are numpy's)."""
+    s, h, e = 50, 3, 16
+    x_bshe = np.random.default_rng(0).standard_normal((1, s, h, e)).astype(np.float32)
+    cos_sg, sin_sg = rope_attention.rope_tables(s, e, 10_000.0, h * e)
+    x_sg = x_bshe.reshape(s, h * e)
+    lane_g = np.arange(h * e)
+    partner_sg = np.where(lane_g % e < e // 2, np.roll(x_sg, -(e // 2), 1), np.roll(x_sg, e // 2, 1))
+    want = ops.apply_rope(jnp.asarray(x_bshe), *ops.rope_cos_sin(jnp.arange(s), e, 10_000.0))
+    assert max_rel_err(x_sg * cos_sg + partner_sg * sin_sg, np.asarray(want).reshape(s, h * e)) <= 1e-6
+
+
 @pytest.mark.parametrize("radius", [None, 16])
 def test_head_major_bfloat16_accumulates_in_float32(radius):
     """bfloat16 operands, float32 logits/softmax/accumulation: within bf16 rounding of the
@@ -243,14 +321,19 @@ def test_auto_per_device_and_dtype(monkeypatch):
 
 
 def test_names_are_validated():
-    assert set(attention.names()) == {"auto", "xla", "head_major", "cudnn", "splash"}
+    assert set(attention.names()) == {"auto", "xla", "head_major", "cudnn", "splash",
+                                      "rope_fused"}
     with pytest.raises(ValueError, match="unknown attention 'nonsense': choose one of auto, "
-                                         "xla, head_major, cudnn, splash"):
+                                         "xla, head_major, cudnn, splash, rope_fused"):
         attention.check("nonsense")
     with pytest.raises(ValueError, match="unknown attention 'flash'"):
         ModernBertConfig(attention="flash")
-    assert attention.resolve("splash") == "splash"  # runs anywhere (interpret off TPU)
-    assert set(attention.AUTO.values()) <= set(attention.KERNELS)
+    for name in ("splash", "rope_fused"):  # run anywhere (interpret off TPU)
+        assert attention.resolve(name) == name
+    assert set(attention.AUTO.values()) <= set(attention.KERNELS) | set(attention.ROPE_KERNELS)
+    assert attention.AUTO["tpu"] == "rope_fused"
+    _, rotates = attention.layer_kernel("rope_fused", "float32", 10_000.0, 16)
+    assert rotates and not attention.layer_kernel("splash", "float32", 10_000.0, 16)[1]
 
 
 def test_load_takes_an_attention_name(synthetic, random_docs):
@@ -269,13 +352,15 @@ def test_load_takes_an_attention_name(synthetic, random_docs):
                        xla.encode_document(docs, dataset_embeddings=dataset)) <= 1e-5
 
 
-# --- splash in the model (interpret mode on CPU) --------------------------------------------
-def test_splash_in_the_encoder_and_both_stages(synthetic, random_docs):
+# --- the Pallas kernels in the model (interpret mode on CPU) --------------------------------
+@pytest.mark.parametrize("name", ["splash", "rope_fused"])
+def test_pallas_kernels_in_the_encoder_and_both_stages(synthetic, random_docs, name):
     """Tiny preset (radius 16): documents of ~40-130 tokens span several local windows and
     two 128-tiles; the second stage's prefix is kept short (24 dataset rows + 8 soft tokens)
-    so that interpret mode stays fast."""
+    so that interpret mode stays fast. rope_fused also takes the prefix's layer-0 q, k, v
+    unrotated, heads side by side."""
     converted = synthetic()[1]
-    splash = cde_jax.load(converted, attention="splash")
+    splash = cde_jax.load(converted, attention=name)
     xla = cde_jax.load(converted, attention="xla")
     docs = [d for d in random_docs if 200 < len(d) < 600][:6]
     ids, mask = padded(splash, docs)
