@@ -10,7 +10,7 @@ and the small MLP heads are left out (well under 1% at ModernBERT-base sizes).
 `attention="dense"` counts every pair, which is what a dense masked kernel (XLA's
 `dot_product_attention` with a mask, torch SDPA, cuDNN) executes; `attention="none"` counts
 the linear layers only, which is what XLA's cost analysis sees of a program whose attention
-runs in a custom call it cannot look into (splash's Mosaic kernels).
+runs in a custom call it cannot look into (the Mosaic kernels: splash, rope_fused).
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ and against PyTorch, MFU, the bucketed runner's device-idle fraction and where o
 gpu: ours with "cudnn" and "xla" attention; PyTorch with HF's SDPA and with PyTorch's best
      available attention (HF "flash_attention_2" when flash-attn is installed, else SDPA with
      its cuDNN, flash and memory-efficient backends preferred, in that order).
-tpu: ours with "splash" and "xla" (no PyTorch: torch_xla is not assumed).
+tpu: ours with "rope_fused", "splash" and "xla" (no PyTorch: torch_xla is not assumed).
 --cpu-smoke: the same code on CPU, tiny preset, small batches (cuDNN is then recorded as
-     unavailable; splash runs in interpret mode).
+     unavailable; splash and rope_fused run in interpret mode).
 
 Beside each measured rate goes the static prediction of the same program (`cde_jax.aot`:
 roofline texts/s of the stage compiled for this device's kind, the same checkpoint, batch and
@@ -52,7 +52,7 @@ from cde_jax.outputs import atomic_file  # noqa: E402
 from cde_jax.prompts import DOCUMENT as DOCUMENT_PREFIX  # noqa: E402
 from cde_jax.testing.torch_reference import TorchCde  # noqa: E402
 
-KERNELS = {"gpu": ("cudnn", "xla"), "tpu": ("splash", "xla")}
+KERNELS = {"gpu": ("cudnn", "xla"), "tpu": ("rope_fused", "splash", "xla")}
 KINDS = [("query", 128, 16), ("query", 512, 16), ("document", 128, 256)]
 SMOKE_KINDS = [("query", 4, 16), ("document", 2, 256)]
 BF16 = dict(dtype="bfloat16", param_dtype="bfloat16")

@@ -11,10 +11,11 @@ one device: the first stage on 64 documents of 256 tokens, the second stage on 6
 of 256 tokens and on 256 queries of 32 tokens after the 512 + 8 prefix. The table replaces the
 block `<!-- aot:NAME -->` ... `<!-- /aot:NAME -->` of docs/performance.md (appended when
 absent), so the file keeps one table per section ("before", "after"); the JSON goes to
-docs/aot/NAME.json (--json elsewhere). --planner also compiles the "xla" kernel (on the
-second stage's documents) and rewrites the generated table of temporary bytes per token in
-cde_jax/buckets.py from every kernel's largest case. A base compile takes 35-100 s on 2
-cores (minutes on a loaded machine): every target is 5 to 15 minutes.
+docs/aot/NAME.json (--json elsewhere). --planner also compiles the "xla" and (on TPUs)
+"splash" kernels (on the second stage's documents) and rewrites the generated table of
+temporary bytes per token in cde_jax/buckets.py from every kernel's largest case. A base
+compile takes 35-100 s on 2 cores (minutes on a loaded machine): every target is 5 to 15
+minutes.
 Needs the aot extra (`pip install -e '.[aot]'`).
 
 --fidelity instead runs the base model on this CPU (random weights, the synthetic base
@@ -52,23 +53,26 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = (("first stage, 64 docs x 256", "first", 64, 256),
          ("second stage, 64 docs x 256", "second", 64, 256),
          ("second stage, 256 queries x 32", "second", 256, 32))
-DEFAULT_KERNELS = ("splash", "cudnn")  # what "auto" picks: the table's rows
+DEFAULT_KERNELS = ("rope_fused", "cudnn")  # what "auto" picks: the table's rows
+OTHER_KERNELS = ("xla", "splash")  # --planner also records these (splash: TPU targets)
 
 
 def run(targets, planner: bool):
     """Rows, one compile each: every case with "auto" attention on every target, then with
-    --planner the "xla" kernel (which "auto" does not pick) on the second stage's documents,
-    its largest temporaries per token."""
-    passes = [("auto", CASES)] + [("xla", CASES[1:2])] * planner
+    --planner the kernels "auto" does not pick (`OTHER_KERNELS`) on the second stage's
+    documents, for their temporaries per token."""
+    passes = [("auto", CASES)] + [(kernel, CASES[1:2]) for kernel in OTHER_KERNELS] * planner
     for kernel, cases in passes:
         for target in targets:
+            if kernel == "splash" and target.startswith("h100"):
+                continue
             for label, stage, batch, length in cases:
                 begin = time.perf_counter()
                 report = aot.compile_stage(target, stage, batch, length, attention=kernel)
                 row = report.to_dict() | {"case": label, "device_kind":
                                           aot.devices(target)[0].device_kind,
                                           "compile_seconds": time.perf_counter() - begin}
-                print(f"{target:10} {row['attention']:7} {label:32} roof "
+                print(f"{target:10} {row['attention']:10} {label:32} roof "
                       f"{row['roof_fraction']:.2f} {row['bytes_accessed'] / 1e9:7.1f} GB  "
                       f"{row['compile_seconds']:.0f} s", flush=True)
                 yield row

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The second stage on one TPU, bfloat16: cde_jax with splash (Pallas) and with XLA attention,
+# The second stage on one TPU, bfloat16: cde_jax with rope_fused and splash (Pallas) and with XLA attention,
 # texts/s and MFU; the device-idle fraction of the bucketed runner; one profiled step split
 # into matmul / attention / elementwise / copies. No PyTorch contender (torch_xla is not
 # assumed). Harness: scripts/accel_benchmark.py, the same as scripts/gpu_benchmark.sh.
 #
-# UNTESTED ON A TPU: this project has no TPU machine. Only `--cpu-smoke` has run (splash in
-# interpret mode on CPU); on a TPU the first run may need fixes.
+# UNTESTED ON A TPU: this project has no TPU machine. Only `--cpu-smoke` has run (the Pallas
+# kernels in interpret mode on CPU); on a TPU the first run may need fixes.
 #
 #   scripts/tpu_benchmark.sh              # on a TPU VM (jax[tpu])
 #   scripts/tpu_benchmark.sh --cpu-smoke  # the same code on CPU: tiny preset, small batches

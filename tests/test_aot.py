@@ -92,8 +92,8 @@ def test_model_parallel_splits_heads(aot_reports):
 
 def test_report_figures_agree_with_the_flop_count(aot_reports):
     """XLA's TPU count covers the matmuls flops.py counts (attention is in the Mosaic calls
-    it cannot see) plus the elementwise work flops.py leaves out: norms, GELU, RoPE and the
-    padding around splash are 15-17% of the tiny preset's matmul FLOPs at width 64 (1.3% at
+    it cannot see) plus the elementwise work flops.py leaves out: norms and GELU (RoPE runs
+    inside rope_fused) are up to 20% of the tiny preset's matmul FLOPs at width 64 (~1% at
     base width: docs/performance.md); the H100 HLO tally is the
     dense count (cuDNN computes local layers as masked dense attention)."""
     for row in aot_reports.values():

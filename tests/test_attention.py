@@ -180,8 +180,8 @@ def test_rope_fused_gradients_match_the_reference():
     t, s, radius, lengths, h, e = 72, 200, 16, (200, 150, 40), 2, 16
     flat, _, rows_bt, mask = rope_fused_case(9, t, s, lengths, h, e, radius)
     q_full = jnp.concatenate([jnp.zeros((len(lengths), s - t, h * e)), flat[0]], axis=1)
-    weights_btd = jnp.where(rows_bt[..., None], jax.random.normal(jax.random.key(2),
-                                                                  (len(lengths), t, h * e)), 0.0)
+    noise_btd = jax.random.normal(jax.random.key(2), (len(lengths), t, h * e))
+    weights_btd = jnp.where(rows_bt[..., None], noise_btd, 0.0)
 
     def loss(kernel, q, k, v):
         return (kernel(q[:, s - t:], k, v, mask) * weights_btd).sum()
@@ -204,9 +204,11 @@ def test_rope_tables_fold_rotate_half():
     cos_sg, sin_sg = rope_attention.rope_tables(s, e, 10_000.0, h * e)
     x_sg = x_bshe.reshape(s, h * e)
     lane_g = np.arange(h * e)
-    partner_sg = np.where(lane_g % e < e // 2, np.roll(x_sg, -(e // 2), 1), np.roll(x_sg, e // 2, 1))
+    partner_sg = np.where(lane_g % e < e // 2, np.roll(x_sg, -(e // 2), 1),
+                          np.roll(x_sg, e // 2, 1))
     want = ops.apply_rope(jnp.asarray(x_bshe), *ops.rope_cos_sin(jnp.arange(s), e, 10_000.0))
-    assert max_rel_err(x_sg * cos_sg + partner_sg * sin_sg, np.asarray(want).reshape(s, h * e)) <= 1e-6
+    assert max_rel_err(x_sg * cos_sg + partner_sg * sin_sg,
+                       np.asarray(want).reshape(s, h * e)) <= 1e-6
 
 
 @pytest.mark.parametrize("radius", [None, 16])

@@ -67,8 +67,8 @@ def add_compute_args(parser: argparse.ArgumentParser) -> None:
                              "default) or in float32 (the last 1e-4 of fidelity, twice the "
                              "memory traffic)")
     parser.add_argument("--attention", choices=attention.names(), default="auto",
-                        help="attention kernel (default auto: cudnn on NVIDIA GPUs, splash on "
-                             "TPUs, head_major on CPU)")
+                        help="attention kernel (default auto: cudnn on NVIDIA GPUs, rope_fused "
+                             "on TPUs, head_major on CPU)")
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, processes: bool = True) -> None:
