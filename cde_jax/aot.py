@@ -22,10 +22,11 @@ and "h100" is an error (and libtpu logs its search for a TPU).
 The prediction (`StageReport`) is a static roofline per device: compute-only time = FLOPs /
 peak FLOP/s, memory time = bytes accessed / HBM bandwidth; the roofline time is the larger,
 the roof fraction = compute-only time / roofline time (1.0: compute-bound). FLOPs and bytes
-are XLA's cost analysis on TPUs, plus the model's attention FLOPs, since the Mosaic kernels
-are opaque to it; on GPUs, whose cost analysis is empty for a compile-only device, both are
-tallied from the optimized HLO (`hlo.Module`: each kernel's operand and result bytes; the
-cuBLAS and cuDNN calls' FLOPs).
+are XLA's cost analysis on TPUs, plus the model's attention FLOPs and the Mosaic calls'
+operand and result bytes, since the Mosaic kernels are opaque to it (it counts their bytes
+as nothing: a `pl.CostEstimate` of 1 byte leaves its total unchanged); on GPUs, whose cost
+analysis is empty for a compile-only device, both are tallied from the optimized HLO
+(`hlo.Module`: each kernel's operand and result bytes; the cuBLAS and cuDNN calls' FLOPs).
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ class StageReport:
     model_flops_linear: float            # flops.py's count of the linear layers alone
     bytes_accessed: float
     bytes_source: str
+    mosaic_bytes: float                  # of that, the Mosaic calls' operands and results
     peak_memory: int                     # arguments + outputs + temporaries - aliased
     temp_memory: int
     tokens: int                          # positions one device computes (prefix included)
@@ -255,6 +257,7 @@ class StageReport:
         else:
             total, flops_source = module.matmul_flops(), "optimized HLO (matmuls, attention)"
         calls = module.custom_calls()
+        mosaic = module.bytes_accessed(hlo.MOSAIC)
         per_row = length + (prefix_len if stage == "second" else 0)
         return cls(
             target=target, stage=stage, batch=batch, length=length,
@@ -262,9 +265,11 @@ class StageReport:
             chip=chip(target), flops=total, flops_source=flops_source,
             xla_flops=cost.get("flops"), model_flops=counts["windowed"],
             model_flops_linear=counts[flops.LINEAR_ONLY],
-            bytes_accessed=cost.get("bytes accessed") or module.bytes_accessed(),
-            bytes_source="XLA cost analysis" if cost else "optimized HLO (kernel operands "
-            "and results)",
+            bytes_accessed=(cost["bytes accessed"] + mosaic if cost
+                            else module.bytes_accessed()),
+            bytes_source=("XLA cost analysis + Mosaic calls' operands and results" if cost
+                          else "optimized HLO (kernel operands and results)"),
+            mosaic_bytes=mosaic,
             peak_memory=(memory.argument_size_in_bytes + memory.output_size_in_bytes
                          + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
             temp_memory=memory.temp_size_in_bytes,

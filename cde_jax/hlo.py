@@ -137,10 +137,14 @@ class Module:
             elif instr.opcode not in NO_TRAFFIC:
                 yield instr, times
 
-    def bytes_accessed(self) -> float:
-        """Operand plus result bytes of every kernel run (see the module docstring)."""
+    def bytes_accessed(self, custom_call: str | None = None) -> float:
+        """Operand plus result bytes of every kernel run (see the module docstring), or only
+        of the custom calls to `custom_call` (e.g. `MOSAIC`)."""
         total = 0.0
         for instr, times in self.executed():
+            if custom_call is not None and (instr.opcode != "custom-call"
+                                            or _target(instr) != custom_call):
+                continue
             out = instr.shapes
             if instr.opcode == "custom-call" and len(out) > 1:
                 out = tuple(s for s in out if s[0] not in ("s8", "u8"))
