@@ -11,7 +11,7 @@ Why a kernel of our own. On a TPU the memory traffic between ops, not the MXU, b
 model at base width (docs/performance.md): around a splash call XLA wrote q and k in float32
 for RoPE, rotated them in a pass of their own, then padded and transposed q, k and v into
 the (b, h, s, e) layout splash reads, and broadcast the padding mask into (s, 128) segment-id
-tiles per row; ~45 of the 75 KB each token moved per layer. This kernel reads q, k and v
+tiles per row; ~45 of the ~82 KB each token moved per layer. This kernel reads q, k and v
 once, as the matmuls wrote them (lane-dense: 12 heads of 64 fill 768 lanes, where a head-minor
 layout pads 64 to 128), rotates them in VMEM and writes the output once: 4 x 2d bytes per
 token. Padding is each row's key length (keys are right-padded, as the encoder pads them),
@@ -43,11 +43,16 @@ from jax.experimental.pallas import tpu as pltpu
 
 from . import ops
 from .ops import MaskSpec
+from .validation import UserError
 
 QUERY_BLOCK = 128
 LANE_GROUP = 128  # the TPU's lane count: heads are processed 128 lanes at a time
 SUBLANE_ALIGN = 16  # bfloat16 rows pack 16 to a tile: local key windows start on them
 MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)  # as attention.MASKED_LOGIT
+# A row's q, k, v and output sit in VMEM, double-buffered: the largest row compiled for every
+# TPU target in 16 MiB of scoped VMEM is 1152 keys of 768 bfloat16 lanes (cde-small-v2's
+# longest is 512 + 520 = 1032; 1280 fails).
+MAX_ROW_BYTES = 1152 * 768 * 2
 
 
 def reference(q_btd, k_bsd, v_bsd, mask: MaskSpec, theta: float, head_dim: int):
@@ -156,7 +161,8 @@ def _forward(q_btd, k_bsd, v_bsd, lengths_b, *, theta, head_dim, radius, interpr
     kernel = functools.partial(_kernel, head_dim=head_dim, radius=radius,
                                scale=float(1.0 / np.sqrt(head_dim)))
     row = lambda n: pl.BlockSpec((1, n, d), lambda i, lengths: (i, 0, 0))  # noqa: E731
-    table = pl.BlockSpec((s, group), lambda i, lengths: (0, 0))
+    table = pl.BlockSpec((s, group), lambda i, lengths: (0, 0),  # fetched once
+                         pipeline_mode=pl.Buffered(1))
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -197,5 +203,11 @@ def rope_attention(q_btd, k_bsd, v_bsd, mask: MaskSpec, theta: float, head_dim: 
                    interpret: bool):
     """The kernel (see the module docstring). Positions are the encoder's: keys 0..s-1,
     queries the last t of them (`mask.q_pos_t`, `mask.k_pos_s` are not read); keys
-    right-padded (`mask.key_mask_bs` counts each row's length)."""
+    right-padded (`mask.key_mask_bs` counts each row's length). A row of keys over
+    `MAX_ROW_BYTES` is an error naming the kernel that takes it ("splash")."""
+    s, d = k_bsd.shape[1], k_bsd.shape[2]
+    if s * d * k_bsd.dtype.itemsize > MAX_ROW_BYTES:
+        raise UserError(f"attention 'rope_fused' holds a row's keys in VMEM: {s} keys of "
+                        f"{d} {k_bsd.dtype} lanes exceed its {MAX_ROW_BYTES:,} bytes; use "
+                        "attention='splash' for rows this long")
     return _attend(q_btd, k_bsd, v_bsd, mask, float(theta), head_dim, interpret)

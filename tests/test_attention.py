@@ -164,6 +164,14 @@ def test_rope_fused_matches_rope_and_the_reference(t, s, radius, lengths, h, e):
     assert err_on_rows(got, want, rows_bt) <= 1e-5
 
 
+def test_rope_fused_refuses_rows_longer_than_its_vmem():
+    q = jnp.zeros((1, 8, 768), jnp.bfloat16)
+    k = jnp.zeros((1, 1160, 768), jnp.bfloat16)
+    mask = MaskSpec(jnp.ones((1, 1160), bool), jnp.arange(1152, 1160), jnp.arange(1160))
+    with pytest.raises(ValueError, match="1160 keys of 768 bfloat16 lanes exceed.*'splash'"):
+        attention.rope_fused(10_000.0, 64)(q, k, k, mask)
+
+
 def test_rope_fused_bfloat16_is_within_rounding_of_float32():
     """bfloat16 q, k, v: RoPE, logits, softmax and accumulation in float32 inside; as close to
     the float32 reference as bfloat16 inputs allow."""

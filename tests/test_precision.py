@@ -119,6 +119,26 @@ def test_bfloat16_embeddings_keep_cosine(pair, random_docs):
     assert min(worst.values()) < 1 - 1e-7  # bfloat16 really ran
 
 
+def test_tpu_default_keeps_cosine(synthetic, random_docs):
+    """What "auto" runs on TPUs, bfloat16 with rope_fused (interpret mode here: the same
+    arithmetic, RoPE on bfloat16 q and k in float32 inside the kernel), against float32:
+    the same bound as the CPU kernel's bfloat16."""
+    converted = synthetic()[1]
+    full = cde_jax.load(converted, attention="head_major")
+    tpu = cde_jax.load(converted, attention="rope_fused", dtype="bfloat16")
+    docs = random_docs[:8]
+    queries = [" ".join(d.split()[-8:]) for d in random_docs[48:52]]
+    dataset = {m: m.embed_minicorpus(docs, batch_size=BATCH) for m in (full, tpu)}
+    cos = {"dataset": row_cosines(dataset[tpu], dataset[full])}
+    for role, texts in (("query", queries), ("document", docs)):
+        cos[role] = row_cosines(*(m.encode(texts, prompt_name=role, batch_size=BATCH,
+                                           dataset_embeddings=dataset[m])
+                                  for m in (tpu, full)))
+    worst = {k: float(v.min()) for k, v in cos.items()}
+    print("rope_fused bfloat16 vs float32, worst per-row cosine:", worst)
+    assert 0.9999 <= min(worst.values()) < 1 - 1e-7, worst
+
+
 def test_bfloat16_ranks_like_float32(pair, random_docs, tmp_path):
     """The same top-10 lists except where float32 itself nearly ties: random weights leave
     near-ties (q6's ranks 5 and 6 differ by 5e-5 in float32, 10x below bfloat16's score
