@@ -55,15 +55,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from . import ops, rope_attention
-from .ops import MaskSpec
+from .ops import MASKED_LOGIT, MaskSpec
 from .sharding import DATA, MODEL
 from .validation import UserError
 
 Kernel = Callable[[jax.Array, jax.Array, jax.Array, MaskSpec], jax.Array]
 
-# Finite "minus infinity" for masked logits, the value jax.nn.dot_product_attention uses: a
-# query that sees nothing softmaxes to a uniform row instead of NaN.
-MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
 
 # --- the reference ------------------------------------------------------------------------

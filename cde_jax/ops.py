@@ -40,6 +40,11 @@ def apply_rope(x_bshe: jax.Array, cos_se: jax.Array, sin_se: jax.Array) -> jax.A
     return out.astype(x_bshe.dtype)
 
 
+# Finite "minus infinity" for masked logits, the value jax.nn.dot_product_attention uses: a
+# query that sees nothing softmaxes to a uniform row instead of NaN. Every kernel masks with it.
+MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
+
+
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=("key_mask_bs", "q_pos_t", "k_pos_s"),
                    meta_fields=("window_radius",))

@@ -42,13 +42,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import ops
-from .ops import MaskSpec
+from .ops import MASKED_LOGIT, MaskSpec
 from .validation import UserError
 
 QUERY_BLOCK = 128
 LANE_GROUP = 128  # the TPU's lane count: heads are processed 128 lanes at a time
 SUBLANE_ALIGN = 16  # bfloat16 rows pack 16 to a tile: local key windows start on them
-MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)  # as attention.MASKED_LOGIT
 # A row's q, k, v and output sit in VMEM, double-buffered: the largest row compiled for every
 # TPU target in 16 MiB of scoped VMEM is 1152 keys of 768 bfloat16 lanes (cde-small-v2's
 # longest is 512 + 520 = 1032; 1280 fails).
