@@ -35,11 +35,12 @@ import dataclasses
 import functools
 import os
 import re
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
 
-from . import flops, hlo, loading, params, resources, runner, sharding
+from . import flops, fused_layer, hlo, loading, params, resources, runner, sharding
 from .config import PRESETS, CdeConfig, ModernBertConfig
 from .validation import UserError
 
@@ -192,6 +193,7 @@ class StageReport:
     temp_memory: int
     tokens: int                          # positions one device computes (prefix included)
     attention_calls: dict[str, int]      # Mosaic / cuDNN fused-attention custom calls
+    layer_calls: dict[str, int]          # fused_layer's Mosaic kernels, by name
     custom_calls: dict[str, int]
     collectives: dict[str, int]
     while_loops: int
@@ -257,6 +259,11 @@ class StageReport:
         else:
             total, flops_source = module.matmul_flops(), "optimized HLO (matmuls, attention)"
         calls = module.custom_calls()
+        layer_calls = {name: n for name, n in module.pallas_kernels().items()
+                       if name in fused_layer.KERNELS}
+        attention = Counter({k: v for k, v in calls.items()
+                             if k == hlo.MOSAIC or k.startswith(hlo.CUDNN_ATTENTION)})
+        attention[hlo.MOSAIC] -= sum(layer_calls.values())
         mosaic = module.bytes_accessed(hlo.MOSAIC)
         per_row = length + (prefix_len if stage == "second" else 0)
         return cls(
@@ -274,8 +281,7 @@ class StageReport:
                          + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
             temp_memory=memory.temp_size_in_bytes,
             tokens=batch * (1 if stage == "prefix" else per_row) // data,
-            attention_calls={k: v for k, v in calls.items()
-                             if k == hlo.MOSAIC or k.startswith(hlo.CUDNN_ATTENTION)},
+            attention_calls=dict(+attention), layer_calls=layer_calls,
             custom_calls=dict(calls), collectives=dict(module.collectives()),
             while_loops=module.while_loops(), compiled=compiled)
 
@@ -298,7 +304,7 @@ def _inputs(stage: str, model, backbone: ModernBertConfig, cde: CdeConfig, batch
     graphdef, _ = params.split(model)
     flat = params.flat_params(model)
     weights = params.unflatten({path: jax.ShapeDtypeStruct(
-        leaf.shape, backbone.jnp_param_dtype,
+        leaf.shape, params.stage_dtype(path, backbone.jnp_param_dtype, backbone.jnp_dtype),
         sharding=sharding.param_sharding(path, leaf.shape, mesh)) for path, leaf in flat.items()})
     rows, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     if stage == "prefix":

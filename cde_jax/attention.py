@@ -56,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import ops, rope_attention
 from .ops import MASKED_LOGIT, MaskSpec
-from .sharding import DATA, MODEL
+from .sharding import DATA, MODEL, split_on, traced_free_axes
 from .validation import UserError
 
 Kernel = Callable[[jax.Array, jax.Array, jax.Array, MaskSpec], jax.Array]
@@ -308,19 +308,15 @@ def per_device(kernel: Kernel, head_dim: int | None = None) -> Kernel:
     crosses devices. Without a mesh (or on one device) it is `kernel` itself. q, k, v are
     (b, s, h, e), or (b, s, d) with heads of `head_dim` side by side."""
     def run(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
-        mesh = jax.sharding.get_abstract_mesh()
-        free = [a for a in mesh.axis_names if a not in mesh.manual_axes]
-        if mesh.empty or all(mesh.shape[a] == 1 for a in free):
+        free = traced_free_axes()
+        if all(size == 1 for size in free.values()):
             return kernel(q_bthe, k_bshe, v_bshe, mask)
         b, h = q_bthe.shape[0], q_bthe.shape[2] // (head_dim or 1)
-
-        def axis(name, size):  # a free mesh axis that divides `size`, else None (whole)
-            return name if name in free and size % mesh.shape[name] == 0 else None
-
-        rows, heads = axis(DATA, b), axis(MODEL, h)
+        rows, heads = split_on(free, DATA, b), split_on(free, MODEL, h)
         x_spec = P(rows, None, heads) if head_dim else P(rows, None, heads, None)
         mask_spec = MaskSpec(P(rows, None), P(), P(), mask.window_radius)
-        return jax.shard_map(kernel, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, mask_spec),
+        return jax.shard_map(kernel, mesh=jax.sharding.get_abstract_mesh(),
+                             in_specs=(x_spec, x_spec, x_spec, mask_spec),
                              out_specs=x_spec, axis_names=set(free), check_vma=False)(
             q_bthe, k_bshe, v_bshe, mask)
     return run

@@ -2,8 +2,10 @@
 
 Each layer is pre-norm attention + pre-norm GeGLU MLP; every `global_attn_every_n_layers`-th
 layer attends globally with RoPE theta 160k, the others within `|i-j| <= local_attention//2`
-with theta 10k. The layer is split into `project_qkv` / `attend` / `mlp_block` so the second
-stage can reuse the pieces with a shared prefix (see `model.py`) without a second copy.
+with theta 10k. The layer is split into `project_qkv` / `attend` / `residual_mlp` so the second
+stage can reuse the pieces with a shared prefix (see `model.py`) without a second copy. With
+rope_fused (TPUs), `project_qkv` and `residual_mlp` run `fused_layer`'s kernels where
+`EncoderLayer.fused()` says so, the same arithmetic as the modules' path here.
 
 Precision: with a half compute dtype (`cfg.dtype` "bfloat16"/"float16") every matmul takes
 half-precision inputs and accumulates in float32, and so does attention. Between ops the
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import attention, ops
+from . import attention, fused_layer, ops
 from .config import GLOBAL, ModernBertConfig
 
 
@@ -54,7 +56,9 @@ class Embeddings(nnx.Module):
         self.norm = layer_norm(cfg, rngs)
 
     def __call__(self, input_ids_bs: jax.Array) -> jax.Array:
-        return self.norm(self.tok_embeddings(input_ids_bs))
+        # The rows gathered, then cast: `nnx.Embed` would cast the whole table first.
+        table_vd = self.tok_embeddings.embedding[...]
+        return self.norm(jnp.take(table_vd, input_ids_bs, axis=0).astype(jnp.float32))
 
 
 class Attention(nnx.Module):
@@ -125,14 +129,32 @@ class EncoderLayer(nnx.Module):
         self.activation_dtype = cfg.jnp_activation_dtype
         self.kernel, self.kernel_rotates = attention.layer_kernel(
             cfg.attention, cfg.dtype, self.rope_theta, cfg.head_dim)
+        # With rope_fused, the projections, norms and MLP around it are kernels too
+        # (fused_layer.py), for layers without biases.
+        self.fusable = self.kernel_rotates and not (
+            cfg.attention_bias or cfg.mlp_bias or cfg.norm_bias)
+        self.numerics = fused_layer.Numerics(cfg.norm_eps, self.dtype, self.activation_dtype)
         self.attn_norm = None if index == 0 else layer_norm(cfg, rngs)  # layer 0: identity
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = layer_norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
 
+    def fused(self) -> bool:
+        """Whether this trace runs the layer's fused kernels (`fused_layer.applies`)."""
+        return self.fusable and fused_layer.applies()
+
+    def _weight(self, linear: nnx.LinearGeneral, rows: int) -> jax.Array:
+        """A linear's kernel in the compute dtype as a (rows, columns) matrix."""
+        return linear.kernel[...].astype(linear.dtype).reshape(rows, -1)
+
     def project_qkv(self, h_bsd: jax.Array, pos_s: jax.Array):
         """Normalized input -> q, k, v (b, s, h, e) in the compute dtype, RoPE (float32) at
         positions `pos_s`; for a kernel that rotates them itself, (b, s, h * e) unrotated."""
+        if self.fused():
+            scale_d = None if self.attn_norm is None else self.attn_norm.scale[...]
+            return fused_layer.norm_qkv(
+                h_bsd, scale_d, self._weight(self.attn.wqkv, h_bsd.shape[-1]), self.numerics,
+                interpret=attention.target_platform() != "tpu")
         x_bsd = h_bsd if self.attn_norm is None else self.attn_norm(h_bsd)
         q, k, v = self.attn.project_qkv(x_bsd, self.activation_dtype,
                                         heads_apart=not self.kernel_rotates)
@@ -143,15 +165,26 @@ class EncoderLayer(nnx.Module):
             ops.apply_rope(q, cos_se, sin_se), ops.apply_rope(k, cos_se, sin_se), v))
 
     def attend(self, q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s) -> jax.Array:
-        """Attention (the configured kernel, `attention.py`) projected back to (b, t, d)."""
+        """Attention by the configured kernel (`attention.py`), not projected yet: (b, t, h, e),
+        or (b, t, h * e) from a kernel that rotates q and k itself."""
         mask = ops.MaskSpec(key_mask_bs, q_pos_t, k_pos_s, self.window_radius)
-        out = self.kernel(q_bthe, k_bshe, v_bshe, mask)
-        project = self.attn.project_out if self.kernel_rotates else self.attn.wo
-        return project(out).astype(self.activation_dtype)
+        return self.kernel(q_bthe, k_bshe, v_bshe, mask)
 
-    def mlp_block(self, h_bsd: jax.Array) -> jax.Array:
-        out_bsd = self.mlp(self.mlp_norm(h_bsd), self.activation_dtype)
-        return (h_bsd + out_bsd).astype(self.activation_dtype)
+    def residual_mlp(self, h_btd: jax.Array, o_bthe: jax.Array) -> jax.Array:
+        """The layer's output from its input and the attention output: the output
+        projection, the residual sum, the MLP block and its residual sum."""
+        if self.fused():
+            d = h_btd.shape[-1]
+            return fused_layer.out_mlp(
+                o_bthe, h_btd, self._weight(self.attn.wo, o_bthe.shape[-1]),
+                self.mlp_norm.scale[...], self._weight(self.mlp.wi, d),
+                self._weight(self.mlp.wo, self.mlp.wo.kernel.shape[0]), self.numerics,
+                interpret=attention.target_platform() != "tpu")
+        project = self.attn.project_out if self.kernel_rotates else self.attn.wo
+        h_btd = (h_btd + project(o_bthe).astype(self.activation_dtype)).astype(
+            self.activation_dtype)
+        out_btd = self.mlp(self.mlp_norm(h_btd), self.activation_dtype)
+        return (h_btd + out_btd).astype(self.activation_dtype)
 
 
 class ModernBert(nnx.Module):
@@ -203,7 +236,6 @@ class ModernBert(nnx.Module):
             q_pos_t = pos_s
             if i == last and keep_from:
                 q, h_bsd, q_pos_t = q[:, keep_from:], h_bsd[:, keep_from:], pos_s[keep_from:]
-            h_bsd = (h_bsd + layer.attend(q, k, v, key_mask_bs, q_pos_t, pos_s)).astype(
-                layer.activation_dtype)
-            h_bsd = layer.mlp_block(h_bsd)
+            h_bsd = layer.residual_mlp(h_bsd, layer.attend(q, k, v, key_mask_bs, q_pos_t,
+                                                            pos_s))
         return h_bsd

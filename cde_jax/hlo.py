@@ -118,6 +118,17 @@ class Module:
         """{custom call target: count} over the whole module."""
         return Counter(_target(i) for i in self.instructions() if i.opcode == "custom-call")
 
+    def pallas_kernels(self) -> Counter:
+        """{kernel name: count} of the Mosaic calls, by the name their `pallas_call` was
+        given (the metadata's op_name reads ".../<name>/pallas_call"; "" when unnamed)."""
+        names = Counter()
+        for i in self.instructions():
+            if i.opcode == "custom-call" and _target(i) == MOSAIC:
+                op_name = re.search(r'op_name="([^"]*)"', i.attributes)
+                parts = op_name.group(1).split("/") if op_name else []
+                names[parts[-2] if len(parts) > 1 and parts[-1] == "pallas_call" else ""] += 1
+        return names
+
     def collectives(self) -> Counter:
         """{collective op: count}; asynchronous pairs counted once (their -start)."""
         return Counter(i.opcode.removesuffix("-start") for i in self.instructions()

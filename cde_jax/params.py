@@ -4,8 +4,10 @@ key map speak), through Flax's `traverse_util`."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 
+import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from .config import CdeConfig, ModernBertConfig
@@ -60,3 +62,28 @@ def fill(params: Mapping, flat: Mapping, fn: Callable = lambda path, value, like
         raise KeyError(f"parameter names differ from the model's: "
                        f"{sorted(names ^ set(flat))[:10]}")
     return map_params(params, lambda p, like: fn(p, flat[p], like))
+
+
+# The encoders' matmul weights (`encoder.dense`): every call casts them to the compute dtype.
+MATMUL_WEIGHTS = re.compile(r"layers/\d+/(attn/(wqkv|wo)|mlp/(wi|wo))/kernel$")
+
+
+def stage_dtype(path: str, dtype, compute_dtype) -> jnp.dtype:
+    """The dtype the compiled stages read parameter `path` (held in `dtype`) in: its own,
+    except the encoders' matmul weights where the compute dtype is narrower, which the stages
+    read in the compute dtype. Every matmul casts them so anyway, so the results are the
+    same bits; cast once at load, no call reads float32 weights and writes their cast (on a
+    TPU, ~30 MB per layer and call at base size, docs/performance.md)."""
+    dtype, compute = jnp.dtype(dtype), jnp.dtype(compute_dtype)
+    return compute if MATMUL_WEIGHTS.search(path) and compute.itemsize < dtype.itemsize \
+        else dtype
+
+
+def for_stages(tree: Mapping, compute_dtype) -> dict:
+    """The parameters as the stages read them (`stage_dtype`): the matmul weights cast, the
+    rest the same arrays. The held parameters stay as loaded: what `save_pretrained` writes
+    and training updates."""
+    def cast(path, leaf):
+        dtype = stage_dtype(path, leaf.dtype, compute_dtype)
+        return leaf if dtype == leaf.dtype else leaf.astype(dtype)
+    return map_params(tree, cast)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from . import buckets, distributed, sharding
 from .model import ContextualEmbedder, Prefix
+from .params import for_stages
 from .tokenization import pad_batch
 
 Stage = Callable[[jax.Array, jax.Array], jax.Array]  # (ids_bs, mask_bs) -> (b, d), global
@@ -58,9 +59,11 @@ def stage_functions(graphdef: nnx.GraphDef, mesh) -> tuple[Callable, Callable, C
 class StageRunner:
     """Both stages of one model on one mesh, as compiled functions of (params, arrays)."""
 
-    def __init__(self, graphdef: nnx.GraphDef, params: dict, mesh):
+    def __init__(self, graphdef: nnx.GraphDef, params: dict, mesh, compute_dtype="float32"):
         self.graphdef, self.params, self.mesh = graphdef, params, mesh
         self._first, self._prefix, self._second = stage_functions(graphdef, mesh)
+        # What the stages read: the matmul weights cast to the compute dtype once, here.
+        self._stage_params = for_stages(params, compute_dtype)
 
     @property
     def model(self) -> ContextualEmbedder:
@@ -68,16 +71,16 @@ class StageRunner:
 
     # --- the stages on global arrays -----------------------------------------------------
     def first(self) -> Stage:
-        return lambda ids_bs, mask_bs: self._first(self.params, ids_bs, mask_bs)
+        return lambda ids_bs, mask_bs: self._first(self._stage_params, ids_bs, mask_bs)
 
     def second(self, prefix: Prefix) -> Stage:
-        return lambda ids_bs, mask_bs: self._second(self.params, ids_bs, mask_bs, prefix)
+        return lambda ids_bs, mask_bs: self._second(self._stage_params, ids_bs, mask_bs, prefix)
 
     def prefix(self, dataset_embeddings_md: np.ndarray | None) -> Prefix:
         """The second stage's prefix (None: null-dataset mode); the same on every process."""
         placed = None if dataset_embeddings_md is None else sharding.place(
             dataset_embeddings_md, sharding.replicated(self.mesh))
-        return self._prefix(self.params, placed)
+        return self._prefix(self._stage_params, placed)
 
     # --- batches -------------------------------------------------------------------------
     @property

@@ -67,6 +67,23 @@ def traced_on(mesh: Mesh, fn):
     return traced
 
 
+def traced_free_axes() -> dict[str, int]:
+    """{axis: size} of the trace's abstract mesh axes that are not manual already (a user's
+    `shard_map` around the stage): what a Mosaic call, which XLA cannot partition, is run per
+    device over (`attention.per_device`, `fused_layer`), size-1 axes included (none may stay
+    automatic around it). Empty without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return {}
+    return {a: mesh.shape[a] for a in mesh.axis_names if a not in mesh.manual_axes}
+
+
+def split_on(free: dict[str, int], axis: str, size: int) -> str | None:
+    """`axis` where it is one of `free` (`traced_free_axes`) and divides `size`: what a
+    dimension of that size is split on per device; else None (whole on every device)."""
+    return axis if axis in free and size % free[axis] == 0 else None
+
+
 def logical_axes(path: str) -> tuple[str | None, ...]:
     for pattern, axes in PARAM_AXES:
         if re.search(pattern, path):

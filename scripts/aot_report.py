@@ -80,10 +80,11 @@ def run(targets, planner: bool):
 
 def table(rows: list[dict]) -> str:
     lines = ["| target | case | FLOPs | bytes accessed | compute-only texts/s | roofline "
-             "texts/s | roof fraction | peak memory | attention calls |",
+             "texts/s | roof fraction | peak memory | fused calls (attention, layer) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        calls = ", ".join(f"{n} {k}" for k, n in r["attention_calls"].items()) or "none"
+        calls = ", ".join(f"{n} {k}" for k, n in (r["attention_calls"]
+                                                  | r.get("layer_calls", {})).items()) or "none"
         lines.append(f"| {r['target']} | {r['case']} | {r['flops']:.3g} | "
                      f"{r['bytes_accessed'] / 1e9:.1f} GB | {r['compute_texts_per_s']:,.0f} | "
                      f"{r['roofline_texts_per_s']:,.0f} | {r['roof_fraction']:.2f} | "

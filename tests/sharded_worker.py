@@ -57,8 +57,21 @@ def main():
     wqkv = flat_params(model.module)["second_stage_model/backbone/layers/0/attn/wqkv/kernel"]
     np.savez(args.out, context=ctx, embeddings=emb, raw=raw, start=start,
              devices=len(jax.devices()), wqkv_spec=str(tuple(wqkv.sharding.spec)),
+             **fused(args.ckpt, mesh, model, ctx, texts) if args.devices > 1 else {},
              **users_shard_map(model, mesh, ctx, texts)
              if args.devices > 1 and args.model_parallel == 1 else {})
+
+
+def fused(ckpt, mesh, model, ctx, texts) -> dict:
+    """The second stage with rope_fused (interpret mode), whose kernels run per device
+    (`shard_map`) on a data mesh and beside XLA's split matmuls with model parallelism, and
+    with this run's kernel: 8 short texts against a short context (interpret mode is slow)."""
+    import cde_jax
+
+    fused_model = cde_jax.load(ckpt, mesh=mesh, attention="rope_fused")
+    ids, mask = model.tokenizer([t[:150] for t in texts if t][:8])
+    return {"fused": fused_model.second_stage(ids, mask, ctx[:24]),
+            "unfused": model.second_stage(ids, mask, ctx[:24])}
 
 
 def users_shard_map(model, mesh, ctx, texts) -> dict:

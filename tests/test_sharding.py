@@ -54,6 +54,17 @@ def test_eight_devices_match_one(single, eight_devices, model_parallel):
         assert diff <= 1e-5, (key, diff)
 
 
+@pytest.mark.parametrize("model_parallel", [1, 2])
+def test_eight_devices_run_the_tpu_kernels(eight_devices, model_parallel):
+    """rope_fused and fused_layer's kernels (interpret mode) on 8 devices: per device over
+    "data", or with the heads split over "model" (XLA's matmuls around rope_fused there),
+    equal to the CPU kernel on the same mesh."""
+    got, want = (eight_devices[model_parallel][k] for k in ("fused", "unfused"))
+    diff = np.abs(got - want).max() / np.abs(want).max()
+    print(f"8 devices (model_parallel={model_parallel}) rope_fused vs head_major: {diff:.2e}")
+    assert diff <= 1e-5
+
+
 def test_a_users_shard_map_runs_the_stages(eight_devices):
     """On 8 devices, the second stage inside the user's own shard_map equals the runner's."""
     got, want = eight_devices[1]["shard_map"], eight_devices[1]["shard_map_runner"]

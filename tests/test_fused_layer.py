@@ -1,0 +1,133 @@
+"""fused_layer's Pallas kernels (interpret mode on CPU) against the encoder's XLA path, which
+composes the same layer from its Flax modules: float32 parity, the half-precision roundings,
+token counts that leave a partial block, layer 0 (no attention norm), gradients through the
+custom VJP, and the encoder's choice of path by mesh."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cde_jax import encoder, fused_layer
+from cde_jax.config import modernbert_tiny
+
+
+def make_layer(index: int, dtype: str, activations: str = "compute") -> encoder.EncoderLayer:
+    """A tiny layer with random weights and norm scales far from 1 (a scale the kernel
+    dropped or applied twice shows)."""
+    cfg = modernbert_tiny(attention="rope_fused", dtype=dtype, activations=activations)
+    layer = encoder.EncoderLayer(cfg, index, rngs=nnx.Rngs(index + 1))
+    rng = np.random.default_rng(index)
+    for norm in (layer.attn_norm, layer.mlp_norm):
+        if norm is not None:
+            norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, norm.scale.shape), jnp.float32)
+    return layer
+
+
+def modules_qkv(layer, h_bsd):
+    x_bsd = h_bsd if layer.attn_norm is None else layer.attn_norm(h_bsd)
+    return tuple(x.astype(layer.dtype) for x in layer.attn.project_qkv(
+        x_bsd, layer.activation_dtype, heads_apart=False))
+
+
+def modules_out_mlp(layer, h_btd, o_btk):
+    act = layer.activation_dtype
+    h_btd = (h_btd + layer.attn.project_out(o_btk).astype(act)).astype(act)
+    return (h_btd + layer.mlp(layer.mlp_norm(h_btd), act)).astype(act)
+
+
+def kernels_qkv(layer, h_bsd):
+    scale = None if layer.attn_norm is None else layer.attn_norm.scale[...]
+    return fused_layer.norm_qkv(h_bsd, scale, layer._weight(layer.attn.wqkv, h_bsd.shape[-1]),
+                                layer.numerics, interpret=True)
+
+
+def kernels_out_mlp(layer, h_btd, o_btk):
+    d = h_btd.shape[-1]
+    return fused_layer.out_mlp(o_btk, h_btd, layer._weight(layer.attn.wo, o_btk.shape[-1]),
+                               layer.mlp_norm.scale[...], layer._weight(layer.mlp.wi, d),
+                               layer._weight(layer.mlp.wo, layer.mlp.wo.kernel.shape[0]),
+                               layer.numerics, interpret=True)
+
+
+def inputs(layer, b, s, seed=0):
+    rng = np.random.default_rng(seed)
+    d = layer.attn.wo.kernel.shape[-1]
+    act = layer.activation_dtype
+    return (jnp.asarray(rng.normal(size=(b, s, d)), jnp.float32).astype(act),
+            jnp.asarray(rng.normal(size=(b, s, d)), jnp.float32).astype(layer.dtype))
+
+
+def rel_err(got, want) -> float:
+    got, want = (np.asarray(jnp.asarray(x, jnp.float32)) for x in (got, want))
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# (rows, tokens): 600 tokens leave a partial block of 88 after two of 256; 40 fit one block.
+SHAPES = [(2, 300), (1, 40)]
+
+
+@pytest.mark.parametrize("b, s", SHAPES)
+@pytest.mark.parametrize("index", [0, 1])
+def test_float32_matches_the_modules(b, s, index):
+    layer = make_layer(index, "float32")
+    h_bsd, o_bsk = inputs(layer, b, s)
+    for got, want in zip(kernels_qkv(layer, h_bsd), modules_qkv(layer, h_bsd)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert rel_err(got, want) <= 1e-6
+    got, want = kernels_out_mlp(layer, h_bsd, o_bsk), modules_out_mlp(layer, h_bsd, o_bsk)
+    assert got.dtype == want.dtype and rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("activations", ["compute", "float32"])
+def test_half_precision_rounds_where_the_modules_round(activations):
+    """bfloat16 compute: the kernels round each matmul's inputs and outputs as the XLA path
+    does, so the two agree to a bfloat16 rounding step (2^-8) of the largest value, where
+    float32 arithmetic orders differ; the dtypes are the modules'."""
+    layer = make_layer(1, "bfloat16", activations)
+    h_bsd, o_bsk = inputs(layer, 2, 300, seed=1)
+    for got, want in zip(kernels_qkv(layer, h_bsd), modules_qkv(layer, h_bsd)):
+        assert got.dtype == want.dtype == jnp.bfloat16
+        assert rel_err(got, want) <= 2 ** -8
+    got, want = kernels_out_mlp(layer, h_bsd, o_bsk), modules_out_mlp(layer, h_bsd, o_bsk)
+    assert got.dtype == want.dtype == layer.activation_dtype
+    assert rel_err(got, want) <= 2 ** -8
+
+
+def test_gradients_match_the_modules():
+    """Fine-tuning differentiates through the kernels: their custom VJP (autodiff of the same
+    arithmetic in JAX) gives the modules' gradients for inputs, weights and norm scales."""
+    layer = make_layer(1, "float32")
+    h_bsd, o_bsk = inputs(layer, 1, 40, seed=2)
+    graphdef, state = nnx.split(layer)
+
+    def loss(forward, state, h_bsd, o_bsk):
+        layer = nnx.merge(graphdef, state)
+        q, k, v = forward[0](layer, h_bsd)
+        out = forward[1](layer, h_bsd + q + k * v, o_bsk)
+        return jnp.sum(out * jnp.cos(out))
+
+    grads = [jax.grad(loss, argnums=(1, 2, 3))(forward, state, h_bsd, o_bsk) for forward in
+             ((kernels_qkv, kernels_out_mlp), (modules_qkv, modules_out_mlp))]
+    got, want = (jax.tree.leaves(g) for g in grads)
+    assert len(got) == len(want) > 6
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-5
+
+
+def test_the_encoder_fuses_unless_the_model_axis_is_split():
+    """Without a mesh (or with "model" of size 1) a rope_fused layer runs the kernels; with
+    `model_parallel` > 1, or with biases, it runs the XLA path."""
+    layer = make_layer(1, "float32")
+    assert layer.fused()
+    mesh = jax.sharding.AbstractMesh((1, 2), ("data", "model"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert not layer.fused()
+    assert fused_layer.applies()
+    cfg = modernbert_tiny(attention="rope_fused", mlp_bias=True)
+    assert not encoder.EncoderLayer(cfg, 1, rngs=nnx.Rngs(0)).fused()
+    cfg = modernbert_tiny(attention="splash")
+    assert not encoder.EncoderLayer(cfg, 1, rngs=nnx.Rngs(0)).fused()
