@@ -19,4 +19,4 @@ def write_section(path: Path, name: str, text: str) -> None:
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     new = pattern.sub(lambda _: block, old) if begin in old else old.rstrip() + "\n\n" + block
     with atomic_file(path, "w") as f:
-        f.write(new.lstrip() + "\n")
+        f.write(new.strip() + "\n")  # one final newline, however often rewritten
