@@ -130,9 +130,8 @@ class EncoderLayer(nnx.Module):
         self.kernel, self.kernel_rotates = attention.layer_kernel(
             cfg.attention, cfg.dtype, self.rope_theta, cfg.head_dim)
         # With rope_fused, the projections, norms and MLP around it are kernels too
-        # (fused_layer.py), for layers without biases.
-        self.fusable = self.kernel_rotates and not (
-            cfg.attention_bias or cfg.mlp_bias or cfg.norm_bias)
+        # (fused_layer.py), for the layers they support.
+        self.fusable = self.kernel_rotates and fused_layer.supports(cfg)
         self.numerics = fused_layer.Numerics(cfg.norm_eps, self.dtype, self.activation_dtype)
         self.attn_norm = None if index == 0 else layer_norm(cfg, rngs)  # layer 0: identity
         self.attn = Attention(cfg, rngs=rngs)

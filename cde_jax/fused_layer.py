@@ -19,8 +19,9 @@ each result rounded to the activation dtype where the XLA path rounds it. It is 
 (`_qkv`, `_out_mlp`) and read both by the kernels, on VMEM blocks, and by the backward pass,
 on whole arrays: the gradients are autodiff of the same function in plain JAX.
 
-When (`applies`): the encoder uses them with rope_fused for layers without biases (ModernBERT
-base and cde-small-v2 have none) in programs whose mesh does not split the model axis. With
+When: the encoder uses them with rope_fused for layers that `supports` (no biases, weights
+that fit VMEM: ModernBERT base and cde-small-v2) in programs whose mesh does not split the
+model axis (`applies`). With
 `model_parallel` > 1 the MLP's units and the heads are split over devices and the second
 kernel's output would need an all-reduce before its residual: XLA's path (which partitions
 the matmuls itself) runs there. Per device over the other mesh axes, as Mosaic calls cannot
@@ -45,6 +46,18 @@ TOKEN_BLOCK = 256  # tokens per grid step: (256, 2 x 1152) float32 MLP temporari
 # The kernels' names, which the compiled program's Mosaic calls carry (`aot` counts them).
 NORM_QKV, OUT_MLP = "fused_norm_qkv", "fused_out_mlp"
 KERNELS = (NORM_QKV, OUT_MLP)
+# `fused_out_mlp`'s weights (attention out, MLP in and out, in the compute dtype) sit whole in
+# VMEM beside its 256-token blocks: compiled for v4 and v5e (16 MiB of scoped VMEM), 7.9 MiB
+# fits (ModernBERT-base: 6.2 MiB) and 10.1 MiB fails. Larger layers run XLA's path.
+MAX_WEIGHT_BYTES = 8 * 2 ** 20
+
+
+def supports(cfg) -> bool:
+    """Whether a layer of `cfg` (a `ModernBertConfig`) can run the kernels: no biases
+    (ModernBERT base and cde-small-v2 have none) and weights that fit `MAX_WEIGHT_BYTES`."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    fits = (d * d + 3 * d * f) * cfg.jnp_dtype.itemsize <= MAX_WEIGHT_BYTES
+    return fits and not (cfg.attention_bias or cfg.mlp_bias or cfg.norm_bias)
 
 
 def applies() -> bool:

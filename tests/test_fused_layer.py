@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from cde_jax import encoder, fused_layer
-from cde_jax.config import modernbert_tiny
+from cde_jax.config import modernbert_base, modernbert_tiny
 
 
 def make_layer(index: int, dtype: str, activations: str = "compute") -> encoder.EncoderLayer:
@@ -120,7 +120,7 @@ def test_gradients_match_the_modules():
 
 def test_the_encoder_fuses_unless_the_model_axis_is_split():
     """Without a mesh (or with "model" of size 1) a rope_fused layer runs the kernels; with
-    `model_parallel` > 1, or with biases, it runs the XLA path."""
+    `model_parallel` > 1, with biases, or with weights over what VMEM holds, the XLA path."""
     layer = make_layer(1, "float32")
     assert layer.fused()
     mesh = jax.sharding.AbstractMesh((1, 2), ("data", "model"))
@@ -131,3 +131,6 @@ def test_the_encoder_fuses_unless_the_model_axis_is_split():
     assert not encoder.EncoderLayer(cfg, 1, rngs=nnx.Rngs(0)).fused()
     cfg = modernbert_tiny(attention="splash")
     assert not encoder.EncoderLayer(cfg, 1, rngs=nnx.Rngs(0)).fused()
+    base = modernbert_base(attention="rope_fused", dtype="bfloat16")
+    assert fused_layer.supports(base)  # 6.2 MiB of weights
+    assert not fused_layer.supports(base.replace(intermediate_size=2048))  # 10.1 MiB
