@@ -300,6 +300,12 @@ def target_platform() -> str:
     return jax.default_backend() if device is None else device.platform
 
 
+def interpret_mode() -> bool:
+    """Whether Pallas kernels run interpreted: when the program is not compiled for TPUs
+    (`target_platform`), so the same kernels run, and are tested, on CPU."""
+    return target_platform() != "tpu"
+
+
 def per_device(kernel: Kernel, head_dim: int | None = None) -> Kernel:
     """`kernel` run on each device's own rows and heads: `jax.shard_map` over the trace's
     mesh axes that are not manual already (a user's `shard_map` around the stage), rows
@@ -309,7 +315,7 @@ def per_device(kernel: Kernel, head_dim: int | None = None) -> Kernel:
     (b, s, h, e), or (b, s, d) with heads of `head_dim` side by side."""
     def run(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
         free = traced_free_axes()
-        if all(size == 1 for size in free.values()):
+        if not free:
             return kernel(q_bthe, k_bshe, v_bshe, mask)
         b, h = q_bthe.shape[0], q_bthe.shape[2] // (head_dim or 1)
         rows, heads = split_on(free, DATA, b), split_on(free, MODEL, h)
@@ -337,7 +343,7 @@ def splash(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
     s = k_bshe.shape[1]
     t_pad, s_pad = _round_up(t, SPLASH_TILE), _round_up(s, SPLASH_TILE)
     kernel = _splash_kernel(h, t_pad, s_pad, mask.offset, mask.window_radius,
-                            target_platform() != "tpu")
+                            interpret_mode())
 
     def kernel_layout(x_bshe, padded):  # (b, s, h, e) -> (b, h, padded, e)
         return _head_major(jnp.pad(x_bshe, ((0, 0), (0, padded - x_bshe.shape[1]), (0, 0),
@@ -359,7 +365,7 @@ def rope_fused(theta: float, head_dim: int) -> Kernel:
     mode otherwise; per device."""
     def kernel(q_btd, k_bsd, v_bsd, mask: MaskSpec):
         return rope_attention.rope_attention(q_btd, k_bsd, v_bsd, mask, theta, head_dim,
-                                             interpret=target_platform() != "tpu")
+                                             interpret=interpret_mode())
     return per_device(kernel, head_dim)
 
 

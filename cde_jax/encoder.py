@@ -152,8 +152,7 @@ class EncoderLayer(nnx.Module):
         if self.fused():
             scale_d = None if self.attn_norm is None else self.attn_norm.scale[...]
             return fused_layer.norm_qkv(
-                h_bsd, scale_d, self._weight(self.attn.wqkv, h_bsd.shape[-1]), self.numerics,
-                interpret=attention.target_platform() != "tpu")
+                h_bsd, scale_d, self._weight(self.attn.wqkv, h_bsd.shape[-1]), self.numerics)
         x_bsd = h_bsd if self.attn_norm is None else self.attn_norm(h_bsd)
         q, k, v = self.attn.project_qkv(x_bsd, self.activation_dtype,
                                         heads_apart=not self.kernel_rotates)
@@ -177,8 +176,7 @@ class EncoderLayer(nnx.Module):
             return fused_layer.out_mlp(
                 o_bthe, h_btd, self._weight(self.attn.wo, o_bthe.shape[-1]),
                 self.mlp_norm.scale[...], self._weight(self.mlp.wi, d),
-                self._weight(self.mlp.wo, self.mlp.wo.kernel.shape[0]), self.numerics,
-                interpret=attention.target_platform() != "tpu")
+                self._weight(self.mlp.wo, self.mlp.wo.kernel.shape[0]), self.numerics)
         project = self.attn.project_out if self.kernel_rotates else self.attn.wo
         h_btd = (h_btd + project(o_bthe).astype(self.activation_dtype)).astype(
             self.activation_dtype)

@@ -11,13 +11,14 @@ but not on v6e, whose ridge is 560 (docs/performance.md). These two kernels keep
 in VMEM: the first reads the residual once and writes q, k and v as rope_fused reads them;
 the second reads the attention output and the residual and writes the next residual.
 
-Inside (Mosaic on TPUs, interpret mode elsewhere): the tokens of every row, flattened, in
-blocks of `TOKEN_BLOCK`; the weights whole in VMEM, fetched at the first step and
-single-buffered. The arithmetic is the XLA path's (`encoder.py`), op for op: the norms in
-float32 (two-pass variance), matmul inputs in the compute dtype with float32 accumulation,
-each result rounded to the activation dtype where the XLA path rounds it. It is written once
-(`_qkv`, `_out_mlp`) and read both by the kernels, on VMEM blocks, and by the backward pass,
-on whole arrays: the gradients are autodiff of the same function in plain JAX.
+Inside (Mosaic on TPUs, interpret mode elsewhere: `attention.interpret_mode`): the tokens of
+every row, flattened, in blocks of `TOKEN_BLOCK`; the weights whole in VMEM, fetched at the
+first step and single-buffered. The arithmetic is the XLA path's (`encoder.py`), op for op:
+the norms in float32 (two-pass variance), matmul inputs in the compute dtype with float32
+accumulation, each result rounded to the activation dtype where the XLA path rounds it. It
+is written once (`_qkv`, `_out_mlp`) and read both by the kernels, on VMEM blocks, and by
+the backward pass, on whole arrays: the gradients are autodiff of the same function in plain
+JAX.
 
 When: the encoder uses them with rope_fused for layers that `supports` (no biases, weights
 that fit VMEM: ModernBERT base and cde-small-v2) in programs whose mesh does not split the
@@ -40,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from . import sharding
+from . import attention, sharding
 
 TOKEN_BLOCK = 256  # tokens per grid step: (256, 2 x 1152) float32 MLP temporaries, ~2.4 MB
 # The kernels' names, which the compiled program's Mosaic calls carry (`aot` counts them).
@@ -108,6 +109,7 @@ def _out_mlp(o_rk, h_rd, wo_kd, scale_1d, wi_df, wo_fd, *, numerics: Numerics):
     x_rd = _layer_norm(h_rd, scale_1d[...], numerics.eps)
     up_rf, gate_rf = (numerics.matmul(x_rd, wi_df[:, i * f:(i + 1) * f]).astype(jnp.float32)
                       for i in range(2))
+    # `encoder.Mlp`'s exact GELU, spelled with erf: jax.nn.gelu's erfc has no Mosaic lowering.
     act_rf = 0.5 * up_rf * (1.0 + jax.lax.erf(up_rf * (1.0 / math.sqrt(2.0)))) * gate_rf
     out_rd = numerics.matmul(act_rf, wo_fd[...]).astype(jnp.float32)
     return (h_rd + out_rd).astype(activation)
@@ -159,7 +161,7 @@ def _per_device(fn, n_tokens: int):
     `fn` itself."""
     def run(*operands):
         free = sharding.traced_free_axes()
-        if all(size == 1 for size in free.values()):
+        if not free:
             return fn(*operands)
         rows = sharding.split_on(free, sharding.DATA, operands[0].shape[0])
         specs = [P(rows, None, None)] * n_tokens + [P()] * (len(operands) - n_tokens)
@@ -179,12 +181,13 @@ def _tokens_apart(fn, n_tokens: int):
     return run
 
 
-def _build(name, math_fn, n_tokens, out_widths, out_dtype, flops, interpret):
-    kernel = _kernel_call(name, math_fn, n_tokens, out_widths, out_dtype, flops, interpret)
+def _build(name, math_fn, n_tokens, out_widths, out_dtype, flops):
+    kernel = _kernel_call(name, math_fn, n_tokens, out_widths, out_dtype, flops,
+                          attention.interpret_mode())
     return _per_device(_tokens_apart(_differentiable(kernel, math_fn), n_tokens), n_tokens)
 
 
-def norm_qkv(h_bsd, norm_scale_d, wqkv_dk, numerics: Numerics, *, interpret: bool):
+def norm_qkv(h_bsd, norm_scale_d, wqkv_dk, numerics: Numerics):
     """q, k, v (b, s, k) in the compute dtype, heads side by side as rope_fused reads them,
     from the residual (b, s, d): the attention norm (`norm_scale_d` None: none, layer 0)
     and the projections by `wqkv_dk` ((d, 3k), in the compute dtype)."""
@@ -192,17 +195,16 @@ def norm_qkv(h_bsd, norm_scale_d, wqkv_dk, numerics: Numerics, *, interpret: boo
     norm = norm_scale_d is not None
     scale_1d = (norm_scale_d if norm else jnp.ones((d,))).astype(jnp.float32).reshape(1, d)
     math_fn = functools.partial(_qkv, numerics=numerics, norm=norm)
-    fn = _build(NORM_QKV, math_fn, 1, [k3 // 3] * 3, numerics.compute, 2 * d * k3, interpret)
+    fn = _build(NORM_QKV, math_fn, 1, [k3 // 3] * 3, numerics.compute, 2 * d * k3)
     return fn(h_bsd, scale_1d, wqkv_dk)
 
 
-def out_mlp(o_btk, h_btd, wo_kd, norm_scale_d, wi_df, wo_fd, numerics: Numerics, *,
-            interpret: bool):
+def out_mlp(o_btk, h_btd, wo_kd, norm_scale_d, wi_df, wo_fd, numerics: Numerics):
     """The next residual (b, t, d) in the activation dtype, from the attention output
     (b, t, k) and the residual: see `_out_mlp`. Weights in the compute dtype."""
     k, d = wo_kd.shape
     f = wo_fd.shape[0]
     scale_1d = norm_scale_d.astype(jnp.float32).reshape(1, d)
     math_fn = functools.partial(_out_mlp, numerics=numerics)
-    fn = _build(OUT_MLP, math_fn, 2, [d], numerics.activation, 2 * (k * d + 3 * d * f), interpret)
+    fn = _build(OUT_MLP, math_fn, 2, [d], numerics.activation, 2 * (k * d + 3 * d * f))
     return fn(o_btk, h_btd, wo_kd, scale_1d, wi_df, wo_fd)

@@ -71,11 +71,12 @@ def traced_free_axes() -> dict[str, int]:
     """{axis: size} of the trace's abstract mesh axes that are not manual already (a user's
     `shard_map` around the stage): what a Mosaic call, which XLA cannot partition, is run per
     device over (`attention.per_device`, `fused_layer`), size-1 axes included (none may stay
-    automatic around it). Empty without a mesh."""
+    automatic around it). Empty when none of them splits devices (no mesh, one device, or
+    all manual): the call then runs as it is."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return {}
-    return {a: mesh.shape[a] for a in mesh.axis_names if a not in mesh.manual_axes}
+    free = {} if mesh.empty else {a: mesh.shape[a] for a in mesh.axis_names
+                                  if a not in mesh.manual_axes}
+    return free if any(size > 1 for size in free.values()) else {}
 
 
 def split_on(free: dict[str, int], axis: str, size: int) -> str | None:

@@ -43,7 +43,7 @@ def modules_out_mlp(layer, h_btd, o_btk):
 def kernels_qkv(layer, h_bsd):
     scale = None if layer.attn_norm is None else layer.attn_norm.scale[...]
     return fused_layer.norm_qkv(h_bsd, scale, layer._weight(layer.attn.wqkv, h_bsd.shape[-1]),
-                                layer.numerics, interpret=True)
+                                layer.numerics)
 
 
 def kernels_out_mlp(layer, h_btd, o_btk):
@@ -51,7 +51,7 @@ def kernels_out_mlp(layer, h_btd, o_btk):
     return fused_layer.out_mlp(o_btk, h_btd, layer._weight(layer.attn.wo, o_btk.shape[-1]),
                                layer.mlp_norm.scale[...], layer._weight(layer.mlp.wi, d),
                                layer._weight(layer.mlp.wo, layer.mlp.wo.kernel.shape[0]),
-                               layer.numerics, interpret=True)
+                               layer.numerics)
 
 
 def inputs(layer, b, s, seed=0):
