@@ -5,8 +5,8 @@ Each command module defines `register(subparsers)`, which adds its parser (throu
 (`validation.UserError`, a missing or existing file) exit with status 2 and one clear line;
 anything else is a bug and keeps its traceback. Ctrl-C (exit 130), SIGTERM (143) and SIGHUP
 (129), what schedulers and preemptions send, end a command with one line saying how to
-resume (`distributed.stop_signals`); in a multi-process run every process stops that way,
-and a peer that is gone ends the others with one line (`distributed.end`). Warnings
+resume (`stopping.stop_signals`); in a multi-process run every process stops that way,
+and a peer that is gone ends the others with one line (`stopping.end`). Warnings
 (cde_jax's log and Python's `warnings`) print as "cde-jax: warning: ..." above the progress
 bars, not into them; --quiet keeps errors only, --verbose adds informational lines; absl's
 and orbax's lines below ERROR are silenced.
@@ -25,7 +25,7 @@ import warnings
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import __version__, distributed
+from . import __version__, stopping
 from .validation import UserError
 
 # modules of cde_jax.commands
@@ -87,23 +87,23 @@ def cli_logging(quiet: bool, verbose: bool):
 def main(argv=None) -> int:
     quiet_logs()
     args = build_parser().parse_args(argv)
-    with distributed.stop_signals():
+    with stopping.stop_signals():
         code, line, error = run(args)
-        return distributed.end(f"cde-jax {args.command}", code, line, error)
+        return stopping.end(f"cde-jax {args.command}", code, line, error)
 
 
 def run(args) -> tuple[int, str | None, BaseException | None]:
     """The command's (exit status, its last line, an unexpected error of a multi-process
-    run that `distributed.end` explains)."""
+    run that `stopping.end` explains)."""
     try:
         with cli_logging(args.quiet, args.verbose):
             return int(args.func(args) or 0), None, None
     except (UserError, FileNotFoundError) as e:
         return 2, f"error: {e}", None
     except KeyboardInterrupt:
-        return (*dataclasses.astuple(distributed.signal_stop(signal.SIGINT)), None)
-    except distributed.Terminated as e:
-        return (*dataclasses.astuple(distributed.signal_stop(e.signum)), None)
+        return (*dataclasses.astuple(stopping.signal_stop(signal.SIGINT)), None)
+    except stopping.Terminated as e:
+        return (*dataclasses.astuple(stopping.signal_stop(e.signum)), None)
     except Exception as e:
         return 1, None, e
 

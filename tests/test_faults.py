@@ -29,7 +29,7 @@ from conftest import early, max_rel_err
 from test_corpus import committed, free_port
 
 import cde_jax
-from cde_jax import distributed
+from cde_jax import distributed, stopping
 from cde_jax.corpus import InputError, open_chunks, sinks
 from cde_jax.corpus.npy import ResumableArray
 from cde_jax.evaluation import load_beir
@@ -311,7 +311,7 @@ def test_sigterm_to_a_single_process_is_one_line(monkeypatch, capsys):
     """One process (the multi-process case above runs the real command): the signal raises
     `Terminated` once, the command ends with the line and 143, the handlers come back."""
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(distributed.Terminated) as stopped, distributed.stop_signals():
+    with pytest.raises(stopping.Terminated) as stopped, stopping.stop_signals():
         try:
             os.kill(os.getpid(), signal.SIGHUP)
             time.sleep(1)
@@ -319,7 +319,7 @@ def test_sigterm_to_a_single_process_is_one_line(monkeypatch, capsys):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.2)
     assert stopped.value.signum == signal.SIGHUP
-    assert distributed.signal_stop(signal.SIGHUP) == distributed.Stop(129, distributed.TERMINATED)
+    assert stopping.signal_stop(signal.SIGHUP) == stopping.Stop(129, stopping.TERMINATED)
     assert signal.getsignal(signal.SIGTERM) is before
 
     from cde_jax import cli
@@ -358,7 +358,7 @@ def test_a_killed_peer_ends_the_other_with_one_line(peers, victim):
     run = peers[f"killed {victim}"]
     who = "process 1" if victim else "process 0 (the coordinator)"
     assert run["victim"] == -signal.SIGKILL
-    assert run["code"] == distributed.PEER_LOST, run["err"][-3000:]
+    assert run["code"] == stopping.PEER_LOST, run["err"][-3000:]
     assert last_line(run["err"]) == (f"cde-jax embed: error: {who} stopped answering (nothing "
                                      f"from it for {PEER_TIMEOUT} s); {RESUME}")
     assert not NOISE.search(run["err"]), run["err"][-3000:]
@@ -369,7 +369,7 @@ def test_a_killed_peer_ends_the_other_with_one_line(peers, victim):
 
 def test_a_missing_peer_ends_the_run_with_one_line(peers):
     run = peers["missing"]
-    assert run["code"] == distributed.PEER_LOST, run["err"][-3000:]
+    assert run["code"] == stopping.PEER_LOST, run["err"][-3000:]
     assert re.fullmatch(
         rf"cde-jax embed: error: not all 2 processes joined the run at 127\.0\.0\.1:\d+ within "
         rf"{PEER_TIMEOUT} s; start the same command on every process \(--peer-timeout sets the "
