@@ -290,7 +290,7 @@ def probe(build: Callable[[str], StageRunner], target: Target, labels: dict[str,
             if name == REFERENCE:
                 raise
             failed = _first_line(e)
-        if distributed.max_all(np.array([failed is not None]))[0]:
+        if distributed.max_all(np.array([int(failed is not None)]))[0]:
             trials[name] = Trial(name, labels[name], error=failed or "failed on another process")
             continue
         if name == REFERENCE:
@@ -360,7 +360,7 @@ def decide(runner: StageRunner, backbone: ModernBertConfig, cde: CdeConfig, kern
                        platform)
     decision = None if fresh or cache is None else cached(cache, target)
     kept: dict[str, StageRunner] = {}
-    if fresh or distributed.max_all(np.array([decision is None]))[0]:
+    if fresh or distributed.max_all(np.array([int(decision is None)]))[0]:
         labels = {name: label(name, backbone) for name in kernels}
         decision, kept = probe(build, target, labels, cde, backbone, timed=timed,
                                repeats=repeats)

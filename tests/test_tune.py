@@ -14,12 +14,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import early
 
 import cde_jax
 from cde_jax import attention, tuning
 from cde_jax.buckets import BucketPlan
+from cde_jax.profiling import count_compiles
 from cde_jax.validation import UserError
 
 # Probe bucket 32: 4096 // (32 + 520 prefix positions) = 7 rows.
@@ -85,6 +87,14 @@ def test_wrong_kernel_is_rejected_named_and_never_used(tiny_checkpoint, kernels,
     assert "test_wrong rejected (differs from xla by " in line
     assert "test_broken rejected (RuntimeError: Mosaic failed to compile this kernel)" in line
     assert caplog.records[-1].levelno == logging.WARNING  # a rejection is shown
+    # The run reuses what the probe compiled: texts of the probe's bucket (7 of 17..32
+    # tokens) against a corpus of the probe's size compile nothing.
+    dataset_md = np.random.default_rng(1).standard_normal((512, 64)).astype(np.float32)
+    texts = [" ".join(["word"] * 20 + [str(i)]) for i in range(7)]
+    assert {len(ids) for ids in model.tokenize(texts, "search_query: ")} == {27}
+    with count_compiles() as compiles:
+        model.encode(texts, prompt_name="query", dataset_embeddings=dataset_md)
+    assert compiles.count == 0
     [entry] = json.loads(cache.read_text())["decisions"].values()
     trials = {t["kernel"]: t for t in entry["trials"]}
     assert entry["target"]["kernels"] == ["xla", "head_major", "test_wrong", "test_broken"]
