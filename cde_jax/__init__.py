@@ -3,8 +3,9 @@
 Layout (docs/architecture.md): `text_api` (load, CdeModel: texts in, embeddings out) and
 `context` (a corpus's dataset embeddings and prefix, held once) on `runner` (the stages
 compiled on the mesh, batches in and rows out) on `model` / `encoder` (the two stages, the
-ModernBERT encoder), with `attention` (the kernel registry), `sharding` (the rules table),
-`buckets` (length buckets), `minicorpus` (sampling, dataset-embeddings files), `prompts`,
+ModernBERT encoder), with `attention` (the kernel registry), `tuning` (kernels checked and
+timed at first use), `sharding` (the rules table), `buckets` (length buckets), `minicorpus`
+(sampling, dataset-embeddings files), `prompts`,
 `validation`; `distributed` (the only module that talks across processes), `outputs` (the
 lifecycle of every output), `quantize` (compact outputs), `corpus` (chunked sources,
 resumable sinks, the multi-process corpus job); `convert` (the key map and checkpoint

@@ -188,3 +188,19 @@ def test_tune_command_prints_the_table_and_writes_json(tune_run):
         assert head_major["max_rel_err"] <= tuning.FLOAT32_BOUND
         assert xla["texts_per_s"] > 0 and head_major["texts_per_s"] > 0
     assert len(json.loads(cache.read_text())["decisions"]) == 2  # and the cache has them
+
+
+def test_registry_and_cache_file_errors(cache, caplog):
+    with pytest.raises(UserError, match="attention 'xla' is registered already"):
+        tuning.register("xla", wrong, platforms=("cpu",))
+    with pytest.raises(UserError, match="attention 'splash' was not added by tuning.register"):
+        tuning.unregister("splash")
+    with pytest.raises(UserError, match="attention 'splash' was not added by register"):
+        attention.unregister("splash")
+    assert tuning.read_cache(cache) == {}  # none yet
+    cache.parent.mkdir(parents=True)
+    cache.write_text('{"format": 1, "decisions": {"k": ')  # cut short
+    with caplog.at_level(logging.WARNING, logger="cde_jax.tuning"):
+        assert tuning.read_cache(cache) == {}
+    assert "kernels.json is unreadable (Expecting value" in caplog.text
+    assert "probing again" in caplog.text
