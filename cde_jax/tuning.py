@@ -382,12 +382,13 @@ def settle(runner: StageRunner, backbone: ModernBertConfig, cde: CdeConfig, plan
         return backbone, runner
     kernels = candidates(platform) if requested == "auto" else (REFERENCE, requested)
     length = plan.bucket_of(min(PROBE_LENGTH, plan.lengths[-1]))
+    cache = cache_file() if cache is None else cache
     decision, build, kept = decide(
         runner, backbone, cde, kernels, rows=probe_rows(plan, runner.mesh, cde, length),
-        length=length, platform=platform, timed=requested == "auto",
-        cache=cache_file() if cache is None else cache)
+        length=length, platform=platform, timed=requested == "auto", cache=cache)
     rejected = [t for t in decision.trials if t.error]
-    (log.warning if rejected else log.info)("%s", decision.line())
+    (log.warning if rejected else log.info)(
+        "%s%s", decision.line(), "" if kept else f" (measured before: {cache})")
     if requested != "auto" and decision.chosen != requested:
         raise UserError(f"attention {requested!r} fails its check on "
                         f"{decision.target.device_kind} ({backbone.dtype}): "
