@@ -9,8 +9,10 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,8 @@ from cde_jax import attention, tuning
 from cde_jax.buckets import BucketPlan
 from cde_jax.profiling import count_compiles
 from cde_jax.validation import UserError
+
+WORKER = Path(__file__).with_name("tune_worker.py")
 
 # Probe bucket 32: 4096 // (32 + 520 prefix positions) = 7 rows.
 PLAN = BucketPlan(lengths=(16, 32))
@@ -204,3 +208,32 @@ def test_registry_and_cache_file_errors(cache, caplog):
         assert tuning.read_cache(cache) == {}
     assert "kernels.json is unreadable (Expecting value" in caplog.text
     assert "probing again" in caplog.text
+
+
+@early
+def two_process_runs(tiny_checkpoint, tmp):
+    """Two processes load with tune=True twice: with empty caches, then with process 0's
+    cache filled and process 1's empty (each process its own cache dir, as on two hosts).
+    Each round: [(returncode, stdout, stderr)] per process."""
+    def round_(dirs):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen([sys.executable, str(WORKER), str(tiny_checkpoint[1]), str(i),
+                                   str(port), str(tmp / d)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i, d in enumerate(dirs)]
+        return [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    return round_(("a0", "a1")), round_(("a0", "b1"))
+
+
+def test_processes_probe_together_and_agree(two_process_runs):
+    """Every process probes when any misses (here process 1 in the second round), and all take
+    process 0's choice: the same line and kernel everywhere, no process waiting on another."""
+    for runs in two_process_runs:
+        assert [code for code, _, _ in runs] == [0, 0], [err[-2000:] for _, _, err in runs]
+        chosen = {out.strip().splitlines()[-1] for _, out, _ in runs}  # after gloo's lines
+        assert len(chosen) == 1 and chosen <= {"chosen xla", "chosen head_major"}
+        lines = [[x for x in err.splitlines() if x.startswith("cde_jax.tuning: ")]
+                 for _, _, err in runs]
+        assert lines[0] == lines[1] and len(lines[0]) == 1
+        assert "(bucket 6x32; chosen" in lines[0][0] and "measured before" not in lines[0][0]
