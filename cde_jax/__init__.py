@@ -3,13 +3,14 @@
 Layout (docs/architecture.md): `text_api` (load, CdeModel: texts in, embeddings out) and
 `context` (a corpus's dataset embeddings and prefix, held once) on `runner` (the stages
 compiled on the mesh, batches in and rows out) on `model` / `encoder` (the two stages, the
-ModernBERT encoder), with `attention` (the kernel registry), `sharding` (the rules table),
-`buckets` (length buckets), `minicorpus` (sampling, dataset-embeddings files), `prompts`,
-`validation`; `distributed` (the only module that talks across processes), `stopping` (how
-a command stops: signals, a lost peer), `_jax_compat` (the one workaround past JAX's public
-API), `outputs` (the lifecycle of every output), `quantize` (compact outputs), `corpus`
-(chunked sources, resumable sinks, the multi-process corpus job); `convert` (the key map and
-checkpoint formats), `hub` (hub ids converted once into a cache, `save_pretrained`, `push_to_hub`),
+ModernBERT encoder), with `attention` (the kernel registry), `tuning` (kernels checked and
+timed at first use), `sharding` (the rules table), `buckets` (length buckets), `minicorpus`
+(sampling, dataset-embeddings files), `prompts`, `validation`; `distributed` (the only module
+that talks across processes), `stopping` (how a command stops: signals, a lost peer),
+`_jax_compat` (the one workaround past JAX's public API), `outputs` (the lifecycle of every
+output), `quantize` (compact outputs), `corpus` (chunked sources, resumable sinks, the
+multi-process corpus job); `convert` (the key map and checkpoint formats), `hub` (hub ids
+converted once into a cache, `save_pretrained`, `push_to_hub`),
 `training`, `evaluation`, `serving` (the embedding server), `commands` (the CLI); `aot`
 (the stages compiled for TPU and GPU targets from any host, `hlo`, `flops`: what the
 programs cost).

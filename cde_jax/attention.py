@@ -389,6 +389,24 @@ def names() -> tuple[str, ...]:
     return ("auto", *KERNELS, *ROPE_KERNELS)
 
 
+BUILT_IN = frozenset(names())
+
+
+def register(name: str, kernel: Kernel) -> None:
+    """Adds a kernel of the `Kernel` signature under a new `name` (`tuning.register` also
+    makes it a candidate of "auto")."""
+    if name in names():
+        raise UserError(f"attention {name!r} is registered already")
+    KERNELS[name] = kernel
+
+
+def unregister(name: str) -> None:
+    """Removes a kernel added by `register`; the built-in ones stay."""
+    if name in BUILT_IN or name not in KERNELS:
+        raise UserError(f"attention {name!r} was not added by register")
+    del KERNELS[name]
+
+
 def check(name: str) -> str:
     if name not in names():
         raise UserError(f"unknown attention {name!r}: choose one of {', '.join(names())}")

@@ -29,7 +29,8 @@ from . import __version__, stopping
 from .validation import UserError
 
 # modules of cde_jax.commands
-COMMANDS = ("convert", "dataset_embeddings", "embed", "cluster", "train", "eval", "serve")
+COMMANDS = ("convert", "dataset_embeddings", "embed", "cluster", "train", "eval", "serve",
+            "tune")
 QUIET_LOGGERS = ("absl", "orbax")
 
 

@@ -36,6 +36,7 @@ from . import (
     ops,
     prompts,
     sharding,
+    tuning,
     validation,
 )
 from .config import ModernBertConfig
@@ -50,7 +51,8 @@ from .validation import UserError
 def load(path: str | Path, *, revision: str | None = None, dtype: str | None = None,
          param_dtype: str | None = None, activations: str = "compute", attention: str = "auto",
          backbone_config: str | Path | None = None, mesh=None,
-         plan: buckets.BucketPlan | None = None) -> CdeModel:
+         plan: buckets.BucketPlan | None = None, check_kernel: bool = True,
+         tune: bool | None = None) -> CdeModel:
     """Loads a converted dir, a released-layout dir (config.json + model.safetensors), or a
     hub id ("jxm/cde-small-v2") at `revision` (branch, tag or commit), converted once into
     a cache dir and reused (`hub.converted_dir`).
@@ -60,8 +62,12 @@ def load(path: str | Path, *, revision: str | None = None, dtype: str | None = N
     stored one. activations: with a half dtype, "compute" keeps the activations between ops
     in it (half the memory traffic), "float32" in float32 (rounding at matmul inputs only,
     the last 1e-4 of fidelity); the same program in float32. attention: a kernel from
-    `attention.names()`; "auto" picks the best for the platform and dtype. mesh: defaults to
-    every device on a (data, model=1) mesh. plan: defaults to the platform's
+    `attention.names()`; "auto" picks the best for the platform and dtype: on a GPU or TPU
+    the fastest candidate that matches "xla" on a probe batch, checked and timed at first use
+    and cached (`tuning.settle`); a named kernel is checked the same way (failing is an
+    error unless `check_kernel=False`). tune: probe on this platform (default: on GPUs and
+    TPUs only; True on CPU too; False never). mesh: defaults to every device on a
+    (data, model=1) mesh. plan: defaults to the platform's
     (`buckets.default_plan`, sized from the measured memory per token of the kernel).
     """
     mesh = mesh if mesh is not None else sharding.make_mesh()
@@ -73,11 +79,20 @@ def load(path: str | Path, *, revision: str | None = None, dtype: str | None = N
     tokenizer = ckpt.tokenizer_dir and TextTokenizer(load_tokenizer(ckpt.tokenizer_dir),
                                                      pad_id=backbone.pad_token_id)
     device = mesh.devices.flat[0]
-    plan = plan or buckets.default_plan(device.platform, buckets.device_memory(device),
-                                        sharding.data_shards(mesh),
-                                        device_kind=device.device_kind,
-                                        kernel=backbone.attention)
+    if tuning.probes(device.platform, tune):
+        backbone, runner = tuning.settle(
+            runner, backbone, ckpt.cde, plan or _plan(mesh, backbone.attention),
+            requested=attention, platform=device.platform, check=check_kernel)
+    plan = plan or _plan(mesh, backbone.attention)
     return CdeModel(runner, ckpt, backbone, tokenizer, plan)
+
+
+def _plan(mesh, kernel: str) -> buckets.BucketPlan:
+    """The platform's default plan for `kernel` on `mesh` (`buckets.default_plan`)."""
+    device = mesh.devices.flat[0]
+    return buckets.default_plan(device.platform, buckets.device_memory(device),
+                                sharding.data_shards(mesh), device_kind=device.device_kind,
+                                kernel=kernel)
 
 
 class CdeModel(hub.HubMixin):

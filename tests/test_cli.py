@@ -342,7 +342,7 @@ def test_every_option_has_help_and_every_command_an_example():
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
     assert set(commands) == {"convert", "dataset-embeddings", "embed", "cluster", "train",
-                             "eval", "serve"}
+                             "eval", "serve", "tune"}
     for name, sub in commands.items():
         assert "example:\n  cde-jax " + name in sub.description, name
         for action in sub._actions:
@@ -411,7 +411,8 @@ def test_model_options_reach_the_model(command, monkeypatch, tmp_path, capsys):
         monkeypatch.setattr("cde_jax.commands.eval.load_beir", lambda *a: None)
         with pytest.raises(SystemExit):
             args.func(args)
-        assert seen == {"dtype": "bfloat16", "activations": "float32", "attention": "xla"}
+        assert seen == {"dtype": "bfloat16", "activations": "float32", "attention": "xla",
+                        "check_kernel": True}
     with pytest.raises(SystemExit):
         parser.parse_args(argv + ["--dtype", "bf16"])
     err = capsys.readouterr().err

@@ -67,8 +67,13 @@ def add_compute_args(parser: argparse.ArgumentParser) -> None:
                              "default) or in float32 (the last 1e-4 of fidelity, twice the "
                              "memory traffic)")
     parser.add_argument("--attention", choices=attention.names(), default="auto",
-                        help="attention kernel (default auto: cudnn on NVIDIA GPUs, rope_fused "
-                             "on TPUs, head_major on CPU)")
+                        help="attention kernel (default auto: on GPUs and TPUs the fastest "
+                             "that matches xla, checked and timed at first use, see `cde-jax "
+                             "tune`; head_major on CPU)")
+    parser.add_argument("--kernel-check", action=argparse.BooleanOptionalAction, default=True,
+                        help="on GPUs and TPUs, check a named --attention kernel against xla "
+                             "at first use and refuse it if it differs (--no-kernel-check: "
+                             "run it unchecked)")
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, processes: bool = True) -> None:
@@ -116,7 +121,8 @@ def start(args: argparse.Namespace, resume: str = distributed.RESUME) -> None:
 def load_model(args: argparse.Namespace) -> CdeModel:
     return distributed.all_succeed(
         lambda: load(args.model, dtype=args.dtype, activations=args.activations,
-                     attention=args.attention), "loading the model")
+                     attention=args.attention, check_kernel=args.kernel_check),
+        "loading the model")
 
 
 # Arguments each process may set for itself: they change nothing in what is computed.
