@@ -318,7 +318,7 @@ def test_no_request_compiles(server):
     compiled = metrics(server)["cde_serve_xla_compiles_total"]
     assert compiled >= 14  # the warm-up: the buckets 16 and 32 at 1 to 7 rows
     short, long = "w", " ".join(["w"] * 40)  # buckets 16 and 32 (cut)
-    for n in (1, 2, 3, 5, 9):  # batches of 1, 2, 3, 5, then 7 and 2
+    for n in (1, 2, 3, 5, 9):
         assert post(server, "/embed", {"inputs": [short] * n + [long] * n}).status_code == 200
     for model in ("corpus", "other"):
         assert post(server, "/v1/embeddings", {"model": model, "input": [short, long]}
@@ -337,16 +337,34 @@ def test_a_lone_request_waits_for_no_batch(server):
     assert waited < 0.1
 
 
-def test_batches_that_are_not_full_run_at_a_compiled_size_without_padding(server):
-    """The CPU plan's 16-token batches hold 7 texts; every size up to that is compiled, so a
-    batch of any number of texts runs without a padding row."""
-    for texts in (1, 3, 5, 6, 9):  # 9: one of 7, one of 2
+def test_any_number_of_texts_runs_in_compiled_sizes(server):
+    """The CPU plan's 16-token batches hold 7 texts; every size up to that is compiled, and
+    the batcher splits what it takes into the sizes the warm-up timed fastest: any number
+    of texts runs, compiling nothing, padding at most what a split of them pads."""
+    compiled = metrics(server)["cde_serve_xla_compiles_total"]
+    for texts in (1, 3, 5, 6, 9):
         before = metrics(server)
         assert post(server, "/embed", {"inputs": ["q"] * texts}).status_code == 200
         after = metrics(server)
-        assert after["cde_serve_padding_rows_total"] == before["cde_serve_padding_rows_total"]
         assert (after["cde_serve_batch_texts_sum"] - before["cde_serve_batch_texts_sum"]
                 == texts)
+        assert 0 <= (after["cde_serve_padding_rows_total"]
+                     - before["cde_serve_padding_rows_total"]) < 7
+    assert metrics(server)["cde_serve_xla_compiles_total"] == compiled
+
+
+@pytest.mark.parametrize("seconds,n,split", [
+    (lambda s: 1.2 * s if s > 1 else 1.0, 5, [1] * 5),  # a CPU: a lone row is cheapest
+    (lambda s: 1.0 + 0.01 * s, 9, [7, 2]),  # an accelerator: rows are nearly free
+    (lambda s: 1.0 + 0.01 * s, 6, [6]),
+], ids=["cpu-like", "accelerator-like", "one batch"])
+def test_the_batcher_splits_by_the_warm_up_times(model, seconds, n, split):
+    from cde_jax.serving.batcher import BatchShapes
+
+    shapes = BatchShapes(model, prefix_length=520)
+    assert shapes.sizes(16) == [1, 2, 3, 4, 5, 6, 7]
+    shapes.seconds = {(16, s): seconds(s) for s in shapes.sizes(16)}
+    assert sorted(shapes.split(16, n), reverse=True) == split
 
 
 def test_payload_limit(server):

@@ -1,18 +1,21 @@
 """Continuous batching: every request's token ids wait in one bounded queue; one thread
 takes whatever is queued the moment the devices are free, up to a token budget, and runs it.
 
-Why it never loses to one text at a time: it never waits. A request that finds the devices
+Why it does not lose to one text at a time: it never waits, and it splits a batch by
+measured times (below). A request that finds the devices
 idle runs at once, alone, as it would without batching; requests that arrive while a batch
 runs are the next batch. A batch holds at most `max_batch_tokens` positions, each text
 counting its bucket's length plus the context's prefix (TEI's `--max-batch-tokens`, with
 the positions a CDE adds); a request over the budget is split across batches. The texts
-taken run through the runner's length buckets (`Context.encode_tokens`) in full batches,
-and what does not fill one in the nearest compiled batch size that holds it
-(`BatchShapes.sizes`): every size up to 8 (data-shard multiples), then powers of two, so
-that padding stays below a row in most batches, and all of them are compiled by
-`BatchShapes.warm_up` before the server listens: no request pays a compilation. The queue is
-counted in texts: a request that does not fit is refused at once (`QueueFull`, HTTP 429),
-never parked. A request whose client goes away before it runs is dropped.
+taken run through the runner's length buckets (`Context.encode_tokens`) in the batch sizes
+that run them soonest by the warm-up's times (`BatchShapes.split`): on an accelerator full
+batches and the nearest size for the rest; on a CPU, where a row of a big batch can cost
+more than a lone row, as many batches of one as that takes, never worse than one text at a
+time. The sizes are every one up to 8 (data-shard multiples), then powers of two, all
+compiled (and timed) by `BatchShapes.warm_up` before the server listens: no request pays a
+compilation. The queue is counted in texts: a request that does not fit is refused at once
+(`QueueFull`, HTTP 429), never parked. A request whose client goes away before it runs
+is dropped.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 SMALL_SIZES = 8  # batch sizes 1..8 (times the data shards) are all compiled; then powers of 2
+TIMED_RUNS = 3  # per batch shape at warm-up, the fastest kept (other work shares the host)
 
 
 class QueueFull(Exception):
@@ -68,19 +72,37 @@ class BatchShapes:
         self.model, self.prefix_length = model, prefix_length
         self.plan = model.plan.with_batch_size(batch_size)
         self.top = self.plan.bucket_of(model.max_seq_length)
+        self.seconds: dict[tuple[int, int], float] = {}  # (bucket, batch size): a run's time
 
     def warm_up(self, context: Context) -> None:
-        """Runs one batch of every bucket up to `model.max_seq_length` at every batch size,
-        and one of the first stage (at the plan's size, as `embed_dataset` runs it): every
-        shape a request can make, or a context made from texts, is compiled before the
-        server accepts a request."""
+        """Runs every bucket up to `model.max_seq_length` at every batch size, compiling it
+        then timing `TIMED_RUNS` runs (`seconds`: the fastest), and the first stage once (at
+        the plan's size, as `embed_dataset` runs it): every shape a request can make, or a
+        context made from texts, is compiled before the server accepts a request."""
         pad_id = self.model.backbone_config.pad_token_id
         for length in (n for n in self.plan.lengths if n <= self.top):
             self.model.run_texts([[pad_id] * length], self.model.runner.first(),
                                  batch_size=None, show_progress_bar=False, desc="warm-up")
             for size in self.sizes(length):
-                context.encode_tokens([[pad_id] * length] * size, batch_size=size,
-                                      normalize_embeddings=False, show_progress_bar=False)
+                runs = []
+                for _ in range(TIMED_RUNS + 1):  # the first compiles
+                    start = time.perf_counter()
+                    context.encode_tokens([[pad_id] * length] * size, batch_size=size,
+                                          normalize_embeddings=False, show_progress_bar=False)
+                    runs.append(time.perf_counter() - start)
+                self.seconds[length, size] = min(runs[1:])
+
+    def split(self, length: int, n: int) -> list[int]:
+        """The batch sizes that run `n` texts of bucket `length` soonest, by the warm-up's
+        times: on a CPU, where a row of a big batch can cost more than a lone row (its
+        attention over the prefix leaves the caches), n batches of one; on an accelerator,
+        full batches and the nearest size for the rest. Untimed sizes count by rows."""
+        sizes = self.sizes(length)
+        best: list[tuple[float, list[int]]] = [(0.0, [])]
+        for m in range(1, n + 1):
+            best.append(min((self.seconds.get((length, s), s) + best[max(0, m - s)][0],
+                             best[max(0, m - s)][1] + [s]) for s in sizes))
+        return best[n][1]
 
     def cost(self, n_tokens: int) -> int:
         """Positions one text runs at: its bucket plus the prefix."""
@@ -108,23 +130,22 @@ class BatchShapes:
 
     def embed(self, context: Context, token_ids: Sequence[Sequence[int]]
               ) -> tuple[np.ndarray, int]:
-        """((n, d) float32 unnormalized, padding rows run): each bucket's texts in full
-        batches, and what is left in the smallest batch size that holds it."""
+        """((n, d) float32 unnormalized, padding rows run): each bucket's texts in the
+        batch sizes of `split`."""
         out = np.empty((len(token_ids), self.model.hidden_size), np.float32)
         padding = 0
         by_bucket: dict[int, list[int]] = {}
         for i, ids in enumerate(token_ids):
             by_bucket.setdefault(self.plan.bucket_of(len(ids)), []).append(i)
         for length, rows in by_bucket.items():
-            sizes = self.sizes(length)
-            whole = len(rows) - len(rows) % sizes[-1]
-            for part in (rows[:whole], rows[whole:]):
-                if part:
-                    size = min((s for s in sizes if s >= len(part)), default=sizes[-1])
-                    out[part] = context.encode_tokens(
-                        [token_ids[i] for i in part], batch_size=size,
-                        normalize_embeddings=False, show_progress_bar=False)
-                    padding += -len(part) % size
+            start = 0
+            for size in self.split(length, len(rows)):
+                part = rows[start:start + size]
+                out[part] = context.encode_tokens(
+                    [token_ids[i] for i in part], batch_size=size,
+                    normalize_embeddings=False, show_progress_bar=False)
+                padding += size - len(part)
+                start += size
         return out, padding
 
 

@@ -105,7 +105,7 @@ class ContextRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=200)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=80)  # a file name
     texts: Texts | None = None
     dataset_embeddings: str | None = None
     seed: int = Field(0, ge=0, description="the minicorpus sampling seed (texts)")
