@@ -1,10 +1,12 @@
 """The ASGI app (FastAPI): the routes, their errors and the service behind them.
 
-A request is checked (pydantic, `protocol`), tokenized in a worker thread (the `tokenizers`
-library releases the GIL; the event loop keeps accepting), queued for the batcher and
-awaited; the device work runs in the batcher's thread. A client that disconnects while it
-waits cancels its request: still queued, it is dropped; already running, its rows are
-discarded. Nothing here blocks the event loop for longer than building an answer.
+A request passes the key check and the body limit (`security`), is checked (pydantic,
+`protocol`), tokenized in a worker thread (the `tokenizers` library releases the GIL; the
+event loop keeps accepting), queued for the batcher and awaited; the device work runs in
+the batcher's thread, a context being made in the context maker's (`contexts`). A client
+that disconnects while it waits cancels its request: still queued, it is dropped; already
+running, its rows are discarded. Nothing here blocks the event loop for longer than
+building an answer.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from .. import prompts
-from ..context import Context
 from ..validation import UserError
 from . import protocol
 from .batcher import Batcher, QueueFull
-from .metrics import Metrics, RequestMetrics
-from .protocol import ApiError, EmbeddingsRequest, EmbedRequest
+from .contexts import ContextStore
+from .metrics import Metrics, RequestMetrics, route_of
+from .protocol import ApiError, ContextRequest, EmbeddingsRequest, EmbedRequest
+from .security import PayloadLimit, RequireKey
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +58,19 @@ async def until_answered(request: Request, answer: asyncio.Future) -> np.ndarray
 
 
 class EmbeddingService:
-    """The contexts by name, the tokenizer's checks and the batcher, behind both routes."""
+    """The contexts, the request limits and the batcher, behind the embedding routes."""
 
-    def __init__(self, contexts: dict[str, Context], batcher: Batcher, metrics: Metrics):
+    def __init__(self, contexts: ContextStore, batcher: Batcher, metrics: Metrics, *,
+                 max_client_batch_size: int):
         self.contexts, self.batcher, self.metrics = contexts, batcher, metrics
         self.model = batcher.model
+        self.max_inputs = max_client_batch_size
         self.started = int(time.time())
-
-    def context(self, name: str | None) -> Context:
-        if name is None:
-            return next(iter(self.contexts.values()))
-        if name not in self.contexts:
-            raise ApiError(404, f"model {name!r} is not served here; the models (contexts) "
-                                f"are: {', '.join(self.contexts)} (GET /v1/models)",
-                           param="model", code="model_not_found")
-        return self.contexts[name]
 
     async def embed(self, request: Request, body: protocol.Request, inputs: list, *,
                     field: str) -> tuple[np.ndarray, int]:
         """(rows (n, d) float32 unnormalized, tokens) of one request's inputs."""
-        with self.batcher.arriving():
-            token_ids, future = await self._queue(body, inputs, field)
+        token_ids, future = await self._queue(body, inputs, field)
         rows_nd = await until_answered(request, asyncio.wrap_future(future))
         tokens = sum(map(len, token_ids))
         self.metrics.tokens.inc(tokens)
@@ -83,11 +78,13 @@ class EmbeddingService:
 
     async def _queue(self, body: protocol.Request, inputs: list, field: str):
         """(token ids, the batcher's future) of a checked request."""
-        context = self.context(body.model)
-        if len(inputs) > self.batcher.max_queue:
-            raise ApiError(413, f"{field} has {len(inputs)} items, more than the server "
-                                f"queues (--max-queue {self.batcher.max_queue}): split it",
-                           param=field)
+        context = self.contexts.get(body.model)
+        limit, flag = min((self.max_inputs, "--max-client-batch-size"),
+                          (self.batcher.max_queue, "--max-queue"))
+        if len(inputs) > limit:
+            raise ApiError(413, f"{field} has {len(inputs)} items, more than this server "
+                                f"takes in one request ({flag} {limit}): split it",
+                           param=field, code="too_many_inputs")
         if body.dimensions is not None and body.dimensions > self.model.hidden_size:
             raise ApiError(400, f"dimensions must be in 1..{self.model.hidden_size}, got "
                                 f"{body.dimensions}", param="dimensions")
@@ -125,35 +122,55 @@ class EmbeddingService:
         return [ids[:limit] for ids in inputs], [i for i, ids in enumerate(inputs)
                                                  if len(ids) > limit]
 
+    async def add_context(self, body: ContextRequest) -> dict:
+        if (body.texts is None) == (body.dataset_embeddings is None):
+            raise ApiError(400, "send one of texts (the corpus) or dataset_embeddings "
+                                "(base64 float32)", param="texts")
+        self.contexts.reserve(body.name)
+        context = None
+        try:
+            context = await asyncio.wrap_future(self.contexts.make(
+                body.name, body.texts, body.dataset_embeddings, body.seed))
+        finally:
+            self.contexts.added(body.name, context)
+        return self.contexts.describe(body.name)
 
-def build_app(service: EmbeddingService) -> FastAPI:
+
+def build_app(service: EmbeddingService, *, keys: list[str], public_metrics: bool,
+              payload_limit: int) -> FastAPI:
     """The server's routes over `service`; its batcher runs from startup to shutdown."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         service.batcher.start()
         yield
+        await run_in_threadpool(service.contexts.close)
         await run_in_threadpool(service.batcher.close)  # after uvicorn drained the requests
 
     app = FastAPI(title="cde-jax", lifespan=lifespan)
-    app.add_middleware(RequestMetrics, metrics=service.metrics)
 
-    def error(request: Request, e: ApiError) -> JSONResponse:
-        service.metrics.errors.labels(request.url.path, e.code or e.type).inc()
-        return JSONResponse(protocol.error_body(e, tei=request.url.path == "/embed"),
-                            e.status, headers=e.headers)
+    def reject(path: str, e: ApiError) -> JSONResponse:
+        service.metrics.errors.labels(route_of(path), e.code or e.type).inc()
+        tei = path == "/embed" and e.status != 401  # 401: OpenAI's body on every route
+        return JSONResponse(protocol.error_body(e, tei=tei), e.status, headers=e.headers)
+
+    app.add_middleware(PayloadLimit, limit=payload_limit, reject=reject)
+    if keys:
+        app.add_middleware(RequireKey, keys=keys, reject=reject, open_paths={"/health"} | (
+            {"/metrics"} if public_metrics else set()))
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return error(request, e)
+        return reject(request.url.path, e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        return error(request, protocol.validation_error(e.errors()))
+        return reject(request.url.path, protocol.validation_error(e.errors()))
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, e: UserError):
-        return error(request, ApiError(400, str(e)))
+        return reject(request.url.path, ApiError(400, str(e)))
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, e: ClientGone):
@@ -162,8 +179,9 @@ def build_app(service: EmbeddingService) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def bug(request: Request, e: Exception):
-        return error(request, ApiError(500, f"internal error: {type(e).__name__}",
-                                       type="server_error"))
+        log.error("%s %s failed: %s", request.method, request.url.path, type(e).__name__)
+        return reject(request.url.path, ApiError(500, f"internal error: {type(e).__name__}",
+                                                 type="server_error"))
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingsRequest, request: Request):
@@ -180,7 +198,20 @@ def build_app(service: EmbeddingService) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return protocol.models_body(list(service.contexts), service.started)
+        return protocol.models_body(list(service.contexts.contexts), service.started)
+
+    @app.post("/v1/contexts", status_code=201)
+    async def add_context(body: ContextRequest):
+        return await service.add_context(body)
+
+    @app.get("/v1/contexts")
+    async def contexts():
+        return {"object": "list", "data": service.contexts.listing()}
+
+    @app.delete("/v1/contexts/{name:path}")
+    async def delete_context(name: str):
+        service.contexts.delete(name)
+        return {"id": name, "object": "context", "deleted": True}
 
     @app.get("/health")
     async def health():

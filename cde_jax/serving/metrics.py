@@ -14,7 +14,14 @@ from ..profiling import BACKEND_COMPILE_EVENT
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TEXTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-ROUTES = ("/v1/embeddings", "/embed", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/embeddings", "/embed", "/v1/models", "/v1/contexts", "/health", "/metrics")
+
+
+def route_of(path: str) -> str:
+    """A metric's route label: the path, `/v1/contexts/{name}`, or "other" (bounded)."""
+    if path in ROUTES:
+        return path
+    return "/v1/contexts/{name}" if path.startswith("/v1/contexts/") else "other"
 
 
 class Metrics:
@@ -38,6 +45,8 @@ class Metrics:
                                  registry=registry)
         self.queue_texts = Gauge("cde_serve_queue_texts", "texts waiting for the model",
                                  registry=registry)
+        self.queue_requests = Gauge("cde_serve_queue_requests", "requests with texts waiting "
+                                    "for the model", registry=registry)
         self.running_texts = Gauge("cde_serve_running_texts", "texts the model is embedding "
                                    "now", registry=registry)
         self.queue_seconds = Histogram("cde_serve_queue_seconds", "time a request waited for "
@@ -73,7 +82,7 @@ class RequestMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        route = route_of(scope["path"])
         status = [500]
 
         async def send_and_note(message):

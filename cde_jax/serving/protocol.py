@@ -98,6 +98,27 @@ class EmbedRequest(Request):
     model: str | None = None
 
 
+class ContextRequest(BaseModel):
+    """Ours: `POST /v1/contexts`, a new context from a corpus's texts (a minicorpus sampled
+    with `seed`, embedded by the server) or from base64 dataset embeddings made elsewhere
+    by this model (little-endian float32, the minicorpus size of rows)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=80)  # a file name
+    texts: Texts | None = None
+    dataset_embeddings: str | None = None
+    seed: int = Field(0, ge=0, description="the minicorpus sampling seed (texts)")
+
+    @field_validator("texts", mode="before")
+    @classmethod
+    def _texts(cls, value):
+        if value is not None and (not isinstance(value, list) or not all(
+                isinstance(text, str) for text in value)):
+            raise ValueError("texts must be an array of strings")
+        return value if value is None else sequences(value, "texts")
+
+
 def finish(rows_nd: np.ndarray, *, normalize: bool = True, dimensions: int | None = None
            ) -> np.ndarray:
     """The model's rows cut to `dimensions` (all: None), then L2-normalized (unless not)."""
