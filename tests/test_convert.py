@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TOKENIZER_DIR, early
+from conftest import TOKENIZER_DIR
 from safetensors.numpy import load_file, save_file
 
 import cde_jax
@@ -175,10 +175,11 @@ def test_bfloat16_conversion(synthetic, tmp_path):
     assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
 
 
-@early
-def script_runs(tmp):
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory):
     """scripts/make_synthetic_checkpoint.py, then scripts/convert_weights.py on its output and
     on a missing directory: (the three runs, the checkpoint, the converted dir)."""
+    tmp = tmp_path_factory.mktemp("script_runs")
     run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True,
                                     cwd=REPO)
     made = run("scripts/make_synthetic_checkpoint.py", str(tmp / "syn"), "--preset", "tiny",

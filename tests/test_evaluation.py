@@ -18,7 +18,6 @@ from pathlib import Path
 import mteb
 import numpy as np
 import pytest
-from conftest import early
 from mteb.mocks.mock_tasks import (
     LegacyMockClusteringFastTask,
     MockClassificationTask,
@@ -126,7 +125,7 @@ def test_exact_top_k_compiles_once_over_many_tiles():
     assert compiles.count == 1  # 16 tiles (the last one padded), one program
 
 
-@early
+@pytest.fixture(scope="module")
 def top_k_on_8_devices():
     """Corpus rows split over 8 fake devices, in tiles: a script that checks the result
     against argsort (its CompletedProcess)."""

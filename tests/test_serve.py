@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import early, max_rel_err
+from conftest import max_rel_err
 from prometheus_client.parser import text_string_to_metric_families
 
 import cde_jax
@@ -57,10 +57,11 @@ def readme_serve_argv(model_dir, context_file) -> list[str]:
     return [swap.get(arg, arg) for arg in shlex.split(line.split("#")[0])]
 
 
-@early
-def serve_process(tiny_checkpoint, ctx_npz, tmp):
+@pytest.fixture(scope="module")
+def serve_process(tiny_checkpoint, ctx_npz, tmp_path_factory):
     """The server, listening; with its own compilation cache, so that every program it
     compiles counts in its metrics (a program loaded from a shared cache would not)."""
+    tmp = tmp_path_factory.mktemp("serve_process")
     from cde_jax.convert import read_converted
     from cde_jax.minicorpus import DatasetEmbeddings
 
