@@ -4,10 +4,10 @@
 import numpy as np
 import pytest
 from conftest import TOKENIZER_DIR, max_rel_err
+from torch_reference import TorchCde
 
 import cde_jax
 from cde_jax.profiling import count_compiles
-from cde_jax.testing.torch_reference import TorchCde
 from cde_jax.tokenization import TextTokenizer, load_tokenizer
 
 QUERIES = [

@@ -24,13 +24,13 @@ import torch
 from conftest import max_rel_err
 from jax.sharding import PartitionSpec
 from safetensors.numpy import load_file
+from torch_reference import TorchCde
 
 import cde_jax
 from cde_jax import cli, sharding
 from cde_jax.commands import runtime
 from cde_jax.convert import keymap
 from cde_jax.loading import read_checkpoint
-from cde_jax.testing.torch_reference import TorchCde
 from cde_jax.training import BatchConfig, Example, Stages, StepConfig, TrainData, data, step
 from cde_jax.training.loss import contrastive_loss
 
