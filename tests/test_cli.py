@@ -165,7 +165,8 @@ def test_embed_jsonl_field_fallback_minicorpus(model, texts, jsonl_fallback_run)
 
 
 def test_embed_parquet(cli, model_dir, texts, ctx_npz, documents_ref, tmp_path):
-    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa  # the test extra's: a missing pyarrow fails, it does not skip
+    import pyarrow.parquet as pq
     pq.write_table(pa.table({"id": list(range(len(texts))), "body": texts}),
                    tmp_path / "in.parquet", row_group_size=30)
     done = cli("embed", "--model", model_dir, "--input", tmp_path / "in.parquet", "--field",
