@@ -74,6 +74,46 @@ def command_compile_cache(tmp_path_factory):
         yield path
 
 
+# --- tiers --------------------------------------------------------------------------------
+# The tests that use these module fixtures (command runs in subprocesses), directly or through
+# another fixture, are `slow` / `multiprocess`; every test of an AOT file is `aot` and `slow`.
+# One table, so that the tiers read in one place; a test marks itself with
+# @pytest.mark.slow where the cost is its own (e.g. test_model's 512-row parity).
+SLOW_RUNS = {
+    "test_benchmark.py": {"quick", "gpu_smoke"},
+    "test_cli.py": {"repeated_runs"},
+    "test_clustering.py": {"eight_devices", "two_processes", "model_clustered",
+                           "filtered_training"},
+    "test_corpus.py": {"single", "many", "seven_rows", "killed_and_restarted",
+                       "two_process_commands", "two_process_training"},
+    "test_evaluation.py": {"top_k_on_8_devices"},
+    "test_examples.py": {"search_run", "finetune_run", "mteb_run"},
+    "test_faults.py": {"peers", "alone"},
+    "test_serve.py": {"serve_process"},
+    "test_sharding.py": {"single", "eight_devices", "two_processes"},
+    "test_training.py": {"cli_runs", "devices"},
+}
+MULTIPROCESS_RUNS = {
+    "test_clustering.py": {"two_processes"},
+    "test_corpus.py": {"many", "seven_rows", "killed_and_restarted", "two_process_commands",
+                       "two_process_training"},
+    "test_faults.py": {"peers"},
+    "test_sharding.py": {"two_processes"},
+}
+AOT_FILES = {"test_aot.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        name, used = item.path.name, set(getattr(item, "fixturenames", ()))
+        if used & SLOW_RUNS.get(name, set()) or name in AOT_FILES:
+            item.add_marker(pytest.mark.slow)
+        if used & MULTIPROCESS_RUNS.get(name, set()):
+            item.add_marker(pytest.mark.multiprocess)
+        if name in AOT_FILES:
+            item.add_marker(pytest.mark.aot)
+
+
 PARITY: dict[str, float] = {}  # this process's tests: the worst error of each
 WORST: dict[str, float] = {}   # every test's, gathered where the summary is written
 
