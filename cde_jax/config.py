@@ -7,8 +7,6 @@ the `embedder` name, a `modernbert_config.json`, or an explicit file (see `conve
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -137,11 +135,6 @@ class ModernBertConfig:
                 raise UserError(f"layer_types {d['layer_types']} is not the every-"
                                 f"{expected.global_attn_every_n_layers} global pattern")
         return cls(**kw, **runtime)
-
-    @classmethod
-    def from_hf_json(cls, path: str | Path, **runtime) -> ModernBertConfig:
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f), **runtime)
 
 
 _RUNTIME_FIELDS = ("param_dtype", "dtype", "attention", "activations")

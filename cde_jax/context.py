@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Union
+from typing import Protocol, Union
 
 import numpy as np
 
@@ -25,10 +25,27 @@ from . import prompts, validation
 from .minicorpus import DatasetEmbeddings
 from .model import Prefix
 from .ops import l2_normalize
+from .runner import StageRunner
 from .validation import UserError
 
-if TYPE_CHECKING:
-    from .text_api import CdeModel
+
+class CdeModel(Protocol):
+    """What a context uses of its model; `text_api.CdeModel` is one. Named here, not imported,
+    so that the import runs one way: text_api -> context."""
+
+    runner: StageRunner
+    fingerprint: str
+    hidden_size: int
+
+    def tokenize(self, texts: Sequence[str], prompt: str = "") -> list[list[int]]: ...
+
+    def token_arrays(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def run_texts(self, token_ids: Sequence[Sequence[int]], stage, **kw) -> np.ndarray: ...
+
+    def embed_dataset(self, texts: Sequence[str], *, seed: int = 0, **kw) -> np.ndarray: ...
+
+    def load_dataset_embeddings(self, path: str | os.PathLike) -> DatasetEmbeddings: ...
 
 # What a context can be made from (`Context.of`).
 ContextSource = Union["Context", DatasetEmbeddings, np.ndarray, str, os.PathLike,

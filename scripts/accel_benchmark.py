@@ -50,7 +50,6 @@ from cde_jax.convert.synthetic import make_synthetic_checkpoint  # noqa: E402
 from cde_jax.minicorpus import fallback_minicorpus  # noqa: E402
 from cde_jax.outputs import atomic_file  # noqa: E402
 from cde_jax.prompts import DOCUMENT as DOCUMENT_PREFIX  # noqa: E402
-from cde_jax.testing.torch_reference import TorchCde  # noqa: E402
 
 KERNELS = {"gpu": ("cudnn", "xla"), "tpu": ("rope_fused", "splash", "xla")}
 KINDS = [("query", 128, 16), ("query", 512, 16), ("document", 128, 256)]
@@ -72,7 +71,7 @@ class SdpaPreferring:
     """A TorchCde whose SDPA calls try these backends first (torch.nn.attention.sdpa_kernel
     with priority; the math backend stays the last resort)."""
 
-    def __init__(self, ref: TorchCde, backends):
+    def __init__(self, ref: bench.TorchCde, backends):
         self.ref, self.backends = ref, backends
 
     def second_stage(self, *args):
@@ -86,11 +85,11 @@ def torch_contenders(released: Path, device: str, probe) -> tuple[dict, dict]:
     `probe(ref)` runs one small batch; a candidate that fails it is skipped (noted)."""
     from torch.nn.attention import SDPBackend
 
-    refs = {"torch_sdpa": TorchCde(released, "sdpa").to(device, torch.bfloat16)}
+    refs = {"torch_sdpa": bench.TorchCde(released, "sdpa").to(device, torch.bfloat16)}
     notes = {}
     candidates = []
     if device == "cuda" and importlib.util.find_spec("flash_attn"):
-        candidates.append(("HF flash_attention_2", lambda: TorchCde(
+        candidates.append(("HF flash_attention_2", lambda: bench.TorchCde(
             released, "flash_attention_2").to(device, torch.bfloat16)))
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
              SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

@@ -68,10 +68,14 @@ from cde_jax.prompts import DOCUMENT as DOCUMENT_PREFIX
 from cde_jax.prompts import PROMPTS
 from cde_jax.resources import packaged_data
 from cde_jax.sharding import data_shards
-from cde_jax.testing.torch_reference import TorchCde
 from cde_jax.tokenization import pad_batch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported by the tests
+sys.path.insert(1, str(REPO / "tests"))  # the PyTorch reference lives with the tests
+from measure import cores, max_rel_err  # noqa: E402
+from torch_reference import TorchCde  # noqa: E402
+
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
@@ -121,12 +125,6 @@ def alternate(contenders: dict[str, Callable[[], object]], *, warmup: int, repea
     return {name: statistics.median(s) for name, s in seconds.items()}, last
 
 
-def max_rel_err(actual, expected) -> float:
-    """max |a - b| / max |b| (as the tests measure parity), in float64."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
-
-
 # Runs argv[2:] with its output in the file argv[1]; prints the child's peak RSS in KiB and
 # exits with its status. A child's ru_maxrss starts at the RSS of the process that spawned it
 # (the kernel keeps the pre-exec high-water mark), so the spawner must be this small process,
@@ -163,10 +161,6 @@ def fixed_length_batch(tokenizer, texts: list[str], prefix: str, rows: int, leng
         raise ValueError(f"no text has {length} tokens")
     ids = np.array([long_enough[i % len(long_enough)] for i in range(rows)], np.int32)
     return ids, np.ones_like(ids)
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 # --- (a) + (d): encoder ------------------------------------------------------------------

@@ -34,12 +34,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from measure import cores
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def jax_gaps(points, k: int, iterations: int, seed: int) -> list[float]:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from measure import cores
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH = 768
@@ -128,7 +129,7 @@ def main() -> None:
         corpus = Path(tmp) / "corpus.txt"
         make_corpus(corpus, args.docs, args.words)
         result = {"docs": args.docs, "words": args.words, "chunk_rows": args.chunk_rows,
-                  "cpus": len(os.sched_getaffinity(0)),
+                  "cpus": cores(),
                   "stages_texts_per_s": stages(str(corpus), args.chunk_rows), "runs": []}
         print(f"{args.docs} docs x {args.words} words ({corpus.stat().st_size / 1e6:.1f} MB), "
               f"chunks of {args.chunk_rows}, {result['cpus']} CPUs")

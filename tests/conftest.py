@@ -13,15 +13,18 @@ its fusions and the float semantics are the same; only the machine code is less 
 Commands the tests start inherit the flag; timings that matter come from scripts/, which
 never set it.
 
-Slow command runs are declared with `early`: they start with the session, beside the tests."""
+Tiers (markers registered in pyproject.toml): `slow` (benchmark runs, full-size models, long
+command runs), `multiprocess` (several processes joined by jax.distributed), `aot` (deviceless
+compiles for TPUs and the H100, the `aot` extra). Before every commit:
+`python3 -m pytest -m "not slow" -n 2`; CI (scripts/test.sh) runs everything. Under
+pytest-xdist (`-n`) the files are shared out whole (`--dist loadfile`), so a module's command
+runs (module fixtures) run once."""
 
 from __future__ import annotations
 
-import inspect
 import os
+import socket
 import sys
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 # Before JAX starts: the cde_jax import below starts it.
@@ -71,84 +74,48 @@ def command_compile_cache(tmp_path_factory):
         yield path
 
 
-# --- commands started early ----------------------------------------------------------------
-EARLY: dict[tuple[str, str], object] = {}
-EARLY_SECONDS: dict[str, float] = {}
-
-
-def early(run):
-    """Declares `run`, a test module's slow command run, to start when the session starts; the
-    session fixture of its name returns what it returned (or raises what it raised).
-
-    Why: this process spends most of its time compiling, on one of the two cores, and a test
-    that waits for a command leaves a core idle. On one worker thread beside the tests, the
-    commands take that core (the suite: 927 s -> 780 s on 2 cores). So `run` only starts
-    subprocesses (capturing their output) and reads files: JAX work in this process would be
-    seen by the tests that count compiles. Its parameters are session fixtures (resolved
-    before it starts), `tmp` (a fresh directory of its own) and earlier early runs of its
-    module (their results)."""
-    key = (run.__module__, run.__name__)
-    EARLY[key] = run
-
-    @pytest.fixture(scope="session", name=run.__name__)
-    def result(early_runs):
-        return early_runs[key].result()
-
-    return result
+# --- tiers --------------------------------------------------------------------------------
+# The tests that use these module fixtures (command runs in subprocesses), directly or through
+# another fixture, are `slow` / `multiprocess`; every test of an AOT file is `aot` and `slow`.
+# One table, so that the tiers read in one place; a test marks itself with
+# @pytest.mark.slow where the cost is its own (e.g. test_model's 512-row parity).
+SLOW_RUNS = {
+    "test_benchmark.py": {"quick", "gpu_smoke"},
+    "test_cli.py": {"repeated_runs"},
+    "test_clustering.py": {"eight_devices", "two_processes", "model_clustered",
+                           "filtered_training"},
+    "test_corpus.py": {"single", "many", "seven_rows", "killed_and_restarted",
+                       "two_process_commands", "two_process_training"},
+    "test_evaluation.py": {"top_k_on_8_devices"},
+    "test_examples.py": {"search_run", "finetune_run", "mteb_run"},
+    "test_faults.py": {"peers", "alone"},
+    "test_serve.py": {"server"},
+    "test_sharding.py": {"single", "eight_devices", "two_processes"},
+    "test_training.py": {"cli_runs", "devices"},
+}
+MULTIPROCESS_RUNS = {
+    "test_clustering.py": {"two_processes"},
+    "test_corpus.py": {"many", "seven_rows", "killed_and_restarted", "two_process_commands",
+                       "two_process_training"},
+    "test_faults.py": {"peers"},
+    "test_sharding.py": {"two_processes"},
+}
+AOT_FILES = {"test_aot.py"}
 
 
 def pytest_collection_modifyitems(items):
-    """Modules that wait for early runs go after those that do not, in the order their
-    runs finish (the last one each needs): while the worker runs a command, this process
-    tests something else instead of waiting with a core idle. Within a module the order
-    stays as written."""
-    order = list(EARLY)
-
-    def needs(item) -> int:
-        module = getattr(item, "module", None)
-        return max((order.index((module.__name__, name)) for name in item.fixturenames
-                    if module and (module.__name__, name) in EARLY), default=-1)
-
-    last = {}
     for item in items:
-        last[item.fspath] = max(last.get(item.fspath, -1), needs(item))
-    items.sort(key=lambda item: last[item.fspath])
+        name, used = item.path.name, set(getattr(item, "fixturenames", ()))
+        if used & SLOW_RUNS.get(name, set()) or name in AOT_FILES:
+            item.add_marker(pytest.mark.slow)
+        if used & MULTIPROCESS_RUNS.get(name, set()):
+            item.add_marker(pytest.mark.multiprocess)
+        if name in AOT_FILES:
+            item.add_marker(pytest.mark.aot)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def early_runs(request, command_compile_cache, tmp_path_factory):
-    """Starts, in the order they are declared, the early runs that a selected test uses, and
-    those they take as parameters (an early run of the same module: its result)."""
-    used = {(item.module.__name__, name) for item in request.session.items
-            if hasattr(item, "module") for name in getattr(item, "fixturenames", ())}
-    pool = ThreadPoolExecutor(1, thread_name_prefix="early")
-    futures: dict[tuple[str, str], Future] = {}
-
-    def start(key):
-        if key not in futures:
-            args = {name: start((key[0], name)) if (key[0], name) in EARLY
-                    else tmp_path_factory.mktemp(key[1]) if name == "tmp"
-                    else request.getfixturevalue(name)
-                    for name in inspect.signature(EARLY[key]).parameters}
-
-            def run():
-                begin = time.perf_counter()
-                try:
-                    return EARLY[key](**{name: arg.result() if isinstance(arg, Future) else arg
-                                         for name, arg in args.items()})
-                finally:
-                    EARLY_SECONDS[".".join(key)] = time.perf_counter() - begin
-
-            futures[key] = pool.submit(run)
-        return futures[key]
-
-    for key in sorted(EARLY.keys() & used, key=list(EARLY).index):
-        start(key)
-    yield futures
-    pool.shutdown(cancel_futures=True)
-
-
-PARITY: dict[str, float] = {}
+PARITY: dict[str, float] = {}  # this process's tests: the worst error of each
+WORST: dict[str, float] = {}   # every test's, gathered where the summary is written
 
 
 def max_rel_err(actual, expected) -> float:
@@ -163,14 +130,33 @@ def max_rel_err(actual, expected) -> float:
     return err
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback address (jax.distributed's coordinator, servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each test's parity errors travel with its report, so that the summary has them also
+    when pytest-xdist ran the test in another process."""
+    report = yield
+    if item.nodeid in PARITY:
+        report.user_properties.append(("parity", PARITY.pop(item.nodeid)))
+    return report
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties:
+        if name == "parity":
+            WORST[report.nodeid] = max(value, WORST.get(report.nodeid, 0.0))
+
+
 def pytest_terminal_summary(terminalreporter):
-    if EARLY_SECONDS:
-        terminalreporter.section("early runs, beside the tests (seconds)")
-        for name, seconds in EARLY_SECONDS.items():
-            terminalreporter.write_line(f"{seconds:8.1f}  {name}")
-    if PARITY:
+    if WORST:
         terminalreporter.section("worst parity error per test (max|a-b| / max|b|)")
-        for test, err in sorted(PARITY.items()):
+        for test, err in sorted(WORST.items()):
             terminalreporter.write_line(f"{err:10.3e}  {test}")
 
 

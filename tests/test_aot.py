@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from aot_worker import LARGEST, REFERENCE
-from conftest import early
 
 from cde_jax import aot, buckets, flops, fused_layer
 from cde_jax.config import CdeConfig, modernbert_tiny
@@ -29,8 +28,9 @@ TINY = modernbert_tiny()
 PREFIX_LEN = CdeConfig().num_context_tokens + CdeConfig().num_soft_prompt_tokens
 
 
-@early
-def aot_reports(tmp) -> dict[str, dict]:
+@pytest.fixture(scope="module")
+def aot_reports(tmp_path_factory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("aot_reports")
     out = tmp / "aot.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, str(WORKER), str(out)], env=env,

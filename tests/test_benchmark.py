@@ -12,7 +12,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import early
 from flax import nnx
 
 from cde_jax import flops, ops
@@ -97,8 +96,9 @@ POSITIVE = (
        "overlap_seconds_device_only", "overlap_seconds_in_flight_2"])
 
 
-@early
-def quick(tmp):
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quick")
     out = tmp / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick",
                            "--json", str(out)], capture_output=True, text=True, timeout=900)
@@ -197,8 +197,9 @@ def test_op_times_reads_device_lanes():
     assert lanes == ["Stream #7"]
 
 
-@early
-def gpu_smoke(tmp):
+@pytest.fixture(scope="module")
+def gpu_smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu_smoke")
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_benchmark.sh"), "--cpu-smoke"],
                           capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OUT": str(tmp)})

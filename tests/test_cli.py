@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import early, max_rel_err
+from conftest import max_rel_err
 
 import cde_jax
 from cde_jax.corpus import job, open_chunks
@@ -145,9 +145,10 @@ def test_embed_txt_equals_encode_in_order(embedded_txt, documents_ref, texts):
                                                             "in.txt"]
 
 
-@early
-def jsonl_fallback_run(tiny_checkpoint, random_docs, tmp):
+@pytest.fixture(scope="module")
+def jsonl_fallback_run(tiny_checkpoint, random_docs, tmp_path_factory):
     """`embed` of a .jsonl field (40 texts) with the fallback minicorpus: its output."""
+    tmp = tmp_path_factory.mktemp("jsonl_fallback_run")
     src = write_jsonl(tmp / "in.jsonl", mixed_texts(random_docs, 40), field="body")
     done = run_cli("embed", "--model", tiny_checkpoint[1], "--input", src, "--field", "body",
                    "--role", "query", "--dataset-embeddings", "fallback", "--out",
@@ -164,7 +165,8 @@ def test_embed_jsonl_field_fallback_minicorpus(model, texts, jsonl_fallback_run)
 
 
 def test_embed_parquet(cli, model_dir, texts, ctx_npz, documents_ref, tmp_path):
-    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa  # the test extra's: a missing pyarrow fails, it does not skip
+    import pyarrow.parquet as pq
     pq.write_table(pa.table({"id": list(range(len(texts))), "body": texts}),
                    tmp_path / "in.parquet", row_group_size=30)
     done = cli("embed", "--model", model_dir, "--input", tmp_path / "in.parquet", "--field",
@@ -210,11 +212,12 @@ def test_kill_9_then_resume_is_byte_identical(cli, model_dir, ctx_npz, embedded_
         "emb.npy", "emb.npy.ids.jsonl", "emb.npy.quantization.json", "log", "want.npy"]
 
 
-@early
-def repeated_runs(tiny_checkpoint, ctx_npz, random_docs, tmp):
+@pytest.fixture(scope="module")
+def repeated_runs(tiny_checkpoint, ctx_npz, random_docs, tmp_path_factory):
     """The same `embed` three times: as is, again (refused: the output exists), and with
     --overwrite, counting JAX's compilation-cache events. (The three runs, the first and
     last outputs.)"""
+    tmp = tmp_path_factory.mktemp("repeated_runs")
     src = write_txt(tmp / "in.txt", mixed_texts(random_docs, 12))
     argv = ("embed", "--model", tiny_checkpoint[1], "--input", src, "--role", "query",
             "--dataset-embeddings", ctx_npz, "--out", tmp / "q.npy", *CHUNK)

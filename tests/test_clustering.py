@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import early
 from sklearn.metrics import adjusted_rand_score
 from test_corpus import ok, run_processes
 
@@ -130,10 +129,11 @@ def test_packing_invariants():
 PAIRS = POINTS // 2
 
 
-@early
-def vectors(tmp):
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory):
     """2000 pairs with string ids, query vectors as .npy (+ ids) in line order, document
     vectors as .parquet in another order: no planted structure; 40 clusters."""
+    tmp = tmp_path_factory.mktemp("vectors")
     rng = np.random.default_rng(1)
     queries = rng.standard_normal((PAIRS, 24)).astype(np.float32)
     documents = (queries + rng.standard_normal((PAIRS, 24))).astype(np.float32)
@@ -156,8 +156,9 @@ def vector_args(files, out):
             "kmeans++", "--nredo", 2, "--seed", 5, "-q"]
 
 
-@early
-def eight_devices(vectors, tmp):
+@pytest.fixture(scope="module")
+def eight_devices(vectors, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eight_devices")
     env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
            + " --xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "cde_jax.cli",
@@ -167,8 +168,9 @@ def eight_devices(vectors, tmp):
     return tmp / "eight.jsonl"
 
 
-@early
-def two_processes(vectors, tmp):
+@pytest.fixture(scope="module")
+def two_processes(vectors, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_processes")
     ok(run_processes(2, *vector_args(vectors, tmp / "two.jsonl")))
     return tmp / "two.jsonl"
 
@@ -298,11 +300,12 @@ def topic_pairs(docs: list[str]) -> list[dict]:
     return [rows[i] for i in rng.permutation(len(rows))]
 
 
-@early
-def model_clustered(tiny_checkpoint, random_docs, tmp):
+@pytest.fixture(scope="module")
+def model_clustered(tiny_checkpoint, random_docs, tmp_path_factory):
     """`cluster --model` (the corpus job) on 128 topic pairs, batches of 8; then the same
     command again with --overwrite: (output, its bytes and the vector files' completion
     times after each run)."""
+    tmp = tmp_path_factory.mktemp("model_clustered")
     path = tmp / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in topic_pairs(random_docs)))
     out = tmp / "clustered.jsonl"
@@ -348,11 +351,12 @@ def test_clustered_batches_are_harder(tiny_checkpoint, model_clustered):
     assert losses[True] >= 1.5 * losses[False]
 
 
-@early
-def filtered_training(tiny_checkpoint, tmp):
+@pytest.fixture(scope="module")
+def filtered_training(tiny_checkpoint, tmp_path_factory):
     """One step of `train --packed-batches` with the filter's vectors from files: 4
     planted topics of 8 pairs, each a batch; every other pair of a batch is a false
     negative (56 a batch) at threshold 0.9, none across topics."""
+    tmp = tmp_path_factory.mktemp("filtered_training")
     topic_vectors, topics = planted(4, 8, 16, noise=0.01, seed=2)
     rows = [{"query": f"question {i} about topic {t}", "positive": f"answer {i} on {t}",
              "batch": int(t)} for i, t in enumerate(topics)]

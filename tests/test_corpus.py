@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import early, max_rel_err
+from conftest import free_port, max_rel_err
 
 import cde_jax
 from cde_jax.corpus import InputError, job, lines, open_chunks, sinks
@@ -52,13 +51,7 @@ def test_ids_from_a_field_and_repeats_named_by_line(tmp_path):
         open_chunks(path, 3, id_field="_id")[2]
 
 
-# --- processes: the command runs start with the session (conftest.early) -------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+# --- processes: the command runs are module fixtures -------------------------------------
 def run_processes(n, *args, popen=False):
     """`cde-jax ARGS` on n processes, joined by jax.distributed when n > 1: each one's
     (returncode, stderr), or with `popen=True` the running processes."""
@@ -83,9 +76,10 @@ def ok(results):
     return results
 
 
-@early
-def corpus(tiny_checkpoint, random_docs, tmp):
+@pytest.fixture(scope="module")
+def corpus(tiny_checkpoint, random_docs, tmp_path_factory):
     """(model dir, dataset-embeddings file, a 60-line .jsonl with string ids)."""
+    tmp = tmp_path_factory.mktemp("corpus")
     rng = random.Random(1)
     texts = [" ".join(d.split()[:rng.randint(1, 30)]) for d in random_docs[:60]]
     path = tmp / "in.jsonl"
@@ -112,18 +106,20 @@ def output_bytes(out) -> dict[str, bytes]:
             for d, _, files in os.walk(out) for f in files}
 
 
-@early
-def single(corpus, tmp):
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory):
     """One process, .npy with its ids: the reference of every multi-process run (15 chunks)."""
+    tmp = tmp_path_factory.mktemp("single")
     ok(run_processes(1, *embed_args(corpus, tmp / "one.npy")))
     return tmp / "one.npy"
 
 
-@early
-def many(corpus, tmp):
+@pytest.fixture(scope="module")
+def many(corpus, tmp_path_factory):
     """{(processes, format): output}: 2 processes into one .zarr (also the uninterrupted run
     that a killed one must equal), 3 into one int8 .parquet (each process embeds its share of
     the calibration sample)."""
+    tmp = tmp_path_factory.mktemp("many")
     outs = {(2, "zarr"): tmp / "2" / "many.zarr", (3, "parquet"): tmp / "3" / "many.parquet"}
     for (n, fmt), out in outs.items():
         out.parent.mkdir()
@@ -152,10 +148,11 @@ def test_processes_write_one_output_with_ids(single, many, n, fmt):
     assert sorted(os.listdir(out.parent)) == [f"many.{fmt}"]  # no parts, locks or temp files
 
 
-@early
-def seven_rows(corpus, tmp):
+@pytest.fixture(scope="module")
+def seven_rows(corpus, tmp_path_factory):
     """7 rows in chunks of 4: two chunks, so the third process has nothing to embed but joins
     every step."""
+    tmp = tmp_path_factory.mktemp("seven_rows")
     model, dataset, path = corpus
     short = tmp / "seven.jsonl"
     short.write_text("".join(path.read_text().splitlines(keepends=True)[:7]))
@@ -194,10 +191,11 @@ def kill_mid_run(args, out, n):
 KILLS = [(2, 2), (2, 3)]
 
 
-@early
-def killed_and_restarted(corpus, tmp):
+@pytest.fixture(scope="module")
+def killed_and_restarted(corpus, tmp_path_factory):
     """{(first, then): (chunks done when killed, output, the restart's first stderr)}: 15
     chunks embedded by `first` processes, killed, then restarted with `then`."""
+    tmp = tmp_path_factory.mktemp("killed_and_restarted")
     runs = {}
     for first, then in KILLS:
         out = tmp / f"{first}-{then}" / "emb.zarr"
@@ -223,11 +221,12 @@ def test_kill_9_then_restart_resumes(single, many, killed_and_restarted, first, 
     assert max_rel_err(got, cde_jax.read_embeddings(single).values) <= 1e-6
 
 
-@early
-def two_process_commands(corpus, random_docs, tmp):
+@pytest.fixture(scope="module")
+def two_process_commands(corpus, random_docs, tmp_path_factory):
     """`dataset-embeddings` (seed 3) and `eval` (on a BEIR dir, the corpus int8, the best 20
     rescored: each process rescores its own documents) on two processes: (their output
     files, the BEIR dir)."""
+    tmp = tmp_path_factory.mktemp("two_process_commands")
     from test_evaluation import write_beir
 
     model_dir, _, path = corpus
@@ -264,11 +263,12 @@ def test_dataset_embeddings_and_eval_on_two_processes(corpus, two_process_comman
     assert two == pytest.approx(one, abs=1e-12) and one["ndcg@5"] > 0
 
 
-@early
-def two_process_training(tiny_checkpoint, random_docs, tmp):
+@pytest.fixture(scope="module")
+def two_process_training(tiny_checkpoint, random_docs, tmp_path_factory):
     """4 steps on one process; on two, process 1 SIGKILLed when it asks for the 4th batch
     (after the step-2 checkpoint, which both wait for), then both restarted with --resume.
     (the two output dirs)"""
+    tmp = tmp_path_factory.mktemp("two_process_training")
     from test_training import retrieval_examples, write_jsonl
 
     data = write_jsonl(tmp / "train.jsonl", retrieval_examples(random_docs, 48))

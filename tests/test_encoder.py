@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import max_rel_err
 from flax import nnx
+from torch_reference import hf_config
 
 from cde_jax.config import ModernBertConfig, modernbert_base
 from cde_jax.convert import keymap
 from cde_jax.encoder import ModernBert
 from cde_jax.params import fill, split
-from cde_jax.testing.torch_reference import hf_config
 
 SMALL = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
              intermediate_size=96, local_attention=16, pad_token_id=0)

@@ -18,7 +18,6 @@ from pathlib import Path
 import mteb
 import numpy as np
 import pytest
-from conftest import early
 from mteb.mocks.mock_tasks import (
     LegacyMockClusteringFastTask,
     MockClassificationTask,
@@ -126,7 +125,7 @@ def test_exact_top_k_compiles_once_over_many_tiles():
     assert compiles.count == 1  # 16 tiles (the last one padded), one program
 
 
-@early
+@pytest.fixture(scope="module")
 def top_k_on_8_devices():
     """Corpus rows split over 8 fake devices, in tiles: a script that checks the result
     against argsort (its CompletedProcess)."""
@@ -497,6 +496,70 @@ def test_mteb_evaluate_runs_every_task_type(mteb_run):
     for r in results.values():
         for scores in r.scores.values():
             assert -1.0 <= scores[0]["main_score"] <= 1.0  # STS reports a Spearman rho
+
+
+def test_mteb_scores_equal_an_independent_computation(mteb_run, model):
+    """Each task's main score, recomputed here from the model's own API (the contexts and
+    prompts of docs/model.md §7, which the next test checks the wrapper uses) with numpy,
+    scipy and scikit-learn: retrieval nDCG@10 and reranking MAP by hand, STS Spearman,
+    classification accuracy of MTEB's logistic regression. Clustering's v-measure comes from
+    MiniBatchKMeans over bootstrap samples, which this does not reimplement: its range above."""
+    from scipy.stats import spearmanr
+    from sklearn.linear_model import LogisticRegression
+
+    wrapper, results = mteb_run
+    main = {name: {split: s[0]["main_score"] for split, s in r.scores.items()}
+            for name, r in results.items()}
+
+    def encode(texts, prompt, context_texts):
+        context = model.context(context_texts, seed=42, batch_size=BATCH)
+        return context.encode(list(texts), prompt=prompt, batch_size=BATCH).astype(np.float64)
+
+    def ranked(queries, docs, candidates):  # {query id: [doc ids, best first]}
+        return {q: sorted(candidates[q], key=lambda d: -queries[q] @ docs[d]) for q in queries}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 2-text minicorpora are oversampled
+        for task, prompts in ((MockRetrievalTask(), ("search_query: ", "search_document: ")),
+                              (MockRerankingTask(), ("classification: ",) * 2)):
+            task.load_data()
+            for split, data in task.dataset["default"].items():
+                corpus = [f"{d['title']} {d['text']}" for d in data["corpus"]]
+                docs = dict(zip(data["corpus"]["id"], encode(corpus, prompts[1], corpus)))
+                queries = dict(zip(data["queries"]["id"],
+                                   encode(data["queries"]["text"], prompts[0], corpus)))
+                qrels = data["relevant_docs"]
+                order = ranked(queries, docs, data["top_ranked"] or {q: list(docs)
+                                                                      for q in queries})
+                if isinstance(task, MockRetrievalTask):  # nDCG@10, one relevant doc each
+                    want = np.mean([sum(qrels[q].get(d, 0) / math.log2(i + 2)
+                                        for i, d in enumerate(order[q][:10]))
+                                    for q in queries])
+                else:  # MAP: precision at each relevant document's rank
+                    want = np.mean([np.mean([sum(qrels[q].get(e, 0) > 0 for e in ds[:i + 1])
+                                             / (i + 1) for i, d in enumerate(ds)
+                                             if qrels[q].get(d, 0) > 0])
+                                    for q, ds in order.items()])
+                assert main[task.metadata.name][split] == pytest.approx(want, abs=1e-6)
+
+        sts = MockSTSTask()
+        sts.load_data()
+        test = sts.dataset["test"]
+        context = next(texts for task, kind, texts, _ in wrapper.calls
+                       if task == "MockSTSTask" and kind != "context")
+        a, b = (encode(test[c], "classification: ", context) for c in ("sentence1", "sentence2"))
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        want = spearmanr(cosine, test["score"]).statistic
+        assert main["MockSTSTask"]["test"] == pytest.approx(want, abs=1e-6)
+
+        cls = MockClassificationTask()
+        cls.load_data()
+        train, test = cls.dataset["train"], cls.dataset["test"]
+        fitted = LogisticRegression(max_iter=100).fit(
+            encode(train["text"], "classification: ", train["text"]), train["label"])
+        want = fitted.score(encode(test["text"], "classification: ", train["text"]),
+                            test["label"])
+        assert main["MockClassificationTask"]["test"] == pytest.approx(want, abs=1e-9)
 
 
 def test_mteb_minicorpus_sources_and_prompts(mteb_run):

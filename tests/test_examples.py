@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import early
 
 import cde_jax
 from cde_jax.convert.synthetic import SYNTHETIC_KEY, is_synthetic
@@ -38,9 +37,10 @@ def converted(tiny_checkpoint):
 QUERIES = ["who is Jason Voorhees?", "macdonald polynomials"]
 
 
-@early
-def search_run(tiny_checkpoint, tmp):
+@pytest.fixture(scope="module")
+def search_run(tiny_checkpoint, tmp_path_factory):
     """(stdout, hits)"""
+    tmp = tmp_path_factory.mktemp("search_run")
     done = example("search.py", tiny_checkpoint[1], "--limit", 24, "--top-k", 3, "--json",
                    tmp / "hits.json", *(a for q in QUERIES for a in ("--query", q)))
     return done.stdout, json.loads((tmp / "hits.json").read_text())
@@ -74,9 +74,10 @@ def test_only_a_marked_checkpoint_is_called_random(synthetic):
     assert not is_synthetic(config)
 
 
-@early
-def finetune_run(tiny_checkpoint, tmp):
+@pytest.fixture(scope="module")
+def finetune_run(tiny_checkpoint, tmp_path_factory):
     """(stdout, output dir, report)"""
+    tmp = tmp_path_factory.mktemp("finetune_run")
     done = example("finetune_and_evaluate.py", tiny_checkpoint[1], tmp / "ft", "--total-steps", 2,
                    "--examples", 16, "--test", 16, "--batch-size", 8, "--json",
                    tmp / "report.json")
@@ -104,9 +105,10 @@ def test_finetune_and_evaluate(converted, finetune_run):
             assert f"{report['metrics'][name]['ndcg@10']:11.4f}" in stdout
 
 
-@early
-def mteb_run(tiny_checkpoint, tmp):
+@pytest.fixture(scope="module")
+def mteb_run(tiny_checkpoint, tmp_path_factory):
     """(stdout, scores)"""
+    tmp = tmp_path_factory.mktemp("mteb_run")
     done = example("mteb_evaluate.py", tiny_checkpoint[1], "--batch-size", 8, "--json",
                    tmp / "scores.json")
     return done.stdout, json.loads((tmp / "scores.json").read_text())

@@ -4,7 +4,7 @@ cases. Each runs the real command (two processes joined by jax.distributed on lo
 with gloo, as tests/test_corpus.py starts them) and checks the one line a user sees, the exit
 status and what is left on disk, then that the same command resumes.
 
-The command runs are `conftest.early` and run side by side within each (their waits for a
+The command runs are module fixtures and run side by side within each (their waits for a
 peer's timeout overlap), with a peer timeout of PEER_TIMEOUT seconds. The full disk is a
 small tmpfs where the tests may mount one (as root), else RLIMIT_FSIZE on the command: a
 real failed write either way, with no seam in the package.
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import early, max_rel_err
-from test_corpus import committed, free_port
+from conftest import free_port, max_rel_err
+from test_corpus import committed
 
 import cde_jax
 from cde_jax import distributed, stopping
@@ -119,11 +119,12 @@ def wait_for(done, procs, what: str, limit: float = 300) -> None:
         time.sleep(0.02)
 
 
-@early
-def inputs(tiny_checkpoint, ctx_npz, random_docs, tmp):
+@pytest.fixture(scope="module")
+def inputs(tiny_checkpoint, ctx_npz, random_docs, tmp_path_factory):
     """Two 60-line corpora with the same ids (`a`, `b`), and the reference: `a` embedded by
     one uninterrupted process into a .npy (which also fills the compile cache that every
     later run reads)."""
+    tmp = tmp_path_factory.mktemp("inputs")
     texts = [" ".join(d.split()[:1 + i % 30]) for i, d in enumerate(random_docs[:60])]
     for name, order in (("a", texts), ("b", texts[::-1])):
         (tmp / f"{name}.jsonl").write_text("".join(
@@ -177,9 +178,10 @@ def missing(inputs: dict, out: Path) -> dict:
     return {"code": code, "err": err, "seconds": time.monotonic() - begin}
 
 
-@early
-def peers(inputs, tmp):
+@pytest.fixture(scope="module")
+def peers(inputs, tmp_path_factory):
     """The two-process cases, side by side: {case: what happened}."""
+    tmp = tmp_path_factory.mktemp("peers")
     cases = {"terminated": terminated, "killed 1": lambda i, o: killed(i, o, 1),
              "killed 0": lambda i, o: killed(i, o, 0), "disagree": disagreeing,
              "missing": missing}
@@ -281,9 +283,10 @@ def surrogate(inputs: dict, out: Path) -> dict:
     return {"code": code, "err": err, "left": sorted(p.name for p in out.parent.iterdir())}
 
 
-@early
-def alone(inputs, tmp):
+@pytest.fixture(scope="module")
+def alone(inputs, tmp_path_factory):
     """The one-process cases, side by side: {case: what happened}."""
+    tmp = tmp_path_factory.mktemp("alone")
     (tmp / "surrogate").mkdir()
     with ThreadPoolExecutor(5) as pool:
         futures = {fmt: pool.submit(full_disk, inputs, tmp, fmt) for fmt in FORMATS}

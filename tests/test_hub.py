@@ -28,13 +28,13 @@ import numpy as np
 import pytest
 from conftest import max_rel_err
 from safetensors.numpy import load_file
+from torch_reference import TorchCde
 
 import cde_jax
 from cde_jax import convert, hub
 from cde_jax.convert import CheckpointError
 from cde_jax.convert.source import HUB_PATTERNS
 from cde_jax.outputs import OutputExistsError
-from cde_jax.testing.torch_reference import TorchCde
 
 REPO = "jxm/cde-small-v2"
 DATASET = "sentence-transformers/natural-questions"

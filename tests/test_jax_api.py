@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import max_rel_err
 from flax import nnx
+from torch_reference import TorchCde
 
 import cde_jax
-from cde_jax.testing.torch_reference import TorchCde
 
 TEXTS = ["search_query: the cat sat on the mat", "search_query: cats and dogs",
          "search_query: stock markets fell today", "search_query: a rally in bond prices",

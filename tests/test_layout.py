@@ -65,6 +65,53 @@ def test_only_the_compat_module_uses_jax_internals(path):
         assert not found, found
 
 
+def imported_modules(path: Path) -> set[str]:
+    """The cde_jax modules `path` imports (relative imports resolved)."""
+    package = ["cde_jax", *path.relative_to(PACKAGE).parts[:-1]] if PACKAGE in path.parents \
+        else ["cde_jax", "convert"]
+    found = set()
+    for node in ast.walk(tree(path)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[:len(package) - node.level + 1]) if node.level \
+                else node.module
+            base = f"{base}.{node.module}" if node.level and node.module else base
+            found |= {base, *(f"{base}.{a.name}" for a in node.names)}
+    return found
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_runtime_never_imports_the_aot_tooling(path):
+    """`aot` and `hlo` (regex reading of optimized HLO text, guarded by tests/test_hlo.py)
+    are offline tooling of the `aot` extra: loading, embedding, training and serving never
+    import them."""
+    allowed = {PACKAGE / "aot.py": {"cde_jax.hlo"}}.get(path, set())
+    assert not (imported_modules(path) & {"cde_jax.aot", "cde_jax.hlo"}) - allowed
+
+
+def test_no_two_modules_import_each_other():
+    """Imports run one way (text_api -> context, never back, not even for type checking);
+    a package's `__init__` re-exporting its modules is not a circle."""
+    modules = {}
+    for path in SOURCES:
+        root, parts = (CONVERT, ["cde_jax", "convert"]) if CONVERT in path.parents \
+            else (PACKAGE, ["cde_jax"])
+        if path.name != "__init__.py":
+            modules[".".join([*parts, *path.relative_to(root).with_suffix("").parts])] = path
+    imports = {name: imported_modules(path) & modules.keys() - {name}
+               for name, path in modules.items()}
+    circles = sorted((a, b) for a in imports for b in imports[a] if a < b and a in imports[b])
+    assert not circles, circles
+
+
+def test_readme_is_a_users_path():
+    """README.md stays short (history goes to CHANGELOG.md, details to docs/), and no test
+    helper is installed with the package."""
+    assert len((PACKAGE.parent / "README.md").read_text().splitlines()) <= 350
+    assert not (PACKAGE / "testing").exists()
+
+
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_no_class_over_130_lines(path):
     long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree(path))

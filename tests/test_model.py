@@ -4,10 +4,10 @@
 import numpy as np
 import pytest
 from conftest import TOKENIZER_DIR, max_rel_err
+from torch_reference import TorchCde
 
 import cde_jax
 from cde_jax.profiling import count_compiles
-from cde_jax.testing.torch_reference import TorchCde
 from cde_jax.tokenization import TextTokenizer, load_tokenizer
 
 QUERIES = [
@@ -46,7 +46,11 @@ def loaded(synthetic):
     return out
 
 
-@pytest.mark.parametrize("corpus_size", [1, 24, 512])
+# Measured (float32, CPU): first stage <= 1.2e-7, second stage <= 4.1e-7 over these cases.
+FIRST_STAGE_PARITY, SECOND_STAGE_PARITY = 3e-7, 1e-6
+
+
+@pytest.mark.parametrize("corpus_size", [1, 24, pytest.param(512, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("instruction_pooling", [True, False])
 def test_two_stage_parity(loaded, tokenize, tokenize_docs, random_docs, corpus_size,
                           instruction_pooling):
@@ -55,13 +59,13 @@ def test_two_stage_parity(loaded, tokenize, tokenize_docs, random_docs, corpus_s
     d_ids, d_mask = tokenize_docs(docs)
     ours_ctx, ref_ctx = ours.first_stage(d_ids, d_mask), ref.first_stage(d_ids, d_mask)
     assert ours_ctx.shape == (corpus_size, ours.hidden_size)
-    assert max_rel_err(ours_ctx, ref_ctx) <= 1e-4
+    assert max_rel_err(ours_ctx, ref_ctx) <= FIRST_STAGE_PARITY
     for texts in (QUERIES, DOCUMENTS):
         ids, mask = tokenize(texts)
         # End to end: each side's own dataset embeddings.
         err = max_rel_err(ours.second_stage(ids, mask, ours_ctx),
                           ref.second_stage(ids, mask, ref_ctx))
-        assert err <= 1e-4, err
+        assert err <= SECOND_STAGE_PARITY, err
 
 
 def test_local_last_layer(tmp_path, tokenize, random_docs):

@@ -10,10 +10,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 REQUESTS, CLIENTS = 240, 8
 
 
+@pytest.mark.slow
 def test_short_soak(tiny_checkpoint, tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import serve_soak

@@ -2,14 +2,13 @@
 processes joined by jax.distributed (each feeding its own rows)."""
 
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import early, max_rel_err
+from conftest import free_port, max_rel_err
 
 from cde_jax.sharding import PARAM_AXES, logical_axes, make_mesh, spec
 
@@ -26,16 +25,18 @@ def finish(proc, timeout=600):
     assert proc.returncode == 0, output[-3000:]
 
 
-@early
-def single(tiny_checkpoint, tmp):
+@pytest.fixture(scope="module")
+def single(tiny_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
     ckpt = tiny_checkpoint[1]
     finish(run_worker(ckpt, tmp / "one.npz", "--devices", 1))
     return dict(np.load(tmp / "one.npz"))
 
 
-@early
-def eight_devices(tiny_checkpoint, tmp):
+@pytest.fixture(scope="module")
+def eight_devices(tiny_checkpoint, tmp_path_factory):
     """{model_parallel: outputs on 8 devices}"""
+    tmp = tmp_path_factory.mktemp("eight_devices")
     outs = {mp: tmp / f"eight-{mp}.npz" for mp in (1, 2)}
     for mp, out in outs.items():
         finish(run_worker(tiny_checkpoint[1], out, "--devices", 8, "--model-parallel", mp))
@@ -71,15 +72,10 @@ def test_a_users_shard_map_runs_the_stages(eight_devices):
     assert got.shape == (16, 64) and diff <= 1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@early
-def two_processes(tiny_checkpoint, tmp):
+@pytest.fixture(scope="module")
+def two_processes(tiny_checkpoint, tmp_path_factory):
     """Each process's outputs, in process order."""
+    tmp = tmp_path_factory.mktemp("two_processes")
     port = free_port()
     outs = [tmp / f"p{i}.npz" for i in range(2)]
     procs = [run_worker(tiny_checkpoint[1], outs[i], "--process-id", i, "--num-processes", 2,

@@ -21,16 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import early, max_rel_err
+from conftest import max_rel_err
 from jax.sharding import PartitionSpec
 from safetensors.numpy import load_file
+from torch_reference import TorchCde
 
 import cde_jax
 from cde_jax import cli, sharding
 from cde_jax.commands import runtime
 from cde_jax.convert import keymap
 from cde_jax.loading import read_checkpoint
-from cde_jax.testing.torch_reference import TorchCde
 from cde_jax.training import BatchConfig, Example, Stages, StepConfig, TrainData, data, step
 from cde_jax.training.loss import contrastive_loss
 
@@ -189,7 +189,7 @@ def test_learning_rate_warmup_then_linear_decay():
     np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-7)
 
 
-# --- command runs, started with the session (conftest.early) ----------------------------------
+# --- command runs (module fixtures) -----------------------------------------------------------
 # Checkpoints every 15 steps: killed 3 steps after step 30. (Accuracy reaches 1.0 by step 40.)
 CLI_STEPS, CHECKPOINT_EVERY, KILL_AT = 60, 15, 33
 
@@ -210,10 +210,11 @@ def run_python(*argv):
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600)
 
 
-@early
-def cli_runs(tiny_checkpoint, random_docs, tmp):
+@pytest.fixture(scope="module")
+def cli_runs(tiny_checkpoint, random_docs, tmp_path_factory):
     """One 60-step training three times: uninterrupted; SIGKILLed during step 34; resumed.
     They share the session's compilation cache, so the train step compiles once."""
+    tmp = tmp_path_factory.mktemp("cli_runs")
     released = tiny_checkpoint[0]
     train_file = write_jsonl(tmp / "train.jsonl", retrieval_examples(random_docs, 192))
 
@@ -234,9 +235,10 @@ def cli_runs(tiny_checkpoint, random_docs, tmp):
     return CliRuns(tmp, released, logged, resumed.stdout, args(tmp / "full"))
 
 
-@early
-def devices(tiny_checkpoint, random_docs, tmp):
+@pytest.fixture(scope="module")
+def devices(tiny_checkpoint, random_docs, tmp_path_factory):
     """One train step on 8 simulated devices and on 1 (tests/multidevice_step.py)."""
+    tmp = tmp_path_factory.mktemp("devices")
     devices_file = write_jsonl(tmp / "devices.jsonl",
                                retrieval_examples(random_docs, 48, negatives=1))
     proc = run_python(str(TESTS / "multidevice_step.py"), str(tiny_checkpoint[0]),
