@@ -26,11 +26,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,10 +48,13 @@ _NOT_A_DIR = (errno.ENOTDIR, errno.EEXIST)  # mkdir over a file: EEXIST, or ENOT
 # A write that fails for want of room or rights: a full disk, a quota, a read-only file
 # system, a file-size limit.
 _CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
-# The errno in another library's error: tensorstore's (also under orbax) and the path it
-# wrote, safetensors' (Rust's io::Error: "File too large (os error 27)").
+# The errno in the message of a library that raises no OSError: tensorstore's ValueError
+# (also under orbax; "[os_error_code='28']", and the path it wrote) and safetensors'
+# SafetensorError (Rust's io::Error: "File too large (os error 27)"). Read in one place,
+# `_foreign_os_error`; tests/test_hardening.py makes both libraries fail for real and fails
+# loudly if an upgrade changes the text.
 _ERRNO_IN_TEXT = re.compile(r"os_error_code='(\d+)'|\(os error (\d+)\)")
-_PATH_IN_TEXT = re.compile(r'local file "([^"]+)"')
+_PATH_IN_TEXT = re.compile(r'local file "([^"]+)"|at path "([^"]+)"')
 
 
 @contextlib.contextmanager
@@ -74,17 +79,34 @@ def _creating_in(directory: Path, out: Path):
 
 
 def os_error(error: BaseException) -> OSError | None:
-    """The OSError behind `error`: itself, one in its chain of causes, or one whose errno
-    tensorstore or safetensors wrote into the message of their own error."""
+    """The OSError behind `error`: itself, one in its chain of causes, or the one a library
+    that raises no OSError (tensorstore, safetensors) describes in its message."""
     while error is not None:
         if isinstance(error, OSError) and error.errno:
             return error
-        if found := _ERRNO_IN_TEXT.search(str(error)):
-            code = int(found[1] or found[2])
-            path = _PATH_IN_TEXT.search(str(error))
-            return OSError(code, os.strerror(code), path and path[1])
+        if isinstance(error, _message_only_errors()) and (found := _foreign_os_error(error)):
+            return found
         error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return None
+
+
+@functools.cache
+def _message_only_errors() -> tuple[type[BaseException], ...]:
+    """The exception types whose libraries put an errno only in the message: tensorstore's
+    (ValueError, for any failed status) and safetensors' SafetensorError."""
+    from safetensors import SafetensorError
+
+    return ValueError, SafetensorError
+
+
+def _foreign_os_error(error: BaseException) -> OSError | None:
+    """The one place that reads an errno (and path) out of a message (`_ERRNO_IN_TEXT`)."""
+    found = _ERRNO_IN_TEXT.search(str(error))
+    if found is None:
+        return None
+    code = int(found[1] or found[2])
+    path = _PATH_IN_TEXT.search(str(error))
+    return OSError(code, os.strerror(code), path and (path[1] or path[2]))
 
 
 @contextlib.contextmanager
@@ -273,10 +295,21 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False):
         os.replace(tmp, out)
 
 
+@functools.cache
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read once: from /proc (Linux), else by setting it and back, under
+    a lock, the first time (a later flip could race with threads creating files)."""
+    with _UMASK_LOCK:
+        with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager

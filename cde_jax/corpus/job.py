@@ -85,10 +85,11 @@ def claim(out: str, overwrite: bool):
     """`outputs.claim` for a corpus output: a finished OUT of any format is refused unless
     `overwrite` (and deleted only once the job has checked its input). Entered first, so
     that a second run fails before any work."""
-    if distributed.process_count() > 1 and sinks.output_format(out) == ".npy":
+    kind = sinks.sink_type(out)
+    if distributed.process_count() > 1 and kind is sinks.NpySink:
         raise UserError(f"{out}: a .npy is written by one process; with several, write "
                         ".zarr or .parquet")
-    return outputs.claim(out, overwrite=overwrite, exists=sinks.exists)
+    return outputs.claim(out, overwrite=overwrite, exists=kind.exists)
 
 
 def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed,
@@ -103,12 +104,13 @@ def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed
     quantization = calibration.calibrate(
         out, key=key, width=width, precision=precision, rows=source.rows,
         embed_rows=lambda rows: embed(prepare(read_rows(source, rows)), lambda n: None))
-    if distributed.is_main() and sinks.exists(out):  # --overwrite: replaced, input checked
-        sinks.remove(out)
+    kind = sinks.sink_type(out)
+    if distributed.is_main() and kind.exists(out):  # --overwrite: replaced, input checked
+        kind.remove(out)
     distributed.barrier("claimed")
     # Process 0 writes the output's run record (or checks the one there), then the others
     # read and check it: one writer, and a record no process disagrees with.
-    sink = distributed.main_first(lambda: sinks.open_sink(
+    sink = distributed.main_first(lambda: kind.open(
         out, rows=source.rows, width=width, chunk_rows=source.chunk_rows, key=key,
         id_kind=source.id_kind, quantization=quantization), "opening the output")
     done = sink.done_chunks()
