@@ -27,6 +27,8 @@ import contextlib
 import errno
 import fcntl
 import functools
+import io
+import json
 import os
 import re
 import shutil
@@ -37,7 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import distributed
+from . import distributed, storage
 from .validation import UserError
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
@@ -120,6 +122,10 @@ def _writing(out: str):
     except UserError:
         raise
     except Exception as e:
+        if storage.is_url(out) and (failure := storage.store_failure(e)):
+            raise UserError(f"cannot write {out}: the store failed ({failure}); nothing was "
+                            "marked complete: run the same command again once it is back") \
+                from None
         error = os_error(e)
         if error is None or error.errno not in _CANNOT_WRITE:
             raise
@@ -139,7 +145,7 @@ class OutputExistsError(UserError):
 
 @contextlib.contextmanager
 def claim(out: str | Path, *, overwrite: bool = False,
-          exists: Callable[[str], bool] = os.path.exists, remedy: str | None = None,
+          exists: Callable[[str], bool] | None = None, remedy: str | None = None,
           alone: bool = False):
     """The block owns `out` on every process of the run.
 
@@ -152,11 +158,15 @@ def claim(out: str | Path, *, overwrite: bool = False,
     want of room or rights is a one-line `UserError` (`_writing`). `alone`: this
     process's own output (a conversion into its host's cache), claimed without the others."""
     out = str(out)
+    exists = exists or (storage.exists if storage.is_url(out) else os.path.exists)
     with contextlib.ExitStack() as stack:
         def check():
             if not (alone or distributed.is_main()):
                 return
-            if "://" not in out:
+            if storage.is_url(out):
+                storage.check_bucket(out)  # a missing bucket or refused credentials: now
+                stack.enter_context(remote_lock(out))
+            else:
                 with _writing(out):  # the lock file holds the pid: a full disk fails here
                     stack.enter_context(output_lock(out))
             if not overwrite and exists(out):
@@ -260,6 +270,51 @@ def output_lock(out: str | Path):
                 parent.rmdir()
 
 
+LEASE_SECONDS = 60.0  # a remote lock not renewed for this long belongs to a dead run
+
+
+@contextlib.contextmanager
+def remote_lock(out: str):
+    """`output_lock` on an object store: the object `OUT.lock`, created only if absent (the
+    store's conditional create: GCS ifGenerationMatch=0, S3 If-None-Match: *), holding the
+    owner's host, pid and lease expiry, renewed every LEASE_SECONDS / 4 while the block runs
+    and deleted when it ends. A lock whose owner is gone (a dead pid on this host, or a lease
+    past its expiry) is taken over: a killed run's output resumes as a local one does."""
+    lock = out.rstrip("/") + ".lock"
+    done = threading.Event()
+
+    def record() -> bytes:
+        return json.dumps({"host": _HOST, "pid": os.getpid(),
+                           "expires": time.time() + LEASE_SECONDS}).encode()
+
+    if not storage.create(lock, record()):
+        found = json.loads(storage.read(lock) or b"{}")
+        if _stale(found):
+            storage.delete(lock)
+        if not (_stale(found) and storage.create(lock, record())):
+            raise UserError(f"{out} is being written by another run (pid "
+                            f"{found.get('pid', 'unknown')} on {found.get('host', '?')})")
+
+    def renew():
+        while not done.wait(LEASE_SECONDS / 4):
+            with contextlib.suppress(Exception):  # the run's own writes report the store
+                storage.write(lock, record())
+
+    threading.Thread(target=renew, daemon=True, name="cde-jax lock lease").start()
+    try:
+        yield lock
+    finally:
+        done.set()
+        with contextlib.suppress(Exception):
+            storage.delete(lock)
+
+
+def _stale(found: dict) -> bool:
+    if found.get("host") == _HOST and isinstance(found.get("pid"), int):
+        return not _alive(found["pid"])
+    return float(found.get("expires", 0)) < time.time()
+
+
 def _read_pid(fd: int) -> str:
     """The pid in a lock file another process holds (it writes it right after locking)."""
     for _ in range(50):
@@ -314,7 +369,14 @@ _UMASK_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def atomic_file(out: str | Path, mode: str = "wb"):
-    """Yields a file object on a temp name beside `out`; fsynced and renamed on success."""
+    """Yields a file object on a temp name beside `out`; fsynced and renamed on success. A
+    gs:// or s3:// `out`: a buffer, written in one PUT (whole or absent) on success."""
+    if storage.is_url(out):
+        buffer = io.BytesIO() if "b" in mode else io.StringIO()
+        yield buffer
+        data = buffer.getvalue()
+        storage.write(str(out), data if isinstance(data, bytes) else data.encode())
+        return
     out = Path(out)
     _make_parents(out)
     remove_orphans(out.parent)

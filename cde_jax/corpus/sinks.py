@@ -154,6 +154,25 @@ def _remove_local(path: str) -> None:
             p.unlink()
 
 
+class _Format:
+    """What each sink class has besides a sink's life: `open` (every process of a run, with
+    the same arguments), and class-level `read`, `exists`, `unfinished` and `remove`."""
+
+    @classmethod
+    def open(cls, path: str, **run):
+        return cls(path, **run)
+
+
+class _LocalFormat(_Format):
+    """A format whose output is one local file (plus sidecars while unfinished)."""
+
+    @staticmethod
+    def exists(path: str) -> bool:
+        return Path(path).exists()
+
+    remove = staticmethod(_remove_local)
+
+
 def _check_local(path: str) -> None:
     """A missing local output: unfinished (a run left its sidecars) or absent."""
     if not Path(path).exists():
@@ -207,7 +226,7 @@ def _refuse(path: str) -> OutputError:
                        "or choose another output")
 
 
-class ZarrSink:
+class ZarrSink(_Format):
     """`.zarr`: tensorstore, a local directory or a gs:// / s3:// prefix."""
 
     suffix = ".zarr"
@@ -261,12 +280,10 @@ class ZarrSink:
         """Writes the `complete` mark that readers check."""
         _check_done(self.path, self.done_chunks(), self.n_chunks)
         if not self.complete:
-            self._kv.write(b"complete", b"").result()
+            # Not empty: gcp-storage-emulator fails an empty upload (readers only ask
+            # whether the object is there).
+            self._kv.write(b"complete", b"complete").result()
             self.complete = True
-
-    @classmethod
-    def open(cls, path: str, **run) -> ZarrSink:
-        return cls(path, **run)
 
     @classmethod
     def read(cls, path: str) -> tuple[list, np.ndarray, Quantization]:
@@ -305,7 +322,7 @@ def _kv(path: str):
     return ts.KvStore.open(storage.kvstore_spec(path)).result()
 
 
-class ParquetSink:
+class ParquetSink(_LocalFormat):
     """`.parquet` (local): one part file per chunk, concatenated by `finish`."""
 
     suffix = ".parquet"
@@ -385,10 +402,6 @@ class ParquetSink:
             self.complete = True
         shutil.rmtree(self.parts, ignore_errors=True)
 
-    @classmethod
-    def open(cls, path: str, **run) -> ParquetSink:
-        return cls(path, **run)
-
     @staticmethod
     def read(path: str) -> tuple[list, np.ndarray, Quantization]:
         import pyarrow.parquet as pq
@@ -402,16 +415,10 @@ class ParquetSink:
                 _quantization(json.loads(found) if found else None, stored_width))
 
     @staticmethod
-    def exists(path: str) -> bool:
-        return Path(path).exists()
-
-    @staticmethod
     def unfinished(path: str) -> dict | None:
         if Path(path).exists():
             return None
         return json.loads(Path(path + ".parts/run.json").read_bytes())
-
-    remove = staticmethod(_remove_local)
 
 
 def _parquet_metadata(path: Path, name: str) -> str | None:
@@ -423,7 +430,7 @@ def _parquet_metadata(path: Path, name: str) -> str | None:
     return metadata.get(f"{GROUP_ATTR}.{name}".encode(), b"").decode() or None
 
 
-class NpySink:
+class NpySink(_LocalFormat):
     """`.npy` (local, one process): `npy.ResumableArray` and the ids beside it."""
 
     suffix = ".npy"
@@ -466,10 +473,6 @@ class NpySink:
         self._array.finish()
         shutil.rmtree(self.id_parts, ignore_errors=True)
 
-    @classmethod
-    def open(cls, path: str, **run) -> NpySink:
-        return cls(path, **run)
-
     @staticmethod
     def read(path: str) -> tuple[list, np.ndarray, Quantization]:
         _check_local(path)
@@ -481,17 +484,11 @@ class NpySink:
                                           else None, values.shape[1])
 
     @staticmethod
-    def exists(path: str) -> bool:
-        return Path(path).exists()
-
-    @staticmethod
     def unfinished(path: str) -> dict | None:
         if Path(path).exists():
             return None
         with open(path + ".journal", encoding="utf-8") as f:
             return json.loads(f.readline())
-
-    remove = staticmethod(_remove_local)
 
 
 def _check_done(path: str, done: set[int], n_chunks: int) -> None:
