@@ -131,10 +131,7 @@ def test_two_processes_embed_s3_input_into_a_gcs_zarr_as_one_local_process(store
     print(f"bytes fetched per process of {inputs['size']}: {fetched}")
     for key, n in fetched.items():
         assert 0 < n <= share + 0.1 * inputs["size"] + index, (key, fetched)
-
-
-def test_a_second_run_on_a_finished_bucket_output_is_refused_as_locally(stores, inputs):
-    out = "gs://cde-out/two-processes.zarr"
+    # A second run on the finished output: refused as locally.
     code, err = finish(start(stores, *embed_args(inputs, inputs["url"], out)))
     assert code == 2
     assert last_line(err) == f"cde-jax embed: error: {out} already exists (pass --overwrite " \
@@ -184,7 +181,7 @@ def embedding_until(stores, inputs, out: str, chunks: int) -> subprocess.Popen:
 
 def test_kill_9_mid_run_then_rerun_is_byte_identical(stores, inputs):
     out = "gs://cde-out/killed-run.zarr"
-    proc = embedding_until(stores, inputs, out, 3)
+    proc = embedding_until(stores, inputs, out, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     from cde_jax.corpus import sinks
@@ -255,8 +252,10 @@ def test_503_and_500_are_retried(stores):
 
 def test_the_store_going_away_is_one_line_and_the_rerun_is_byte_identical(stores, inputs):
     out = "gs://cde-out/store-gone.zarr"
-    proc = embedding_until(stores, inputs, out, 2)
+    proc = embedding_until(stores, inputs, out, 1)
+    proc.send_signal(signal.SIGSTOP)  # held while the store goes, so it cannot finish first
     stores["gcs"].stop()
+    proc.send_signal(signal.SIGCONT)
     try:
         code, err = finish(proc)
     finally:
@@ -264,7 +263,10 @@ def test_the_store_going_away_is_one_line_and_the_rerun_is_byte_identical(stores
     print("the store went away:", last_line(err))
     assert code != 0
     assert "Traceback" not in err, err[-3000:]
-    assert len(err.strip().splitlines()) == 1, err[-3000:]
+    # One line of ours. With an emulator (no Google credentials), tensorstore's C++ log says
+    # so first, in its own line: not ours to silence (absl logging of the extension).
+    ours = [line for line in err.strip().splitlines() if "google_auth_provider" not in line]
+    assert len(ours) == 1, err[-3000:]
     assert out in last_line(err)
     from cde_jax.corpus import sinks
 
