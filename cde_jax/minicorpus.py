@@ -10,13 +10,14 @@ shipped with the package), which cost ~1.2 MTEB points.
 from __future__ import annotations
 
 import dataclasses
+import io
 import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from . import prompts, validation
+from . import prompts, storage, validation
 from .outputs import atomic_file
 from .resources import packaged_data
 from .validation import UserError
@@ -60,11 +61,12 @@ class DatasetEmbeddings:
     prefix: str
     seed: int
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path) -> str | Path:
+        """Atomically (`outputs.atomic_file`: a local path or a gs:// / s3:// URL)."""
         with atomic_file(path) as f:
             np.savez(f, embeddings=self.embeddings, fingerprint=self.fingerprint,
                      prefix=self.prefix, seed=self.seed)
-        return Path(path)
+        return path if storage.is_url(path) else Path(path)
 
     def for_model(self, fingerprint: str) -> np.ndarray:
         """The embeddings, when they were made by the weights with this fingerprint."""
@@ -94,13 +96,14 @@ class DatasetEmbeddings:
 
     @classmethod
     def _read(cls, path: str | Path) -> DatasetEmbeddings:
-        with open(path, "rb") as f:
-            head = f.read(6)
+        with storage.open_file(path) as f:
+            data = f.read()
+        head = data[:6]
         if not head.startswith(b"PK\x03\x04"):  # np.savez writes a zip archive
             what = "a .npy array" if head == b"\x93NUMPY" else "not an .npz archive"
             raise UserError(f"{path}: not a dataset-embeddings file ({what}; make one with "
                             "`cde-jax dataset-embeddings`)")
-        with np.load(path, allow_pickle=False) as z:  # members load lazily, never pickled
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:  # never unpickled
             missing, unknown = MEMBERS - set(z.files), set(z.files) - MEMBERS
             if missing or unknown:
                 wrong = ", ".join(f"{what} {sorted(names)}" for what, names in

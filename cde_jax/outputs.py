@@ -26,16 +26,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
+import io
+import json
 import os
 import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import distributed
+from . import distributed, storage
 from .validation import UserError
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
@@ -46,10 +50,13 @@ _NOT_A_DIR = (errno.ENOTDIR, errno.EEXIST)  # mkdir over a file: EEXIST, or ENOT
 # A write that fails for want of room or rights: a full disk, a quota, a read-only file
 # system, a file-size limit.
 _CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
-# The errno in another library's error: tensorstore's (also under orbax) and the path it
-# wrote, safetensors' (Rust's io::Error: "File too large (os error 27)").
+# The errno in the message of a library that raises no OSError: tensorstore's ValueError
+# (also under orbax; "[os_error_code='28']", and the path it wrote) and safetensors'
+# SafetensorError (Rust's io::Error: "File too large (os error 27)"). Read in one place,
+# `_foreign_os_error`; tests/test_hardening.py makes both libraries fail for real and fails
+# loudly if an upgrade changes the text.
 _ERRNO_IN_TEXT = re.compile(r"os_error_code='(\d+)'|\(os error (\d+)\)")
-_PATH_IN_TEXT = re.compile(r'local file "([^"]+)"')
+_PATH_IN_TEXT = re.compile(r'local file "([^"]+)"|at path "([^"]+)"')
 
 
 @contextlib.contextmanager
@@ -74,17 +81,34 @@ def _creating_in(directory: Path, out: Path):
 
 
 def os_error(error: BaseException) -> OSError | None:
-    """The OSError behind `error`: itself, one in its chain of causes, or one whose errno
-    tensorstore or safetensors wrote into the message of their own error."""
+    """The OSError behind `error`: itself, one in its chain of causes, or the one a library
+    that raises no OSError (tensorstore, safetensors) describes in its message."""
     while error is not None:
         if isinstance(error, OSError) and error.errno:
             return error
-        if found := _ERRNO_IN_TEXT.search(str(error)):
-            code = int(found[1] or found[2])
-            path = _PATH_IN_TEXT.search(str(error))
-            return OSError(code, os.strerror(code), path and path[1])
+        if isinstance(error, _message_only_errors()) and (found := _foreign_os_error(error)):
+            return found
         error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return None
+
+
+@functools.cache
+def _message_only_errors() -> tuple[type[BaseException], ...]:
+    """The exception types whose libraries put an errno only in the message: tensorstore's
+    (ValueError, for any failed status) and safetensors' SafetensorError."""
+    from safetensors import SafetensorError
+
+    return ValueError, SafetensorError
+
+
+def _foreign_os_error(error: BaseException) -> OSError | None:
+    """The one place that reads an errno (and path) out of a message (`_ERRNO_IN_TEXT`)."""
+    found = _ERRNO_IN_TEXT.search(str(error))
+    if found is None:
+        return None
+    code = int(found[1] or found[2])
+    path = _PATH_IN_TEXT.search(str(error))
+    return OSError(code, os.strerror(code), path and (path[1] or path[2]))
 
 
 @contextlib.contextmanager
@@ -98,6 +122,10 @@ def _writing(out: str):
     except UserError:
         raise
     except Exception as e:
+        if storage.is_url(out) and (failure := storage.store_failure(e)):
+            raise UserError(f"cannot write {out}: the store failed ({failure}); nothing was "
+                            "marked complete: run the same command again once it is back") \
+                from None
         error = os_error(e)
         if error is None or error.errno not in _CANNOT_WRITE:
             raise
@@ -117,7 +145,7 @@ class OutputExistsError(UserError):
 
 @contextlib.contextmanager
 def claim(out: str | Path, *, overwrite: bool = False,
-          exists: Callable[[str], bool] = os.path.exists, remedy: str | None = None,
+          exists: Callable[[str], bool] | None = None, remedy: str | None = None,
           alone: bool = False):
     """The block owns `out` on every process of the run.
 
@@ -130,11 +158,15 @@ def claim(out: str | Path, *, overwrite: bool = False,
     want of room or rights is a one-line `UserError` (`_writing`). `alone`: this
     process's own output (a conversion into its host's cache), claimed without the others."""
     out = str(out)
+    exists = exists or (storage.exists if storage.is_url(out) else os.path.exists)
     with contextlib.ExitStack() as stack:
         def check():
             if not (alone or distributed.is_main()):
                 return
-            if "://" not in out:
+            if storage.is_url(out):
+                storage.check_bucket(out)  # a missing bucket or refused credentials: now
+                stack.enter_context(remote_lock(out))
+            else:
                 with _writing(out):  # the lock file holds the pid: a full disk fails here
                     stack.enter_context(output_lock(out))
             if not overwrite and exists(out):
@@ -238,6 +270,51 @@ def output_lock(out: str | Path):
                 parent.rmdir()
 
 
+LEASE_SECONDS = 60.0  # a remote lock not renewed for this long belongs to a dead run
+
+
+@contextlib.contextmanager
+def remote_lock(out: str):
+    """`output_lock` on an object store: the object `OUT.lock`, created only if absent (the
+    store's conditional create: GCS ifGenerationMatch=0, S3 If-None-Match: *), holding the
+    owner's host, pid and lease expiry, renewed every LEASE_SECONDS / 4 while the block runs
+    and deleted when it ends. A lock whose owner is gone (a dead pid on this host, or a lease
+    past its expiry) is taken over: a killed run's output resumes as a local one does."""
+    lock = out.rstrip("/") + ".lock"
+    done = threading.Event()
+
+    def record() -> bytes:
+        return json.dumps({"host": _HOST, "pid": os.getpid(),
+                           "expires": time.time() + LEASE_SECONDS}).encode()
+
+    if not storage.create(lock, record()):
+        found = json.loads(storage.read(lock) or b"{}")
+        if _stale(found):
+            storage.delete(lock)
+        if not (_stale(found) and storage.create(lock, record())):
+            raise UserError(f"{out} is being written by another run (pid "
+                            f"{found.get('pid', 'unknown')} on {found.get('host', '?')})")
+
+    def renew():
+        while not done.wait(LEASE_SECONDS / 4):
+            with contextlib.suppress(Exception):  # the run's own writes report the store
+                storage.write(lock, record())
+
+    threading.Thread(target=renew, daemon=True, name="cde-jax lock lease").start()
+    try:
+        yield lock
+    finally:
+        done.set()
+        with contextlib.suppress(Exception):
+            storage.delete(lock)
+
+
+def _stale(found: dict) -> bool:
+    if found.get("host") == _HOST and isinstance(found.get("pid"), int):
+        return not _alive(found["pid"])
+    return float(found.get("expires", 0)) < time.time()
+
+
 def _read_pid(fd: int) -> str:
     """The pid in a lock file another process holds (it writes it right after locking)."""
     for _ in range(50):
@@ -273,15 +350,33 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False):
         os.replace(tmp, out)
 
 
+@functools.cache
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read once: from /proc (Linux), else by setting it and back, under
+    a lock, the first time (a later flip could race with threads creating files)."""
+    with _UMASK_LOCK:
+        with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def atomic_file(out: str | Path, mode: str = "wb"):
-    """Yields a file object on a temp name beside `out`; fsynced and renamed on success."""
+    """Yields a file object on a temp name beside `out`; fsynced and renamed on success. A
+    gs:// or s3:// `out`: a buffer, written in one PUT (whole or absent) on success."""
+    if storage.is_url(out):
+        buffer = io.BytesIO() if "b" in mode else io.StringIO()
+        yield buffer
+        data = buffer.getvalue()
+        storage.write(str(out), data if isinstance(data, bytes) else data.encode())
+        return
     out = Path(out)
     _make_parents(out)
     remove_orphans(out.parent)

@@ -19,7 +19,7 @@ example:
 
 from __future__ import annotations
 
-from .. import distributed
+from .. import distributed, storage
 from ..clustering.job import ClusterConfig, cluster
 from . import flags, runtime
 
@@ -37,6 +37,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     cfg = flags.config_from_args(ClusterConfig, args)
+    storage.refuse("cluster", data=cfg.data, out=cfg.out)
     runtime.start(args)
     result = cluster(cfg, load_model=lambda: runtime.load_model(args),
                      overwrite=args.overwrite, show_progress=not args.quiet)

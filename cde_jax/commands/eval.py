@@ -27,7 +27,7 @@ from pathlib import Path
 
 import cde_jax
 
-from .. import distributed, outputs
+from .. import distributed, outputs, storage
 from ..corpus.source import file_sha256
 from ..evaluation.beir import load_beir
 from ..evaluation.retrieval import MINICORPUS_SEED, evaluate_retrieval
@@ -51,9 +51,10 @@ def register(subparsers) -> None:
     p = runtime.add_command(subparsers, "eval", __doc__,
                             help="retrieval metrics on a BEIR-layout dataset")
     runtime.add_model_args(p)
-    p.add_argument("--dataset", required=True, type=Path,
-                   help="dir with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
-    p.add_argument("--out", required=True, type=Path, help="results JSON file")
+    p.add_argument("--dataset", required=True,
+                   help="dir with corpus.jsonl, queries.jsonl, qrels/<split>.tsv (or a gs:// "
+                        "or s3:// prefix: read through a local copy)")
+    p.add_argument("--out", required=True, help="results JSON file (a path or a URL)")
     p.add_argument("--split", default="test", help="the qrels file to score (qrels/SPLIT.tsv)")
     p.add_argument("--k", type=k_values, default=(10, 100),
                    help="cutoffs, comma-separated (default: 10,100)")
@@ -78,8 +79,8 @@ def run(args) -> int:
     runtime.start(args)
     with outputs.claim(args.out, overwrite=args.overwrite):
         # Bad files fail before the model loads (every process reads the dataset).
-        dataset = distributed.all_succeed(lambda: load_beir(args.dataset, args.split),
-                                          "reading the dataset")
+        dataset = distributed.all_succeed(lambda: load_beir(local_dir(args.dataset),
+                                                            args.split), "reading the dataset")
         model = runtime.load_model(args)
         runtime.agree_on_run(args, {**{f"{f.relative_to(dataset.path)} sha256": file_sha256(f)
                                        for f in dataset.files},
@@ -95,10 +96,21 @@ def run(args) -> int:
     return 0
 
 
+def local_dir(path: str) -> Path:
+    """A dataset dir, or a gs:// / s3:// one's local copy (`storage.local_copy`)."""
+    return storage.local_copy(path) if storage.is_url(path) else Path(path)
+
+
+def absolute(path: str) -> str:
+    return path if storage.is_url(path) else str(Path(path).resolve())
+
+
 def write_result(args, model, dataset, metrics: dict, seconds: float) -> None:
     result = {
-        "model": {"path": str(Path(args.model).absolute()), "fingerprint": model.fingerprint},
-        "dataset": {"path": str(args.dataset.resolve()), "name": args.dataset.resolve().name,
+        "model": {"path": args.model if storage.is_url(args.model)
+                  else str(Path(args.model).absolute()), "fingerprint": model.fingerprint},
+        "dataset": {"path": absolute(args.dataset),
+                    "name": Path(absolute(args.dataset).rstrip("/")).name,
                     "split": args.split, "documents": len(dataset.doc_ids),
                     "queries": len(dataset.query_ids)},
         "seed": args.seed,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from .. import distributed
+from .. import distributed, storage
 from ..training import TrainConfig, train
 from . import flags, runtime
 
@@ -33,6 +33,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     cfg = flags.config_from_args(TrainConfig, args)
+    storage.refuse("train", data=cfg.data, out=cfg.out, model=cfg.model)
     # Joins a multi-process run; a resumed or repeated run skips the compile.
     runtime.start(args, "the checkpoints are kept: run the same command with --resume on "
                         "every process")

@@ -12,7 +12,8 @@
     replace a finished OUT (--overwrite), open the sink (process 0 first: it writes the
               output's record of the run, the others check it)
     todo = chunks not committed yet (read by every process before any writes)
-    process p embeds todo[p::N], Grain reading the next chunks while the current one runs;
+    process p embeds the todo chunks it owns (`Source.owner`: for a URL, those whose bytes
+              it fetched while indexing), Grain reading the next chunks while the current one runs;
     every process joins every round (the model is one program over all devices)
     process 0 finishes the output once every chunk is committed
 
@@ -42,8 +43,17 @@ Prepare = Callable[[list[str]], object]
 Embed = Callable[[object, Callable[[int], object]], np.ndarray]
 
 
-def my_chunks(n_chunks: int) -> range:
-    return range(distributed.process_index(), n_chunks, distributed.process_count())
+def shares(source: Source, chunks) -> list[list[int]]:
+    """`chunks` split by the process that owns each (`source.owner`), in process order."""
+    n = distributed.process_count()
+    split: list[list[int]] = [[] for _ in range(n)]
+    for chunk in chunks:
+        split[source.owner(chunk, n)].append(chunk)
+    return split
+
+
+def my_chunks(source: Source) -> list[int]:
+    return shares(source, range(len(source)))[distributed.process_index()]
 
 
 def validate(source: Source) -> None:
@@ -51,7 +61,7 @@ def validate(source: Source) -> None:
     output is created; with ids, checks that none repeats anywhere in the file."""
     def check() -> np.ndarray:
         hashes = [np.zeros(0, np.uint64)]
-        for i in my_chunks(len(source)):
+        for i in my_chunks(source):
             chunk = source[i]  # parses and checks every record
             if source.id_field:
                 hashes.append(id_hashes(chunk.ids))
@@ -70,7 +80,7 @@ def _no_repeated_ids(source: Source, my_hashes: np.ndarray) -> None:
     repeated = set(digests[counts > 1].tolist())
     if not repeated:
         return
-    rows = [i * source.chunk_rows + j for i in my_chunks(len(source))
+    rows = [i * source.chunk_rows + j for i in my_chunks(source)
             for j, h in enumerate(id_hashes(source[i].ids).tolist()) if h in repeated]
     first_row: dict = {}
     for row in sorted(distributed.concat_all(np.asarray(rows, np.int64)).tolist()):
@@ -85,10 +95,11 @@ def claim(out: str, overwrite: bool):
     """`outputs.claim` for a corpus output: a finished OUT of any format is refused unless
     `overwrite` (and deleted only once the job has checked its input). Entered first, so
     that a second run fails before any work."""
-    if distributed.process_count() > 1 and sinks.output_format(out) == ".npy":
+    kind = sinks.sink_type(out)
+    if distributed.process_count() > 1 and kind is sinks.NpySink:
         raise UserError(f"{out}: a .npy is written by one process; with several, write "
                         ".zarr or .parquet")
-    return outputs.claim(out, overwrite=overwrite, exists=sinks.exists)
+    return outputs.claim(out, overwrite=overwrite, exists=kind.exists)
 
 
 def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed,
@@ -103,12 +114,13 @@ def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed
     quantization = calibration.calibrate(
         out, key=key, width=width, precision=precision, rows=source.rows,
         embed_rows=lambda rows: embed(prepare(read_rows(source, rows)), lambda n: None))
-    if distributed.is_main() and sinks.exists(out):  # --overwrite: replaced, input checked
-        sinks.remove(out)
+    kind = sinks.sink_type(out)
+    if distributed.is_main() and kind.exists(out):  # --overwrite: replaced, input checked
+        kind.remove(out)
     distributed.barrier("claimed")
     # Process 0 writes the output's run record (or checks the one there), then the others
     # read and check it: one writer, and a record no process disagrees with.
-    sink = distributed.main_first(lambda: sinks.open_sink(
+    sink = distributed.main_first(lambda: kind.open(
         out, rows=source.rows, width=width, chunk_rows=source.chunk_rows, key=key,
         id_kind=source.id_kind, quantization=quantization), "opening the output")
     done = sink.done_chunks()
@@ -116,18 +128,17 @@ def embed_corpus(source: Source, out: str, *, key: str, width: int, embed: Embed
         print(f"cde-jax: resuming {out}: {len(done)}/{len(source)} chunks already done",
               file=sys.stderr)
     distributed.barrier("planned")  # nobody writes before everyone has read `done`
-    todo = [i for i in range(len(source)) if i not in done]
-    share = slice(distributed.process_index(), None, distributed.process_count())
-    mine = grain.MapDataset.source(todo)[share]
+    todo = shares(source, (i for i in range(len(source)) if i not in done))
+    mine = grain.MapDataset.source(todo[distributed.process_index()])
     reader = iter(mine.map(source.__getitem__).map(lambda c: (c, prepare(c.texts)))
                   .to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                      prefetch_buffer_size=prefetch)))
     total = sum(min(source.chunk_rows, source.rows - i * source.chunk_rows)
-                for i in todo[share])
+                for i in todo[distributed.process_index()])
     with contextlib.closing(reader), tqdm(total=total, unit="text", unit_scale=True,
                                           desc="embed", file=sys.stderr,
                                           disable=not show_progress) as bar:
-        for _ in range(-(-len(todo) // distributed.process_count())):
+        for _ in range(max(map(len, todo))):  # every process joins every round
             chunk, prepared = next(reader, (None, prepare([])))
             values = quantization.apply(embed(prepared, bar.update))
             if chunk:

@@ -43,6 +43,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .. import storage
 from ..outputs import atomic_file
 from ..quantize import Embeddings, Quantization
 from ..validation import UserError
@@ -69,46 +70,38 @@ class Sink(Protocol):
     def finish(self) -> None: ...
 
 
+def sink_type(path: str | Path) -> type[ZarrSink | ParquetSink | NpySink]:
+    """The class of `path`'s format, from its suffix: the one place that dispatches on it.
+    Only a .zarr may be a gs:// or s3:// URL (tensorstore writes it chunk by chunk)."""
+    suffix = Path(str(path).rstrip("/")).suffix.lower()
+    if suffix not in FORMATS:
+        raise OutputError(f"{path}: unknown output format {suffix or '(no suffix)'!r}; use "
+                          f"{', '.join(FORMATS)}")
+    if storage.is_url(path) and suffix != ".zarr":
+        raise OutputError(f"{path}: only .zarr outputs may be in a bucket (gs://, s3://); "
+                          f"write {suffix} to a local path")
+    return {".zarr": ZarrSink, ".parquet": ParquetSink, ".npy": NpySink}[suffix]
+
+
+def output_format(path: str | Path) -> str:
+    """".npy", ".parquet" or ".zarr", from the path's suffix (refused as `sink_type` says)."""
+    return sink_type(path).suffix
+
+
 def open_sink(path: str | Path, *, rows: int, width: int, chunk_rows: int, key: str,
               id_kind: str, quantization: Quantization | None = None) -> Sink:
     """The sink for `path`'s suffix; every process of a run opens it with the same arguments.
     `width` is the embeddings'; they are stored as `quantization` says (default float32)."""
-    kind = output_format(path)
-    if "://" in str(path) and kind != ".zarr":
-        raise OutputError(f"{path}: only .zarr outputs may be remote (gs://, s3://)")
-    sink = {".zarr": ZarrSink, ".parquet": ParquetSink, ".npy": NpySink}[kind]
-    return sink(str(path), rows=rows, width=width, chunk_rows=chunk_rows, key=key,
-                id_kind=id_kind, quantization=quantization or Quantization("float32", width))
+    return sink_type(path).open(str(path), rows=rows, width=width, chunk_rows=chunk_rows,
+                                key=key, id_kind=id_kind, quantization=quantization
+                                or Quantization("float32", width))
 
 
 def read_embeddings(path: str | Path) -> Embeddings:
     """A finished output: its ids (int64, or object for str), its values as stored and their
     `Quantization` (precision, width, calibration ranges). `ids, values = read_embeddings(p)`
     unpacks the first two."""
-    kind = output_format(path)
-    if kind == ".zarr":
-        ids, values, quantization = ZarrSink.read(str(path))
-    elif not Path(path).exists():
-        if any(Path(str(path) + s).exists() for s in SIDECARS):
-            raise _unfinished(path)
-        raise FileNotFoundError(f"{path}: no such output")
-    elif kind == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        stored_width = table.schema.field("embedding").type.list_size
-        values = table.column("embedding").combine_chunks().flatten().to_numpy()
-        ids, values = table.column("id").to_pylist(), values.reshape(-1, stored_width)
-        found = _parquet_metadata(Path(path), "quantization")
-        quantization = _quantization(json.loads(found) if found else None, stored_width)
-    else:
-        sidecar = Path(str(path) + QUANTIZATION_FILE)
-        ids_path = Path(str(path) + ".ids.jsonl")
-        with ids_path.open(encoding="utf-8") as f:
-            ids = [json.loads(line) for line in f]
-        values = np.load(path)
-        quantization = _quantization(json.loads(sidecar.read_bytes()) if sidecar.exists()
-                                     else None, values.shape[1])
+    ids, values, quantization = sink_type(path).read(str(path))
     if (values.dtype, values.shape[1]) != (quantization.dtype, quantization.stored_width):
         raise OutputError(f"{path}: holds {values.dtype} rows of {values.shape[1]} values; its "
                           f"metadata says {quantization.precision} of width {quantization.width}")
@@ -120,22 +113,19 @@ def unfinished_run(path: str | Path) -> dict | None:
     "quantization"), or None: nothing there, finished, or unreadable (opening the sink then
     starts over or refuses, as it would anyway)."""
     try:
-        if output_format(path) == ".zarr":
-            import tensorstore as ts
-
-            kv = ts.KvStore.open(_kvstore_spec(str(path))).result()
-            if kv.read(b"complete").result().state != "missing":
-                return None
-            group = kv.read(b"zarr.json").result()
-            return json.loads(group.value)["attributes"][GROUP_ATTR]
-        if Path(path).exists():
-            return None
-        if output_format(path) == ".parquet":
-            return json.loads(Path(str(path) + ".parts/run.json").read_bytes())
-        with open(str(path) + ".journal", encoding="utf-8") as f:
-            return json.loads(f.readline())
+        return sink_type(path).unfinished(str(path))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def exists(path: str | Path) -> bool:
+    """Whether a finished output is at `path` (any format)."""
+    return sink_type(path).exists(str(path))
+
+
+def remove(path: str | Path) -> None:
+    """Deletes an output and everything an unfinished run left beside it."""
+    sink_type(path).remove(str(path))
 
 
 def embeddings_by_id(path: str | Path, want_ids: list) -> np.ndarray:
@@ -154,33 +144,41 @@ def embeddings_by_id(path: str | Path, want_ids: list) -> np.ndarray:
     return values_nd.reshape(len(values_nd), -1)[rows].astype(np.float32)
 
 
-def output_format(path: str | Path) -> str:
-    """".npy", ".parquet" or ".zarr", from the path's suffix."""
-    suffix = Path(str(path).rstrip("/")).suffix.lower()
-    if suffix not in FORMATS:
-        raise OutputError(f"{path}: unknown output format {suffix or '(no suffix)'!r}; use "
-                          f"{', '.join(FORMATS)}")
-    return suffix
-
-
-def exists(path: str | Path) -> bool:
-    """Whether a finished output is at `path` (any format)."""
-    if output_format(path) == ".zarr":
-        import tensorstore as ts
-
-        kv = ts.KvStore.open(_kvstore_spec(str(path))).result()
-        return kv.read(b"complete").result().state != "missing"
-    return Path(path).exists()
-
-
-def remove(path: str | Path) -> None:
-    """Deletes an output and everything an unfinished run left beside it (local paths)."""
+def _remove_local(path: str) -> None:
+    """Deletes a local output and everything an unfinished run left beside it."""
     path = Path(path)
     for p in (path, *(path.with_name(path.name + s) for s in SIDECARS)):
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+
+
+class _Format:
+    """What each sink class has besides a sink's life: `open` (every process of a run, with
+    the same arguments), and class-level `read`, `exists`, `unfinished` and `remove`."""
+
+    @classmethod
+    def open(cls, path: str, **run):
+        return cls(path, **run)
+
+
+class _LocalFormat(_Format):
+    """A format whose output is one local file (plus sidecars while unfinished)."""
+
+    @staticmethod
+    def exists(path: str) -> bool:
+        return Path(path).exists()
+
+    remove = staticmethod(_remove_local)
+
+
+def _check_local(path: str) -> None:
+    """A missing local output: unfinished (a run left its sidecars) or absent."""
+    if not Path(path).exists():
+        if any(Path(path + s).exists() for s in SIDECARS):
+            raise _unfinished(path)
+        raise FileNotFoundError(f"{path}: no such output")
 
 
 # What a run leaves beside OUT while unfinished (`remove` deletes them too).
@@ -228,7 +226,11 @@ def _refuse(path: str) -> OutputError:
                        "or choose another output")
 
 
-class ZarrSink:
+class ZarrSink(_Format):
+    """`.zarr`: tensorstore, a local directory or a gs:// / s3:// prefix."""
+
+    suffix = ".zarr"
+
     def __init__(self, path: str, *, rows: int, width: int, chunk_rows: int, key: str,
                  id_kind: str, quantization: Quantization):
         import tensorstore as ts
@@ -236,7 +238,7 @@ class ZarrSink:
         self.path, self.rows, self.chunk_rows = path, rows, chunk_rows
         self.quantization, stored_width = quantization, quantization.stored_width
         self.n_chunks = _n_chunks(rows, chunk_rows)
-        self._kv = ts.KvStore.open(_kvstore_spec(path)).result()
+        self._kv = _kv(path)
         run = _run(rows, width, chunk_rows, key, id_kind, quantization)
         found = self._kv.read(b"zarr.json").result()
         if found.state == "missing":  # process 0, before the others open the sink
@@ -278,16 +280,15 @@ class ZarrSink:
         """Writes the `complete` mark that readers check."""
         _check_done(self.path, self.done_chunks(), self.n_chunks)
         if not self.complete:
-            self._kv.write(b"complete", b"").result()
+            # Not empty: gcp-storage-emulator fails an empty upload (readers only ask
+            # whether the object is there).
+            self._kv.write(b"complete", b"complete").result()
             self.complete = True
 
     @classmethod
     def read(cls, path: str) -> tuple[list, np.ndarray, Quantization]:
         """(ids, values, quantization) of a finished output."""
-        import tensorstore as ts
-
-        kv = ts.KvStore.open(_kvstore_spec(path)).result()
-        group = kv.read(b"zarr.json").result()
+        group = _kv(path).read(b"zarr.json").result()
         if group.state == "missing":
             raise FileNotFoundError(f"{path}: no such output")
         run = json.loads(group.value)["attributes"][GROUP_ATTR]
@@ -297,15 +298,35 @@ class ZarrSink:
             raise _unfinished(path)
         return sink.ids(), sink._array.read().result(), quantization
 
+    @staticmethod
+    def exists(path: str) -> bool:
+        return _kv(path).read(b"complete").result().state != "missing"
 
-def _kvstore_spec(path: str) -> dict | str:
-    """A tensorstore kvstore for a local path ("file" driver) or a gs:// or s3:// URL."""
-    if "://" in path:
-        return path.rstrip("/") + "/"
-    return {"driver": "file", "path": os.path.abspath(path) + "/"}
+    @staticmethod
+    def unfinished(path: str) -> dict | None:
+        kv = _kv(path)
+        if kv.read(b"complete").result().state != "missing":
+            return None
+        return json.loads(kv.read(b"zarr.json").result().value)["attributes"][GROUP_ATTR]
+
+    @staticmethod
+    def remove(path: str) -> None:
+        import tensorstore as ts
+
+        _kv(path).delete_range(ts.KvStore.KeyRange()).result()
 
 
-class ParquetSink:
+def _kv(path: str):
+    import tensorstore as ts
+
+    return ts.KvStore.open(storage.kvstore_spec(path)).result()
+
+
+class ParquetSink(_LocalFormat):
+    """`.parquet` (local): one part file per chunk, concatenated by `finish`."""
+
+    suffix = ".parquet"
+
     def __init__(self, path: str, *, rows: int, width: int, chunk_rows: int, key: str,
                  id_kind: str, quantization: Quantization):
         import pyarrow as pa
@@ -381,6 +402,24 @@ class ParquetSink:
             self.complete = True
         shutil.rmtree(self.parts, ignore_errors=True)
 
+    @staticmethod
+    def read(path: str) -> tuple[list, np.ndarray, Quantization]:
+        import pyarrow.parquet as pq
+
+        _check_local(path)
+        table = pq.read_table(path)
+        stored_width = table.schema.field("embedding").type.list_size
+        values = table.column("embedding").combine_chunks().flatten().to_numpy()
+        found = _parquet_metadata(Path(path), "quantization")
+        return (table.column("id").to_pylist(), values.reshape(-1, stored_width),
+                _quantization(json.loads(found) if found else None, stored_width))
+
+    @staticmethod
+    def unfinished(path: str) -> dict | None:
+        if Path(path).exists():
+            return None
+        return json.loads(Path(path + ".parts/run.json").read_bytes())
+
 
 def _parquet_metadata(path: Path, name: str) -> str | None:
     """The schema metadata entry `cde_jax.NAME` of a finished .parquet ("key", and
@@ -391,7 +430,11 @@ def _parquet_metadata(path: Path, name: str) -> str | None:
     return metadata.get(f"{GROUP_ATTR}.{name}".encode(), b"").decode() or None
 
 
-class NpySink:
+class NpySink(_LocalFormat):
+    """`.npy` (local, one process): `npy.ResumableArray` and the ids beside it."""
+
+    suffix = ".npy"
+
     def __init__(self, path: str, *, rows: int, width: int, chunk_rows: int, key: str,
                  id_kind: str, quantization: Quantization):
         self.path = Path(path)
@@ -429,6 +472,23 @@ class NpySink:
             sidecar.unlink(missing_ok=True)
         self._array.finish()
         shutil.rmtree(self.id_parts, ignore_errors=True)
+
+    @staticmethod
+    def read(path: str) -> tuple[list, np.ndarray, Quantization]:
+        _check_local(path)
+        sidecar = Path(path + QUANTIZATION_FILE)
+        with open(path + ".ids.jsonl", encoding="utf-8") as f:
+            ids = [json.loads(line) for line in f]
+        values = np.load(path)
+        return ids, values, _quantization(json.loads(sidecar.read_bytes()) if sidecar.exists()
+                                          else None, values.shape[1])
+
+    @staticmethod
+    def unfinished(path: str) -> dict | None:
+        if Path(path).exists():
+            return None
+        with open(path + ".journal", encoding="utf-8") as f:
+            return json.loads(f.readline())
 
 
 def _check_done(path: str, done: set[int], n_chunks: int) -> None:

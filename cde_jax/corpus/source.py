@@ -19,15 +19,18 @@ picklable (a path and a tuple of offsets), so Grain can prefetch chunks in threa
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import dataclasses
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from .. import distributed, storage
 from ..validation import UserError, json_kind, json_object
 
 BLOCK_BYTES = 1 << 24
@@ -50,7 +53,7 @@ def lines(path: Path, progress: Callable[[int], object] | None = None
           ) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) split on "\\n" only, without "\\n" / "\\r\\n" or a BOM;
     `progress(bytes)` is called for each line read."""
-    with open(input_file(path), "rb") as f:
+    with storage.open_file(input_file(path)) as f:
         for number, raw in enumerate(f, 1):
             if progress is not None:
                 progress(len(raw))
@@ -69,20 +72,31 @@ class TextChunks:
     rows: int
     offsets: tuple[int, ...]  # byte offset of each chunk's first line, then the file size
     sha256: str
-    stat: tuple[int, int]  # (size, mtime_ns) when indexed: a read refuses a changed file
+    stat: tuple  # (size, mtime_ns), or a URL's (size, version): a read refuses a changed file
     id_kind: str  # "int" or "str"
+    share: Share | None = None  # a URL: this process's bytes, fetched once when indexing
 
     unit = "line"
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def owner(self, chunk: int, n: int) -> int:
+        """The process (of `n`) that reads and embeds `chunk`: the one whose byte range
+        (`Share`) holds the chunk's first byte, so that a process of a run on a URL reads
+        its own bytes once, when it indexes them."""
+        return min(n - 1, self.offsets[chunk] * n // max(1, self.offsets[-1]))
+
     def __getitem__(self, chunk: int) -> Chunk:
         start, stop = self.offsets[chunk], self.offsets[chunk + 1]
-        with open(self.path, "rb") as f:
-            _check_unchanged(self.path, self.stat, os.fstat(f.fileno()))
-            f.seek(start)
-            raw = f.read(stop - start).split(b"\n")
+        if storage.is_url(self.path):
+            _check_unchanged(self.path, self.stat, _remote_stamp(self.path))
+            raw = Share.read(self.share, self.path, start, stop).split(b"\n")
+        else:
+            with open(self.path, "rb") as f:
+                _check_unchanged(self.path, self.stat, _local_stamp(f))
+                f.seek(start)
+                raw = f.read(stop - start).split(b"\n")
         if raw[-1] == b"":  # the chunk's last line ended with "\n"
             raw.pop()
         first = chunk * self.chunk_rows + 1
@@ -112,13 +126,17 @@ class ParquetChunks:
     rows: int
     group_starts: tuple[int, ...]  # first row of each row group, then `rows`
     sha256: str
-    stat: tuple[int, int]
+    stat: tuple
     id_kind: str
 
     unit = "row"
 
     def __len__(self) -> int:
         return -(-self.rows // self.chunk_rows)
+
+    def owner(self, chunk: int, n: int) -> int:
+        """The process (of `n`) that reads and embeds `chunk`: contiguous runs of chunks."""
+        return chunk * n // len(self)
 
     def __getitem__(self, chunk: int) -> Chunk:
         import pyarrow.parquet as pq
@@ -128,8 +146,8 @@ class ParquetChunks:
         starts = self.group_starts
         groups = [g for g in range(len(starts) - 1) if starts[g] < stop and starts[g + 1] > start]
         columns = [self.field] + ([self.id_field] if self.id_field else [])
-        with open(self.path, "rb") as f:
-            _check_unchanged(self.path, self.stat, os.fstat(f.fileno()))
+        with storage.open_file(self.path) as f:
+            _check_unchanged(self.path, self.stat, _stamp(self.path, f))
             table = pq.ParquetFile(f).read_row_groups(groups, columns=columns)
         table = table.slice(start - starts[groups[0]], stop - start)
         texts = table.column(self.field).to_pylist()
@@ -165,6 +183,8 @@ def open_chunks(path: str | Path, chunk_rows: int, *, field: str = "text",
     input_file(path)
     if suffix == ".parquet":
         return _index_parquet(path, chunk_rows, field, id_field)
+    if storage.is_url(path):
+        return _index_remote_text(path, suffix == ".jsonl", chunk_rows, field, id_field)
     return _index_text(path, suffix == ".jsonl", chunk_rows, field, id_field)
 
 
@@ -184,15 +204,119 @@ def _index_text(path: str, jsonl: bool, chunk_rows: int, field: str,
             starts.extend((size + found[first::chunk_rows] + 1).tolist())
             newlines, size, last = newlines + len(found), size + len(block), block[-1:]
     rows = newlines + (last != b"\n")
-    id_kind = "int"
-    if id_field is not None and rows:
-        with open(path, "rb") as f:
-            first_line = _decode(path, 1, f.readline().removesuffix(b"\n"))
-        _, record_id = _json_record(path, 1, first_line, field, id_field)
-        id_kind = "str" if isinstance(record_id, str) else "int"
+    id_kind = _id_kind(path, rows, field, id_field)
     return TextChunks(path, jsonl, chunk_rows, field, id_field, rows,
                       tuple(starts[:-(-rows // chunk_rows)]) + (size,), digest.hexdigest(),
                       (stat.st_size, stat.st_mtime_ns), id_kind)
+
+
+def _id_kind(path: str, rows: int, field: str, id_field: str | None,
+             share: Share | None = None) -> str:
+    """"str" or "int": the kind of line 1's id (int without ids). Of a URL, only line 1's
+    bytes are read (from `share` where it holds them)."""
+    if id_field is None or not rows:
+        return "int"
+    if storage.is_url(path):
+        size, head = storage.info(path)["size"], b""
+        for stop in (min(size, 256 << k) for k in range(64)):
+            head = Share.read(share, path, 0, stop)
+            if b"\n" in head or stop == size:
+                break
+        line = head.split(b"\n", 1)[0]
+    else:
+        with open(path, "rb") as f:
+            line = f.readline().removesuffix(b"\n")
+    first_line = _decode(path, 1, line)
+    _, record_id = _json_record(path, 1, first_line, field, id_field)
+    return "str" if isinstance(record_id, str) else "int"
+
+
+def _index_remote_text(path: str, jsonl: bool, chunk_rows: int, field: str,
+                       id_field: str | None) -> TextChunks:
+    """`_index_text` of a URL by every process of the run together: each fetches only its
+    `Share` of the bytes (kept on local disk for its chunks), finds the newlines in it, and
+    the processes exchange their counts and chunk starts (`distributed.concat_all`). The
+    object's version stands for the file's digest: the same object, the same run."""
+    found = storage.info(path)
+    size, n, p = found["size"], distributed.process_count(), distributed.process_index()
+    share = Share.fetch(path, size * p // n, size * (p + 1) // n)
+    newlines = share.newlines()
+    counts = _concat_int64(np.asarray([len(newlines)], np.int64))
+    before, total = int(counts[:p].sum()), int(counts.sum())
+    # Newline number g (0-based, in the file) ends line g + 1: chunk c starts after g = cR - 1.
+    ending = (before + np.arange(len(newlines)) + 1) % chunk_rows == 0
+    starts = _concat_int64(share.start + newlines[ending] + 1)
+    last = storage.filesystem(path).cat_file(path, start=size - 1, end=size) if size else b"\n"
+    rows = total + (last != b"\n")
+    offsets = (0, *starts.tolist()[:-(-rows // chunk_rows) - 1], size)
+    chunks = TextChunks(path, jsonl, chunk_rows, field, id_field, rows, offsets,
+                        f"{found['version']} ({size} bytes)", (size, found["version"]),
+                        _id_kind(path, rows, field, id_field, share))
+    # This process's last chunk ends past its share, before the next one's first chunk:
+    # those bytes join the share, so that reading its chunks fetches nothing more.
+    mine = [c for c in range(len(chunks)) if chunks.owner(c, n) == p]
+    end = offsets[mine[-1] + 1] if mine else share.stop
+    return dataclasses.replace(chunks, share=share.extended(path, max(end, share.stop)))
+
+
+def _concat_int64(values: np.ndarray) -> np.ndarray:
+    """`distributed.concat_all` of int64 values (byte offsets past 2 GiB): JAX gathers 32-bit
+    integers unless x64 is on, so the high and low 31 bits travel apart."""
+    values = np.asarray(values, np.int64)
+    high = distributed.concat_all((values >> 31).astype(np.int32)).astype(np.int64)
+    low = distributed.concat_all((values & 0x7FFFFFFF).astype(np.int32)).astype(np.int64)
+    return (high << 31) | low
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """Bytes [start, stop) of a URL, fetched once (in BLOCK_BYTES reads) into a local file
+    that later chunk reads take them from; bytes outside it are fetched when read."""
+
+    start: int
+    stop: int
+    local: str
+
+    @classmethod
+    def fetch(cls, url: str, start: int, stop: int) -> Share:
+        fd, local = tempfile.mkstemp(prefix="cde-jax-share-")
+        atexit.register(lambda: os.path.exists(local) and os.unlink(local))
+        fs = storage.filesystem(url)
+        with os.fdopen(fd, "wb") as out:
+            for at in range(start, stop, BLOCK_BYTES):
+                out.write(fs.cat_file(url, start=at, end=min(stop, at + BLOCK_BYTES)))
+        return cls(start, stop, local)
+
+    def extended(self, url: str, stop: int) -> Share:
+        """This share with bytes [self.stop, stop) fetched and appended."""
+        if stop > self.stop:
+            with open(self.local, "ab") as out:
+                out.write(storage.filesystem(url).cat_file(url, start=self.stop, end=stop))
+        return dataclasses.replace(self, stop=stop)
+
+    def newlines(self) -> np.ndarray:
+        """Offsets, from `start`, of the newlines in the share."""
+        found, at = [], 0
+        with open(self.local, "rb") as f:
+            while block := f.read(BLOCK_BYTES):
+                found.append(np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n")) + at)
+                at += len(block)
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+    @staticmethod
+    def read(share: Share | None, url: str, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of `url`: what `share` holds from its file, the rest fetched."""
+        if share is None or stop <= share.start or start >= share.stop:
+            return storage.filesystem(url).cat_file(url, start=start, end=stop)
+        parts = []
+        if start < share.start:
+            parts.append(storage.filesystem(url).cat_file(url, start=start, end=share.start))
+        with open(share.local, "rb") as f:
+            f.seek(max(start, share.start) - share.start)
+            parts.append(f.read(min(stop, share.stop) - max(start, share.start)))
+        if stop > share.stop:
+            parts.append(storage.filesystem(url).cat_file(url, start=share.stop, end=stop))
+        return b"".join(parts)
 
 
 def _index_parquet(path: str, chunk_rows: int, field: str, id_field: str | None
@@ -203,9 +327,10 @@ def _index_parquet(path: str, chunk_rows: int, field: str, id_field: str | None
     except ImportError:
         raise InputError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow), "
                          "which is not installed") from None
-    with open(path, "rb") as f:
-        stat = os.fstat(f.fileno())
-        digest = _sha256(f)
+    with storage.open_file(path) as f:
+        stat = _stamp(path, f)
+        # A URL's version stands for its digest (reading it all is what a share avoids).
+        digest = (f"{stat[1]} ({stat[0]} bytes)" if storage.is_url(path) else _sha256(f))
         try:
             parquet = pq.ParquetFile(f)
         except pa.ArrowException as e:
@@ -229,12 +354,16 @@ def _index_parquet(path: str, chunk_rows: int, field: str, id_field: str | None
             wanted = "strings" if role == "text" else "strings or integers"
             raise InputError(f"{path}: column {name!r} holds {kind}, not {wanted}")
     return ParquetChunks(path, chunk_rows, field, id_field, int(sum(counts)),
-                         tuple(np.cumsum([0] + counts).tolist()), digest,
-                         (stat.st_size, stat.st_mtime_ns), kinds.get("id", "int"))
+                         tuple(np.cumsum([0] + counts).tolist()), digest, stat,
+                         kinds.get("id", "int"))
 
 
 def input_file(path: str | Path) -> str | Path:
     """`path`, when it is a file: a directory or nothing there is a one-line error."""
+    if storage.is_url(path):
+        if storage.info(str(path))["type"] == "directory":
+            raise InputError(f"{path}: is a directory, not a file")
+        return path
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory, not a file")
     if not os.path.isfile(path):
@@ -244,9 +373,13 @@ def input_file(path: str | Path) -> str | Path:
 
 def file_sha256(path: str | Path) -> str:
     """The sha256 of a file's bytes: how the processes of a run tell that they read the same
-    file (`distributed.agree`). A file that cannot be read is an `InputError`."""
+    file (`distributed.agree`). A file that cannot be read is an `InputError`. A URL's
+    version (GCS generation, S3 ETag) and size stand for its bytes: not read again."""
+    if storage.is_url(path):
+        found = storage.info(str(input_file(path)))
+        return f"{found['version']} ({found['size']} bytes)"
     try:
-        with open(input_file(path), "rb") as f:
+        with storage.open_file(input_file(path)) as f:
             return _sha256(f)
     except OSError as e:
         raise InputError(f"{path}: cannot read it ({e.strerror})") from None
@@ -259,8 +392,23 @@ def _sha256(f) -> str:
     return digest.hexdigest()
 
 
-def _check_unchanged(path: str, indexed: tuple[int, int], now: os.stat_result) -> None:
-    if (now.st_size, now.st_mtime_ns) != indexed:
+def _local_stamp(f) -> tuple[int, int]:
+    stat = os.fstat(f.fileno())
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _remote_stamp(url: str) -> tuple[int, str]:
+    found = storage.info(url)
+    return found["size"], found["version"]
+
+
+def _stamp(path: str, f) -> tuple:
+    """What tells that a file changed: its (size, mtime_ns), or a URL's (size, version)."""
+    return _remote_stamp(path) if storage.is_url(path) else _local_stamp(f)
+
+
+def _check_unchanged(path: str, indexed: tuple, now: tuple) -> None:
+    if tuple(now) != tuple(indexed):
         raise InputError(f"{path}: modified while it was being read; run again")
 
 
