@@ -88,8 +88,8 @@ def test_kmeans_parallel_matches_scikit_learn_objective_and_ari(tmp_path):
     (objective, ari), (sk_objective, sk_ari) = np.mean(ours, axis=0), np.mean(theirs, axis=0)
     print(f"mean over 3 seeds: objective {objective:.5f} vs scikit-learn {sk_objective:.5f} "
           f"({objective / sk_objective - 1:+.3%}); ARI {ari:.4f} vs {sk_ari:.4f}")
-    assert objective >= sk_objective * (1 - 0.002)
-    assert ari >= sk_ari - 0.01
+    assert objective >= sk_objective * (1 - 0.001)  # the bound (measured: +0.8%)
+    assert ari >= sk_ari - 0.005
 
 
 def test_kmeans_parallel_on_eight_devices_matches_one(tmp_path):

@@ -18,11 +18,11 @@ default): from one random point, `init_rounds` rounds each draw about `oversampl
 candidates with probability proportional to their distance to the nearest candidate so far
 (without replacement, in one pass over the points), each point remembering its nearest
 candidate; the candidates, weighted by the points nearest to them, then get greedy
-k-means++ (as scikit-learn's) on the mesh. It costs `init_rounds` x `oversampling` Lloyd
-iterations' worth of matmul instead of greedy k-means++'s k passes over the points, and
-starts about as well. A round draws a fixed number of candidates (the Gumbel top-k trick),
-where the paper keeps each point independently with the same expected total: static
-shapes for XLA.
+k-means++ (as scikit-learn's) and weighted Lloyd iterations (as Spark's LocalKMeans), on
+the mesh. It costs about `init_rounds` x `oversampling` + 1 Lloyd iterations' worth of
+matmul instead of greedy k-means++'s k passes over the points, and starts better. A round
+draws a fixed number of candidates (the Gumbel top-k trick), where the paper keeps each
+point independently with the same expected total: static shapes for XLA.
 
 An empty cluster is refilled as faiss does: a populated cluster, chosen with probability
 proportional to its size minus one, is split in two, its centroid copied and both copies
@@ -54,6 +54,9 @@ INITS = ("kmeans||", "random", "kmeans++")
 PAD_ID = np.iinfo(np.int32).max  # the id of padding rows: after every real id
 SPLIT_EPS = 1.0 / 1024
 HIGHEST = jax.lax.Precision.HIGHEST
+# k-means||: weighted Lloyd iterations on the candidates after k-means++ (Spark's LocalKMeans
+# allows 30; ours settle in fewer: docs/performance.md).
+CANDIDATE_ITERATIONS = 20
 ROWS, ROW_VECTORS, WHOLE = P(sharding.DATA), P(sharding.DATA, None), P()
 
 
@@ -68,7 +71,8 @@ class KMeansConfig:
                              "starts in init_rounds passes), k random points (as faiss), or "
                              "greedy k-means++ (as scikit-learn: one pass over the points "
                              "per centroid)")
-    init_rounds: int = setting(5, help="k-means||: candidate-drawing passes over the points")
+    init_rounds: int = setting(2, help="k-means||: candidate-drawing passes over the points "
+                                       "(Spark's default)")
     oversampling: float = setting(2.0, help="k-means||: candidates drawn per pass, per "
                                             "cluster")
     tile_rows: int = setting(4096, help="points per device scored against all centroids at "
@@ -229,7 +233,8 @@ def _nearer(points_rd, tile: int, candidates_ld, ids_l, offset, best_sim_r, best
 def _kmeans_parallel(points_rd, ids_r, key, k: int, devices: int, tile: int, rounds: int,
                      per_round: int):
     """k-means|| (module docstring): 1 + rounds x per_round candidates, weighted by the
-    points nearest to them, then weighted greedy k-means++ on them, split over the mesh."""
+    points nearest to them, then weighted greedy k-means++ and Lloyd on them, split over
+    the mesh."""
     valid_r = (ids_r != PAD_ID).astype(jnp.float32)
     d = points_rd.shape[1]
     share = -(-(1 + rounds * per_round) // devices)
@@ -259,10 +264,26 @@ def _kmeans_parallel(points_rd, ids_r, key, k: int, devices: int, tile: int, rou
                             sharding.DATA)
     weight_m = jnp.where(taken_m != PAD_ID, weight_m, 0.0)
     mine = jax.lax.axis_index(sharding.DATA) * share
-    return _kmeans_plus_plus(jax.lax.dynamic_slice_in_dim(candidates_md, mine, share),
-                             jax.lax.dynamic_slice_in_dim(weight_m, mine, share),
-                             mine + jnp.arange(share, dtype=jnp.int32),
-                             jax.random.fold_in(key, rounds + 1), k, devices)
+    mine_pd, weight_p = (jax.lax.dynamic_slice_in_dim(x, mine, share)
+                         for x in (candidates_md, weight_m))
+    centroids_ud = _kmeans_plus_plus(mine_pd, weight_p,
+                                     mine + jnp.arange(share, dtype=jnp.int32),
+                                     jax.random.fold_in(key, rounds + 1), k, devices)
+    return jax.lax.fori_loop(0, CANDIDATE_ITERATIONS,
+                             lambda _, c: _weighted_lloyd(mine_pd, weight_p, c), centroids_ud)
+
+
+def _weighted_lloyd(points_pd, weight_p, centroids_ud):
+    """One Lloyd iteration of weighted points (k-means||'s candidates); a cluster without
+    weight keeps its centroid."""
+    k = centroids_ud.shape[0]
+    sims_pu = jnp.matmul(points_pd, centroids_ud.T, precision=HIGHEST)
+    best_p = jnp.where(sims_pu == sims_pu.max(axis=1, keepdims=True),
+                       jnp.arange(k, dtype=jnp.int32), k).min(axis=1)
+    sums_ud, counts_u = jax.lax.psum(
+        (jax.ops.segment_sum(points_pd * weight_p[:, None], best_p, k),
+         jax.ops.segment_sum(weight_p, best_p, k)), sharding.DATA)
+    return jnp.where(counts_u[:, None] > 0, l2_normalize(sums_ud), centroids_ud)
 
 
 # --- replicated: the centroid update -------------------------------------------------------
