@@ -75,7 +75,15 @@ def load(path: str | Path, *, revision: str | None = None, dtype: str | None = N
     ckpt = loading.read_checkpoint(path, backbone_config=backbone_config, mesh=mesh)
     backbone = loading.runtime_backbone(ckpt.backbone, mesh, dtype=dtype, param_dtype=param_dtype,
                                         attention_name=attention, activations=activations)
-    runner = StageRunner(*loading.place_checkpoint(ckpt, backbone, mesh), mesh, backbone.dtype)
+    return model_of(ckpt, backbone, *loading.place_checkpoint(ckpt, backbone, mesh), mesh,
+                    plan)
+
+
+def model_of(ckpt: convert.Checkpoint, backbone: ModernBertConfig, graphdef: nnx.GraphDef,
+             params: dict, mesh, plan: buckets.BucketPlan | None = None) -> CdeModel:
+    """A `CdeModel` of parameters already on `mesh` (no copy): what `load` returns, and what
+    training evaluates its current parameters with."""
+    runner = StageRunner(graphdef, params, mesh, backbone.dtype)
     tokenizer = ckpt.tokenizer_dir and TextTokenizer(load_tokenizer(ckpt.tokenizer_dir),
                                                      pad_id=backbone.pad_token_id)
     device = mesh.devices.flat[0]

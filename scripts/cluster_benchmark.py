@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Spherical k-means per iteration, cde-jax (JAX, `cde_jax.clustering`) vs faiss-cpu, and the
+"""Spherical k-means per iteration, cde-jax (JAX, `cde_jax.clustering`) vs faiss-cpu; the
+starts (k-means||, random, greedy k-means++) by total time and objective; and the
 end-to-end `cde-jax cluster` time with the tiny model.
 
     python scripts/cluster_benchmark.py [--points 200000] [--width 256] [--k 2048]
-        [--iterations 8] [--rounds 3] [--pairs 100000] [--skip-e2e] [--json OUT]
+        [--iterations 8] [--rounds 3] [--inits kmeans||,random,kmeans++] [--pairs 100000]
+        [--skip-iterations] [--skip-e2e] [--json OUT]
 
 k-means: random unit vectors; each round runs JAX then faiss (contenders alternate), each
 for `--iterations` Lloyd iterations from its own random init, faiss without subsampling and
@@ -13,6 +15,10 @@ follows the iteration's device-to-host sync; faiss: `iteration_stats`), the firs
 run left out (it holds the init, and JAX's first round its compile); reported as medians.
 Memory: the process's peak RSS, against the n x k float32 score matrix that the chunked
 assignment never holds.
+
+Starts: each init runs `spherical_kmeans` with the default settings (100 iterations at most,
+nredo 3) on the same points, after one untimed 1-iteration run that compiles its programs;
+total time (init and iterations of all runs) and the final objective.
 
 End to end: `cde-jax cluster --model TINY` on `--pairs` synthetic pairs (defaults: 100
 iterations, nredo 3), then the same command again with --overwrite, which reuses the vector
@@ -49,6 +55,26 @@ def jax_gaps(points, k: int, iterations: int, seed: int) -> list[float]:
     spherical_kmeans(placed, k, KMeansConfig(iterations=iterations, nredo=1), seed=seed,
                      mesh=mesh, progress=lambda _: stamps.append(time.perf_counter()))
     return np.diff(stamps).tolist()
+
+
+def bench_inits(n: int, width: int, k: int, inits: list[str]) -> dict:
+    from cde_jax import sharding
+    from cde_jax.clustering import KMeansConfig, place_points, spherical_kmeans
+
+    rng = np.random.default_rng(0)
+    points = rng.standard_normal((n, width), dtype=np.float32)
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    mesh = sharding.make_mesh()
+    placed = place_points(points, np.arange(n), mesh, KMeansConfig().tile_rows)
+    out = {}
+    for init in inits:
+        spherical_kmeans(placed, k, KMeansConfig(init=init, iterations=1, nredo=1), seed=0,
+                         mesh=mesh)  # compile
+        start = time.perf_counter()
+        result = spherical_kmeans(placed, k, KMeansConfig(init=init), seed=0, mesh=mesh)
+        out[init] = {"seconds": time.perf_counter() - start, "objective": result.objective,
+                     "iterations": len(result.history)}
+    return {"points": n, "width": width, "k": k, "inits": out}
 
 
 def faiss_gaps(points, k: int, iterations: int, seed: int) -> list[float]:
@@ -127,18 +153,29 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=2048)
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--inits", default="kmeans||,random,kmeans++",
+                        help="starts to time end to end, comma-separated ('' for none)")
     parser.add_argument("--pairs", type=int, default=100_000)
+    parser.add_argument("--skip-iterations", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    result = {"kmeans": bench_kmeans(args.points, args.width, args.k, args.iterations,
-                                     args.rounds)}
-    km = result["kmeans"]
-    print(f"k-means {args.points} x {args.width}, k {args.k}, {km['threads']} threads: "
-          f"jax {km['iterations_per_second']['jax']:.3f} it/s, faiss "
-          f"{km['iterations_per_second']['faiss']:.3f} it/s: jax at "
-          f"{km['jax_speed_vs_faiss']:.2f}x faiss; peak RSS {km['peak_rss_bytes'] / 2**30:.2f} "
-          f"GiB (an n x k score matrix: {km['score_matrix_bytes'] / 2**30:.2f} GiB)")
+    result = {}
+    if not args.skip_iterations:
+        km = result["kmeans"] = bench_kmeans(args.points, args.width, args.k, args.iterations,
+                                             args.rounds)
+        print(f"k-means {args.points} x {args.width}, k {args.k}, {km['threads']} threads: "
+              f"jax {km['iterations_per_second']['jax']:.3f} it/s, faiss "
+              f"{km['iterations_per_second']['faiss']:.3f} it/s: jax at "
+              f"{km['jax_speed_vs_faiss']:.2f}x faiss; peak RSS "
+              f"{km['peak_rss_bytes'] / 2**30:.2f} GiB (an n x k score matrix: "
+              f"{km['score_matrix_bytes'] / 2**30:.2f} GiB)")
+    if args.inits:
+        starts = result["inits"] = bench_inits(args.points, args.width, args.k,
+                                               args.inits.split(","))
+        for init, got in starts["inits"].items():
+            print(f"init {init}: {got['seconds']:.1f} s in total ({got['iterations']} "
+                  f"iterations over 3 runs), objective {got['objective']:.5f}")
     if not args.skip_e2e:
         with tempfile.TemporaryDirectory() as work:
             e2e = result["cluster_command"] = bench_cluster_command(args.pairs, Path(work))

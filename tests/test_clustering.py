@@ -81,7 +81,7 @@ def test_objective_within_one_percent_of_faiss():
     rng = np.random.default_rng(0)
     points = unit(rng.standard_normal((K, WIDTH))[rng.integers(K, size=POINTS)]
                   + 0.5 * rng.standard_normal((POINTS, WIDTH)))
-    ours = kmeans(points, iterations=25, nredo=3)
+    ours = kmeans(points, iterations=25, nredo=3, init="random")  # faiss's start
     index = faiss.Kmeans(WIDTH, K, niter=25, nredo=3, spherical=True, seed=0,
                          max_points_per_centroid=10**6)  # no subsampling, as upstream
     index.train(points)

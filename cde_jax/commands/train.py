@@ -1,6 +1,9 @@
 """`cde-jax train`: fine-tune a cde checkpoint on JSONL (query, positive[, negatives, cluster])
-with the two-stage contrastive loss; writes checkpoints, metrics.jsonl and the trained model
-(released layout) into OUT. A run killed anywhere continues with --resume.
+with the two-stage contrastive loss; writes checkpoints, metrics.jsonl, TensorBoard logs
+(OUT/logs) and the trained model (released layout) into OUT. With --eval-data, retrieval
+metrics on a BEIR-layout split every --eval-every steps go to the logs, and --keep-best
+exports the best step's model to OUT/best_model too. A run killed anywhere continues with
+--resume.
 
 Every setting is a field of `training.TrainConfig` (and its `batch` and `step` parts): the
 flags are made from the config (`commands.flags`), named as its fields are.
@@ -8,6 +11,9 @@ flags are made from the config (`commands.flags`), named as its fields are.
 example:
   cde-jax train --model cde-small-v2-jax --data pairs.jsonl --out run --total-steps 1000 \\
       --batch-size 32 --learning-rate 2e-5 --warmup-steps 100
+  cde-jax train --model cde-small-v2-jax --data pairs.clustered.jsonl --out run \
+      --total-steps 1000 --batch-size 64 --packed-batches --eval-data beir/scifact \
+      --eval-split test --eval-every 100 --keep-best ndcg@10
 """
 
 from __future__ import annotations
@@ -46,5 +52,9 @@ def run(args) -> int:
     if result.history:
         last = result.history[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}, accuracy {last['accuracy']:.4f}")
+    if result.best is not None:
+        best = result.best
+        print(f"best {best['metric']} {best['value']:.4f} at step {best['step']}: "
+              f"{result.model_dir.parent / 'best_model'}")
     print(f"trained model (released layout): {result.model_dir}")
     return 0

@@ -1,9 +1,12 @@
 """`train(cfg)`: the fine-tuning run behind `cde-jax train`.
 
 OUT holds `train_config.json` (the resolved settings), `metrics.jsonl` (one line per step:
-loss, accuracy, gradient norm, the pairs false-negative filtering counted as positives),
-`checkpoints/` (orbax, every `checkpoint_every` steps and at the end) and, once the last
-step is done, `model/` (the released layout). One run at a time writes OUT (`outputs.claim`).
+loss, accuracy, gradient norm, the pairs false-negative filtering counted as positives, the
+learning rate, step time and throughput, and at evaluated steps nDCG@10 and Recall@100),
+`logs/` (the same as TensorBoard event files, `logs.py`), `checkpoints/` (orbax, every
+`checkpoint_every` steps and at the end), with `keep_best` `best_model/` and `best.json`
+(`evaluate.py`) and, once the last step is done, `model/` (the released layout). One run
+at a time writes OUT (`outputs.claim`).
 Everything the run reads is validated before OUT is touched; an existing OUT is only reused
 with `resume`, and only with the same settings, or when it holds a run that never reached a
 checkpoint (nothing to resume: a new run starts over). A resumed run replays from its latest
@@ -20,12 +23,12 @@ exported model.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,19 +44,24 @@ from ..config import ACTIVATIONS, DTYPES, ModernBertConfig, setting
 from ..corpus.source import file_sha256
 from ..loading import read_checkpoint
 from ..outputs import atomic_file
-from ..text_api import load
+from ..text_api import load, model_of
 from ..tokenization import TextTokenizer, load_tokenizer, quiet_truncation
 from ..validation import UserError, int_in_range
 from . import data as data_lib
 from .checkpoint import Checkpoints, TrainState, checkpoint_steps, export_released
+from .evaluate import BEST_FILE, BEST_MODEL_DIR, EvalConfig, Evaluator, read_dataset
 from .filtering import FalseNegativeFilter, FilterConfig, build_filter
+from .logs import LOGS_DIR, METRICS_FILE, RunLogs, check_wandb
 from .step import StepConfig, init_opt_state, learning_rate, make_optimizer, make_train_step
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR = "train_config.json", "metrics.jsonl", "checkpoints"
+CONFIG_FILE, CHECKPOINTS_DIR = "train_config.json", "checkpoints"
+# What a run writes before its first checkpoint (a run killed then left nothing to resume).
+BEFORE_CHECKPOINT = {CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR, LOGS_DIR, BEST_MODEL_DIR,
+                     BEST_FILE}
 # Settings that do not change the result: a resumed run may use other values.
-RESUMABLE_CHANGES = ("out", "checkpoint_every", "keep_checkpoints")
+RESUMABLE_CHANGES = ("out", "checkpoint_every", "keep_checkpoints", "wandb_project")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +72,7 @@ class TrainConfig:
     batch: data_lib.BatchConfig = setting(help="how batches are made")
     step: StepConfig = setting(help="the optimizer step")
     filter: FilterConfig = setting(FilterConfig(), help="false-negative filtering")
+    eval: EvalConfig = setting(EvalConfig(), help="retrieval evaluation during training")
     accum_steps: int = setting(1, help="contrastive batches whose gradients are averaged per "
                                        "step")
     seed: int = setting(0, help="data order, negatives, minicorpus and the model's random keys")
@@ -79,6 +88,8 @@ class TrainConfig:
                                     "(compute) or in float32")
     attention: str = setting("auto", choices=attention_lib.names(),
                              help="attention kernel (auto: the best for the device)")
+    wandb_project: str | None = setting(None, help="also log to this Weights & Biases "
+                                                   "project (needs the wandb package)")
 
     def __post_init__(self):
         for name in ("accum_steps", "checkpoint_every", "keep_checkpoints", "model_parallel"):
@@ -93,6 +104,7 @@ class TrainResult(NamedTuple):
     history: list[dict]       # this call's metrics, one dict per step
     model_dir: Path           # the trained model in the released layout
     resumed_from: int | None  # the checkpoint's step, when `resume` found one
+    best: dict | None         # with keep_best: best.json's content (step, metric, value, ...)
 
 
 def _has_checkpoint(out: Path) -> bool:
@@ -109,8 +121,7 @@ def _stale_run(out: Path) -> bool:
     """OUT holds a run that never reached a checkpoint: nothing to resume, a new run
     replaces its files."""
     names = {p.name for p in out.iterdir()}
-    return (CONFIG_FILE in names and names <= {CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR}
-            and not _has_checkpoint(out))
+    return CONFIG_FILE in names and names <= BEFORE_CHECKPOINT and not _has_checkpoint(out)
 
 
 def _occupied(out: str) -> bool:
@@ -179,7 +190,12 @@ def resolve(cfg: TrainConfig, ckpt: convert.Checkpoint, examples, mesh,
     backbone = loading.runtime_backbone(ckpt.backbone, mesh, dtype=cfg.dtype,
                                         attention_name=cfg.attention,
                                         activations=cfg.activations)
-    return dataclasses.replace(cfg, batch=data.cfg, step=step, dtype=backbone.dtype,
+    evaluation = cfg.eval
+    if evaluation.eval_data is not None:
+        evaluation = dataclasses.replace(evaluation,
+                                         eval_data=str(Path(evaluation.eval_data).absolute()))
+    return dataclasses.replace(cfg, batch=data.cfg, step=step, eval=evaluation,
+                               dtype=backbone.dtype,
                                attention=backbone.attention,
                                model=str(Path(cfg.model).absolute()),
                                data=str(Path(cfg.data).absolute()),
@@ -193,6 +209,7 @@ class _Session:
     def __init__(self, cfg: TrainConfig, ckpt: convert.Checkpoint, data: data_lib.TrainData,
                  mesh, backbone: ModernBertConfig):
         self.cfg, self.data, self.mesh = cfg, data, mesh
+        self.ckpt, self.backbone = ckpt, backbone
         self.graphdef, params = loading.place_checkpoint(ckpt, backbone, self.mesh)
         self.tokenize = data_lib.BatchTokenizer(
             TextTokenizer(load_tokenizer(ckpt.tokenizer_dir), pad_id=backbone.pad_token_id),
@@ -205,17 +222,32 @@ class _Session:
                                        mesh=self.mesh)
         self.learning_rate = learning_rate(cfg.step)
 
-    def step(self, state: TrainState) -> tuple[TrainState, dict]:
-        """Dispatches one optimizer step (asynchronously: the metrics are device arrays)."""
+    def step(self, state: TrainState) -> tuple[TrainState, dict, int]:
+        """Dispatches one optimizer step (asynchronously: the metrics are device arrays);
+        also gives the step's tokens (queries, documents and minicorpus, padding left out)."""
         accum = self.cfg.accum_steps
         host = data_lib.stack([self.tokenize(self.data.batch(state.data_position + i))
                                for i in range(accum)])
+        tokens = sum(int(v.sum()) for k, v in host.items() if k.endswith("_mask"))
         batches = {k: sharding.place(v, sharding.stacked_batch_sharding(self.mesh, v.shape))
                    for k, v in host.items()}
         params, opt_state, metrics = self.step_fn(state.params, state.opt_state, batches,
                                                   jnp.asarray(state.rng_key), state.step)
         return TrainState(state.step + 1, params, opt_state, state.data_position + accum,
-                          state.rng_key), metrics
+                          state.rng_key), metrics, tokens
+
+    def model(self, params):
+        """A `CdeModel` of these parameters where they are (for evaluation)."""
+        return model_of(self.ckpt, self.backbone, self.graphdef, params, self.mesh)
+
+    def export(self, params, out: Path) -> None:
+        """The model of these parameters, released layout, into `out` (every process calls
+        it; process 0 writes)."""
+        trained = nnx.merge(self.graphdef, jax.tree.map(distributed.to_host, params))
+        if distributed.is_main():
+            export_released(trained, self.ckpt, out, overwrite=True, config_json={
+                **self.ckpt.config_json, "transductive_corpus_size": self.cfg.batch.corpus_size})
+        distributed.barrier(f"exported {out.name}")
 
     def report_truncation(self) -> None:
         queries, docs = self.tokenize.truncated
@@ -225,36 +257,58 @@ class _Session:
                         self.cfg.batch.document_length)
 
 
-def _run_steps(session: _Session, state: TrainState, checkpoints: Checkpoints, metrics_path: Path,
-               show: bool) -> tuple[TrainState, list[dict]]:
-    """Steps until the last one, appending each step's metrics to the log; a step's numbers
-    are read while the next one runs, and always before a checkpoint is saved."""
+def _run_steps(session: _Session, state: TrainState, checkpoints: Checkpoints, logs: RunLogs,
+               evaluator: Evaluator | None, show: bool) -> tuple[TrainState, list[dict]]:
+    """Steps until the last one, logging each step's metrics; a step's numbers are read
+    while the next one runs, and always before an evaluation or a checkpoint. Step time and
+    throughput are the means since the last pause (the start, the first step and its
+    compilation, an evaluation, a checkpoint): one step's own time is not observable when
+    the next one is already queued."""
     cfg, history = session.cfg, []
     total = cfg.step.total_steps
-    main = distributed.is_main()
-    with open(metrics_path, "a") if main else contextlib.nullcontext() as log_file, \
-            tqdm(total=total, initial=state.step, desc="train", unit="step",
-                 disable=not show or not main) as bar:
-        def record(step, metrics):
+    examples = cfg.batch.batch_size * cfg.accum_steps
+    window = {"start": time.perf_counter(), "steps": 0, "tokens": 0}
+    with tqdm(total=total, initial=state.step, desc="train", unit="step",
+              disable=not show or not distributed.is_main()) as bar:
+        def measured(step, metrics, tokens) -> dict:
             row = {"step": step, **{k: float(v.addressable_data(0)) for k, v in metrics.items()},
                    "learning_rate": float(session.learning_rate(step - 1))}
-            if main:
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
+            window["steps"] += 1
+            window["tokens"] += tokens
+            elapsed = time.perf_counter() - window["start"]
+            return {**row, "step_seconds": elapsed / window["steps"],
+                    "examples_per_second": examples * window["steps"] / elapsed,
+                    "tokens_per_second": window["tokens"] / elapsed}
+
+        def pause() -> None:
+            window.update(start=time.perf_counter(), steps=0, tokens=0)
+
+        def write(row: dict) -> None:
+            logs.write(row)
             history.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}")
 
         pending = None
         while state.step < total:
-            state, metrics = session.step(state)
+            state, metrics, tokens = session.step(state)
             if pending is not None:
-                record(*pending)
-            pending = (state.step, metrics)
-            if state.step % cfg.checkpoint_every == 0 or state.step == total:
-                record(*pending)
-                pending = None
+                write(measured(*pending))
+            pending = (state.step, metrics, tokens)
+            evaluate = evaluator is not None and evaluator.due(state.step)
+            save = state.step % cfg.checkpoint_every == 0 or state.step == total
+            if not (evaluate or save or history == []):
+                continue
+            row, pending = measured(*pending), None
+            if evaluate:
+                row.update(evaluator(session.model(state.params)))
+            write(row)
+            if evaluate:
+                evaluator.keep(state.step, row,
+                               lambda out, params=state.params: session.export(params, out))
+            if save:
                 checkpoints.save(state)
+            pause()
     return state, history
 
 
@@ -270,7 +324,9 @@ def _train(cfg: TrainConfig, *, resume: bool, show_progress: bool | None) -> Tra
     if resume:
         distributed.all_succeed(lambda: _check_resumable(Path(cfg.out).absolute()),
                                 "checking --resume")
+    check_wandb(cfg.wandb_project)
     examples = data_lib.read_examples(cfg.data)
+    eval_dataset = read_dataset(cfg.eval)
     ckpt = read_checkpoint(cfg.model)
     if ckpt.tokenizer_dir is None:
         raise UserError(f"{cfg.model} has no tokenizer files (tokenizer.json)")
@@ -278,9 +334,13 @@ def _train(cfg: TrainConfig, *, resume: bool, show_progress: bool | None) -> Tra
     false_negatives = build_filter(cfg.filter, examples, lambda path: load(path, mesh=mesh))
     cfg, data, backbone = resolve(cfg, ckpt, examples, mesh, false_negatives)
     ckpt.cde = ckpt.cde.replace(transductive_corpus_size=cfg.batch.corpus_size)
+    eval_files = {} if eval_dataset is None else {
+        f"eval {f.relative_to(eval_dataset.path)} sha256": file_sha256(f)
+        for f in eval_dataset.files}
     distributed.agree({**traverse_util.flatten_dict(cfg.to_json(), sep="."), "resume": resume,
                        "data sha256": file_sha256(cfg.data), "model": ckpt.fingerprint,
-                       "processes": distributed.process_count()}, "the training run")
+                       "processes": distributed.process_count(), **eval_files},
+                      "the training run")
     out = Path(cfg.out)
     distributed.all_succeed(lambda: _prepare_out(out, cfg, resume), "checking --out")
     distributed.barrier("out checked")  # before process 0 writes into OUT
@@ -289,23 +349,28 @@ def _train(cfg: TrainConfig, *, resume: bool, show_progress: bool | None) -> Tra
         with atomic_file(out / CONFIG_FILE, "w") as f:
             json.dump(cfg.to_json(), f, indent=2)
     state, resumed_from = session.initial, None
+    evaluator = eval_dataset and Evaluator(
+        cfg.eval, eval_dataset, every=cfg.eval.eval_every or cfg.checkpoint_every,
+        total=cfg.step.total_steps, out=out, resume=resume)
     checkpoints = Checkpoints(out / CHECKPOINTS_DIR, keep=cfg.keep_checkpoints)
+    logs = None
     try:
         restored = checkpoints.restore_latest(state) if resume else None
         if restored is not None:
             state, resumed_from = restored, restored.step
         if distributed.is_main():
             _keep_metrics_until(out / METRICS_FILE, state.step)
+        logs = RunLogs(out, first_step=state.step, config=cfg.to_json(),
+                       wandb_project=cfg.wandb_project, enabled=distributed.is_main())
         show = sys.stderr.isatty() if show_progress is None else show_progress
         with quiet_truncation():  # per batch they would break the bar: totals at the end
-            state, history = _run_steps(session, state, checkpoints, out / METRICS_FILE, show)
+            state, history = _run_steps(session, state, checkpoints, logs, evaluator, show)
     finally:
         checkpoints.close()
+        if logs is not None:
+            logs.close()
     session.report_truncation()
-    trained = nnx.merge(session.graphdef, jax.tree.map(distributed.to_host, state.params))
     model_dir = out / "model"
-    if distributed.is_main():
-        export_released(trained, ckpt, model_dir, overwrite=True, config_json={
-            **ckpt.config_json, "transductive_corpus_size": cfg.batch.corpus_size})
-    distributed.barrier("exported")
-    return TrainResult(state.step, history, model_dir, resumed_from)
+    session.export(state.params, model_dir)
+    return TrainResult(state.step, history, model_dir, resumed_from,
+                       evaluator.best if evaluator else None)
