@@ -81,6 +81,37 @@ def attention_mask(spec: MaskSpec) -> jax.Array:
     return mask_b1ts
 
 
+# Scoped VMEM a Pallas TPU kernel may use: Mosaic's default is 16 MiB on v4/v5e (32 on v6e);
+# every TPU target has at least 64 MiB. Kernels ask for twice what they hold (`vmem_limit_bytes`).
+VMEM_DEFAULT_BYTES, VMEM_MAX_BYTES = 16 * 2 ** 20, 64 * 2 ** 20
+
+
+def vmem_limit_bytes(resident: int) -> int:
+    """The scoped VMEM limit for a kernel that holds `resident` bytes (its blocks, buffers
+    and temporaries, as counted by the kernel): twice that, for what Mosaic adds, at least
+    the default and at most what every TPU has."""
+    return int(min(max(2 * resident, VMEM_DEFAULT_BYTES), VMEM_MAX_BYTES))
+
+
+def key_runs(key_mask_bs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's kept keys as runs of consecutive indices: (spans_b4, runs_b), the first
+    two runs as int32 [start0, end0, start1, end1] (an absent run: 0, 0) and the number of
+    runs. Right or left padding is one run; the second stage's prefix and a left-padded text
+    are two; a hole inside a text adds one."""
+    kept_bs = key_mask_bs.astype(bool)
+    s = kept_bs.shape[1]
+    begins_bs = kept_bs & ~jnp.pad(kept_bs[:, :-1], ((0, 0), (1, 0)))
+    run_bs = jnp.cumsum(begins_bs, axis=1, dtype=jnp.int32) * kept_bs  # 1, 2, ...; 0: dropped
+    index_s = jnp.arange(s, dtype=jnp.int32)
+    spans = []
+    for run in (1, 2):
+        mine_bs = run_bs == run
+        start_b = jnp.where(mine_bs, index_s, s).min(axis=1)
+        spans += [jnp.where(mine_bs.any(axis=1), start_b, 0),
+                  jnp.where(mine_bs, index_s + 1, 0).max(axis=1)]
+    return jnp.stack(spans, axis=1).astype(jnp.int32), run_bs.max(axis=1)
+
+
 def mean_pool(hidden_bsd: jax.Array, mask_bs: jax.Array) -> jax.Array:
     """Masked mean in float32 with upstream's `+ 1e-20` denominator. `where`, not a product,
     so a non-finite value at a masked position cannot leak into the mean."""
