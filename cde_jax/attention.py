@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -462,20 +463,24 @@ def resolve(name: str, device=None, dtype: str = "float32") -> str:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """How one model computes attention, decided once (`plan`) and passed down: the kernel,
-    the platform the program is compiled for (Pallas kernels run interpreted off TPUs), and
-    the mesh the per-device kernels split over (None: whole). Hashable, so models with equal
-    plans have equal graphdefs and share compiled programs (`runner.stage_functions`)."""
+    the platform the program is compiled for, the mesh the per-device kernels split over
+    (None: whole) and how Pallas kernels are interpreted (`interpret_as`: None, interpreted
+    off TPUs; or a `pltpu.InterpretParams`, JAX's TPU interpret mode, for tests). Hashable,
+    so models with equal plans have equal graphdefs and share compiled programs
+    (`runner.stage_functions`)."""
     kernel: str = "xla"
     platform: str = "cpu"
     mesh: Mesh | None = None
+    interpret_as: Any = None
 
     @property
     def spec(self) -> Kernel:
         return KERNELS[self.kernel]
 
     @property
-    def interpret(self) -> bool:
-        return self.platform != "tpu"
+    def interpret(self):
+        """What Pallas calls take as `interpret`."""
+        return self.platform != "tpu" if self.interpret_as is None else self.interpret_as
 
     @property
     def fuses_layer(self) -> bool:

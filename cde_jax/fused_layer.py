@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from . import sharding
+from . import ops, sharding
 
 TOKEN_BLOCK = 256  # tokens per grid step: (256, 2 x 1152) float32 MLP temporaries, ~2.4 MB
 # The kernels' names, which the compiled program's Mosaic calls carry (`aot` counts them).
@@ -115,6 +115,12 @@ def _kernel_call(name: str, math_fn, n_tokens: int, out_widths, out_dtype, flops
     def call(*operands):
         r = operands[0].shape[0]
         block = min(TOKEN_BLOCK, r)
+        tokens, weights = operands[:n_tokens], operands[n_tokens:]
+        resident = (sum(w.size * w.dtype.itemsize for w in weights)  # single-buffered
+                    + 2 * block * (sum(x.shape[1] * x.dtype.itemsize for x in tokens)
+                                   + sum(out_widths) * jnp.dtype(out_dtype).itemsize)
+                    # float32 temporaries: a block's rows of every weight's outputs
+                    + 4 * block * sum(w.shape[-1] for w in weights))
         rows = lambda width: pl.BlockSpec((block, width), lambda i: (i, 0))  # noqa: E731
         whole = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim,  # noqa: E731
                                        pipeline_mode=pl.Buffered(1))
@@ -130,7 +136,9 @@ def _kernel_call(name: str, math_fn, n_tokens: int, out_widths, out_dtype, flops
             + [whole(w) for w in operands[n_tokens:]],
             out_specs=[rows(w) for w in out_widths],
             out_shape=[jax.ShapeDtypeStruct((r, w), out_dtype) for w in out_widths],
-            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel",),
+                vmem_limit_bytes=ops.vmem_limit_bytes(resident)),
             cost_estimate=pl.CostEstimate(flops=flops * r, transcendentals=0, bytes_accessed=0),
             interpret=interpret,
         )(*operands)

@@ -45,6 +45,7 @@ from jax.experimental.pallas import tpu as pltpu
 from . import ops
 from .ops import MASKED_LOGIT, MaskSpec
 
+NAME = "rope_attention"  # the Pallas call's name, which compiled programs carry
 QUERY_BLOCK = 128
 LANE_GROUP = 128  # the TPU's lane count: heads are processed 128 lanes at a time
 SUBLANE_ALIGN = 16  # bfloat16 rows pack 16 to a tile: local key windows start on them
@@ -166,7 +167,7 @@ def _forward(q_btd, k_bsd, v_bsd, key_mask_bs, *, theta, head_dim, radius, inter
                 + 2 * s * group * 4 + 2 * s * 4     # the tables, the mask
                 + 8 * QUERY_BLOCK * s * 4 + 4 * s * group * 4)  # a block's temporaries
     return pl.pallas_call(
-        kernel, grid=(b,),
+        kernel, name=NAME, grid=(b,),
         in_specs=[pl.BlockSpec((1, 1, s), lambda i: (i, 0, 0)), row(t), row(s), row(s), table,
                   table],
         out_specs=row(t),

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from conftest import max_rel_err
 from flax import nnx
+from jax.experimental.pallas import tpu as pltpu
 
-from cde_jax import attention, encoder, fused_layer
+from cde_jax import attention, encoder, fused_layer, rope_attention
 from cde_jax.config import modernbert_base, modernbert_tiny
 
 PLAN = attention.Plan("rope_fused", "cpu")  # interpret mode, no mesh
@@ -89,9 +90,10 @@ def within_the_modules_rounding(got, want, exact) -> None:
     """`got` (the kernels, half precision) is as close to `exact` (the modules in float32 on
     the same inputs) as `want` (the modules in the same half precision) is: its error is
     bounded by the reference's own bfloat16 error, not by a fixed step."""
-    own = rel_err(want, exact)
-    assert 0 < own < 2e-2
-    assert rel_err(got, exact) <= 1.25 * own, (rel_err(got, exact), own)
+    own, err = rel_err(want, exact), rel_err(got, exact)
+    print(f"half precision vs float32: kernels {err:.3e}, the modules' own {own:.3e}")
+    assert 0 < own < 5e-2
+    assert err <= 1.25 * own, (err, own)
 
 
 @pytest.mark.parametrize("activations", ["compute", "float32"])
@@ -150,3 +152,53 @@ def test_the_encoder_fuses_unless_the_model_axis_is_split():
     base = modernbert_base(attention="rope_fused", dtype="bfloat16")
     assert fused_layer.supports(base)  # 6.2 MiB of weights
     assert not fused_layer.supports(base.replace(intermediate_size=2048))  # 10.1 MiB
+
+
+# --- base width, in JAX's TPU interpret mode ------------------------------------------------
+TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan",
+                                      num_cores_or_threads=2)
+
+
+def base_encoder(kernel: str, dtype: str, interpret=None) -> encoder.ModernBert:
+    """ModernBERT at base width with two layers, one global and one local (radius 64),
+    random weights with q and k scaled up so that attention is peaked (as trained), not
+    near-uniform (which would hide a RoPE or mask error)."""
+    cfg = modernbert_base(num_hidden_layers=2, global_attn_every_n_layers=2, dtype=dtype)
+    plan = attention.Plan(kernel, "cpu", interpret_as=interpret)
+    model = encoder.ModernBert(cfg, plan, rngs=nnx.Rngs(0))
+    for layer in model.layers:
+        wqkv = layer.attn.wqkv.kernel
+        wqkv[...] = wqkv[...].at[:, :2].multiply(6.0)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_base_width_in_tpu_interpret_mode(dtype, capfd, monkeypatch):
+    """rope_fused, and with bfloat16 fused_layer's kernels (float32 weights exceed what VMEM
+    holds: XLA's path), at base width (d 768, 12 heads, MLP 1152) on rows of 776 keys (a
+    prefix of 520 + 256 tokens) through a global and a local layer, in JAX's TPU interpret
+    mode: two cores, race detection, uninitialised memory read as NaN. Two rows: left padding
+    and a hole; right padding after the prefix. float32 within 1e-5 of "xla"; bfloat16 as
+    close to float32 "xla" as "xla"'s own bfloat16 is. A float32 row of 776 keys exceeds what
+    rope_fused holds in a TPU's VMEM (splash takes it there): the limit is lifted here, so
+    that the kernel's float32 arithmetic is checked at this width too."""
+    s, d = 776, 768
+    monkeypatch.setattr(rope_attention, "MAX_ROW_BYTES", s * d * 4)
+    mask_bs = np.ones((2, s), bool)
+    mask_bs[0, :40] = mask_bs[0, 300:303] = False
+    mask_bs[1, 520 + 200:] = False
+    x_bsd = jnp.asarray(np.random.default_rng(0).normal(size=(2, s, d)), jnp.float32)
+
+    def run(model):
+        return np.asarray(jax.jit(lambda m: m(attention_mask_bs=mask_bs, inputs_embeds_bsd=x_bsd))(
+            model), np.float32)[mask_bs]
+
+    fused = base_encoder("rope_fused", dtype, TPU_INTERPRET)
+    assert [layer.fused for layer in fused.layers] == [dtype == "bfloat16"] * 2
+    got, exact = run(fused), run(base_encoder("xla", "float32"))
+    assert "RACE DETECTED" not in capfd.readouterr().out
+    if dtype == "float32":
+        assert rel_err(got, exact) <= 1e-5
+    else:
+        within_the_modules_rounding(got, run(base_encoder("xla", "bfloat16")), exact)
