@@ -6,10 +6,11 @@ is visible to query i when `mask.key_mask_bs[:, j]` and, in a local layer
 indices in the row (0..s-1, queries the last t of them), whatever the mask: padding on either
 side or holes inside keep every token at its index, as `transformers`' ModernBERT does (its
 position ids are arange(s)). Scale 1/sqrt(e); logits, softmax and accumulation in float32; the
-output has q's dtype. Every kernel takes any 0/1 mask: cudnn, which takes padding as lengths,
-rolls left-padded rows to right padding and sends the masks it cannot express (holes) to
-"xla" in the same program (`lax.cond`), so no mask is an error or a different result.
-tests/test_masks.py holds every kernel to "xla" for every kind of mask.
+output has q's dtype. The stages move left-padded rows to right padding first
+(`ops.right_padded`: RoPE and the window see only distances). Every kernel but cudnn then
+takes any 0/1 mask; cudnn, which takes padding as lengths, writes NaN for a row with a hole,
+never a silently different value. tests/test_masks.py holds every kernel to "xla" for every
+kind of mask.
 
 A query that sees no key (only padding queries can: a real token sees itself) gets a finite
 output, never NaN, which differs between kernels and is never read (pooling drops it).
@@ -197,16 +198,13 @@ def head_major(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
 HALF_DTYPES = ("bfloat16", "float16")
 
 
-def cudnn_arguments(mask: MaskSpec) -> tuple[jax.Array, jax.Array, dict]:
-    """(handled, shift_b, arguments): what makes `jax.nn.dot_product_attention`'s cuDNN path
-    (and, identically, its XLA path: how this is tested on CPU) compute our semantics.
+def cudnn_arguments(mask: MaskSpec) -> tuple[jax.Array, dict]:
+    """(expressed_b, arguments): what makes `jax.nn.dot_product_attention`'s cuDNN path (and,
+    identically, its XLA path: how this is tested on CPU) compute our semantics.
 
-    cuDNN takes padding as lengths, so it sees each row's keys as one run from key 0. A row
-    whose keys are one run starting later (left padding) is rolled by `shift_b` keys to start
-    at 0 when queries are all the keys (t == s): q, k and v move together and are already
-    rotated, so every logit and every window distance stays what it was. `handled` is False
-    when some row is neither (holes; a later run under a query suffix): `cudnn` then runs
-    "xla" for the batch.
+    cuDNN takes padding as lengths: each row's keys as one run from key 0. The stages give it
+    that for padding on either side (`ops.right_padded`); `expressed_b` is False for a row
+    it cannot express (a hole inside a text).
 
     - `key_value_seq_lengths` = the run's length; `query_seq_lengths` = its queries: the last
       t keys, so max(kv_len - (s - t), 0). cuDNN writes 0 past a length.
@@ -216,41 +214,27 @@ def cudnn_arguments(mask: MaskSpec) -> tuple[jax.Array, jax.Array, dict]:
       for every row. Local layers take this dense-with-mask path rather than blocks, whose
       windows have padding on both sides, which lengths cannot express."""
     spans_b4, runs_b = ops.key_runs(mask.key_mask_bs)
-    start_b, end_b = spans_b4[:, 0], spans_b4[:, 1]
-    rolls_b = (runs_b == 1) & (start_b > 0) & (mask.offset == 0)
-    handled = ((runs_b == 0) | ((runs_b == 1) & ((start_b == 0) | rolls_b))).all()
-    kv_len_b = end_b - start_b
+    kv_len_b = spans_b4[:, 1]
     arguments = dict(query_seq_lengths=jnp.maximum(kv_len_b - mask.offset, 0),
                      key_value_seq_lengths=kv_len_b)
     window_ts = mask.window_ts()
     if window_ts is not None:
         arguments["mask"] = window_ts[None, None]
-    return handled, jnp.where(rolls_b, start_b, 0), arguments
-
-
-def _roll_rows(x_bs, shift_b):
-    """Row i of `x_bs` (sequence on axis 1) rolled left by `shift_b[i]`."""
-    return jax.vmap(lambda row, n: jnp.roll(row, -n, axis=0))(x_bs, shift_b)
+    return (runs_b == 0) | ((runs_b == 1) & (spans_b4[:, 0] == 0)), arguments
 
 
 def cudnn(q_bthe, k_bshe, v_bshe, mask: MaskSpec, rope=None, interpret=False, *,
           implementation: str = "cudnn"):
-    """cuDNN flash attention on the masks it takes (`cudnn_arguments`), "xla" on the others.
-    bfloat16/float16 only: cuDNN has no float32 kernel, and a silent downcast would hide a
-    precision change, so float32 raises. `implementation="xla"` runs the same arguments
-    through JAX's XLA path (tests, on any device)."""
+    """cuDNN flash attention. A row whose mask lengths cannot express (a hole inside a text)
+    comes out NaN, never a silently different value. bfloat16/float16 only: cuDNN has no
+    float32 kernel, and a silent downcast would hide a precision change, so float32 raises.
+    `implementation="xla"` runs the same arguments through JAX's XLA path (tests)."""
     if implementation == "cudnn" and q_bthe.dtype not in (jnp.bfloat16, jnp.float16):
         raise UserError(f"cudnn attention computes in bfloat16 or float16, not {q_bthe.dtype}")
-    handled, shift_b, arguments = cudnn_arguments(mask)
-
-    def flash(q, k, v):
-        o = jax.nn.dot_product_attention(
-            _roll_rows(q, shift_b), _roll_rows(k, shift_b), _roll_rows(v, shift_b),
-            implementation=implementation, **arguments)
-        return _roll_rows(o, -shift_b)
-
-    return jax.lax.cond(handled, flash, lambda q, k, v: xla(q, k, v, mask),
-                        q_bthe, k_bshe, v_bshe)
+    expressed_b, arguments = cudnn_arguments(mask)
+    o_bthe = jax.nn.dot_product_attention(q_bthe, k_bshe, v_bshe, implementation=implementation,
+                                          **arguments)
+    return jnp.where(expressed_b[:, None, None, None], o_bthe, jnp.nan).astype(o_bthe.dtype)
 
 
 def is_nvidia(device) -> bool:

@@ -53,6 +53,7 @@ class FirstStage(nnx.Module):
                            rngs=rngs)
 
     def __call__(self, input_ids_bs: jax.Array, attention_mask_bs: jax.Array) -> jax.Array:
+        input_ids_bs, attention_mask_bs = ops.right_padded(input_ids_bs, attention_mask_bs)
         hidden_bsd = self.embedder(input_ids_bs, attention_mask_bs)
         return self.mlp(ops.mean_pool(hidden_bsd, attention_mask_bs))
 
@@ -137,6 +138,7 @@ class SecondStage(nnx.Module):
                  prefix: Prefix) -> jax.Array:
         """(b, d) float32, unnormalized: `out_proj(pooled) + pooled`."""
         backbone, cde = self.backbone, self.cde
+        input_ids_bs, attention_mask_bs = ops.right_padded(input_ids_bs, attention_mask_bs)
         b = input_ids_bs.shape[0]
         p, d = prefix.embeds.shape[-2:]
         # Quirk (docs/model.md): the text passes the embedding LayerNorm twice, the prefix once.

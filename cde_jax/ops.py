@@ -113,6 +113,17 @@ def key_runs(key_mask_bs: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.stack(spans, axis=1).astype(jnp.int32), run_bs.max(axis=1)
 
 
+def right_padded(input_ids_bs: jax.Array, mask_bs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows whose kept tokens are one run moved to start at 0 (left padding becomes right
+    padding); other rows (holes) as they are. RoPE and the local window see only distances,
+    so a text's result does not depend on the side it was padded on, and after the second
+    stage's prefix the text follows it directly, as when right-padded."""
+    spans_b4, runs_b = key_runs(mask_bs)
+    shift_b = jnp.where(runs_b == 1, spans_b4[:, 0], 0)
+    roll = jax.vmap(lambda row, n: jnp.roll(row, -n))
+    return roll(input_ids_bs, shift_b), roll(mask_bs, shift_b)
+
+
 def mean_pool(hidden_bsd: jax.Array, mask_bs: jax.Array) -> jax.Array:
     """Masked mean in float32 with upstream's `+ 1e-20` denominator. `where`, not a product,
     so a non-finite value at a masked position cannot leak into the mean."""

@@ -266,9 +266,8 @@ def test_cudnn_arguments_compute_the_reference(case, dtype):
     q, k, v, key_mask_bs = qkv_inputs(s, len(lengths), s, lengths, h=2, e=16, dtype=dtype)
     pos = jnp.arange(s)
     q_t, q_pos = q[:, s - t:], pos[s - t:]
-    handled, shift_b, arguments = attention.cudnn_arguments(
-        MaskSpec(key_mask_bs, q_pos, pos, radius))
-    assert handled and not shift_b.any()  # right padding: lengths as they are
+    expressed_b, arguments = attention.cudnn_arguments(MaskSpec(key_mask_bs, q_pos, pos, radius))
+    assert expressed_b.all()  # right padding: lengths as they are
     got = jax.jit(lambda q, k, v, a: jax.nn.dot_product_attention(
         q, k, v, implementation=None, **a))(q_t, k, v, arguments)
     want = attention.dense_attention(q_t, k, v, MaskSpec(key_mask_bs, q_pos, pos, radius))
@@ -281,12 +280,12 @@ def test_cudnn_argument_shapes():
     s, t = 536, 16
     key_mask_bs = jnp.arange(s)[None, :] < jnp.array([536, 530, 300, 0])[:, None]
     suffix = attention.cudnn_arguments(MaskSpec(key_mask_bs, jnp.arange(s - t, s), jnp.arange(s),
-                                                64))[2]
+                                                64))[1]
     assert suffix["key_value_seq_lengths"].tolist() == [536, 530, 300, 0]
     assert suffix["query_seq_lengths"].tolist() == [16, 10, 0, 0]
     assert suffix["query_seq_lengths"].dtype == suffix["key_value_seq_lengths"].dtype == jnp.int32
     assert suffix["mask"].shape == (1, 1, t, s) and suffix["mask"].dtype == jnp.bool_
-    full = attention.cudnn_arguments(MaskSpec(key_mask_bs, jnp.arange(s), jnp.arange(s)))[2]
+    full = attention.cudnn_arguments(MaskSpec(key_mask_bs, jnp.arange(s), jnp.arange(s)))[1]
     assert full["query_seq_lengths"].tolist() == [536, 530, 300, 0] and "mask" not in full
 
 
@@ -298,7 +297,7 @@ def test_cudnn_accepts_the_window_mask_and_rejects_the_alternatives():
     t, s = 16, 200
     q, k, v, key_mask_bs = qkv_inputs(0, 3, s, (200, 100, 50), h=2, e=16, dtype=jnp.bfloat16)
     arguments = attention.cudnn_arguments(MaskSpec(key_mask_bs, jnp.arange(s - t, s),
-                                                    jnp.arange(s), 16))[2]
+                                                    jnp.arange(s), 16))[1]
 
     def check(mask):
         call = functools.partial(jax.nn.dot_product_attention, implementation="cudnn",
@@ -334,6 +333,9 @@ def test_auto_per_device_and_dtype(monkeypatch):
     cpu = jax.devices()[0]
     for dtype in ("float32", "bfloat16"):
         assert attention.resolve("auto", cpu, dtype) == "head_major"  # never cudnn here
+    tpu = type("FakeTpu", (), {"platform": "tpu", "device_kind": "TPU v5 lite"})()
+    assert attention.resolve("auto", tpu, "bfloat16") == "rope_fused"
+    assert attention.resolve("auto", tpu, "float32") == "splash"  # rows over rope_fused's VMEM
     monkeypatch.setattr(attention, "cudnn_problem", lambda: None)
     assert attention.resolve("auto", FakeGpu(), "bfloat16") == "cudnn"
     assert attention.resolve("auto", FakeGpu(), "float32") == "xla"  # cuDNN has no float32
