@@ -213,14 +213,15 @@ def cudnn_arguments(mask: MaskSpec) -> tuple[jax.Array, dict]:
       mask fails its bias shape check; padding stays in the lengths, so the mask is the same
       for every row. Local layers take this dense-with-mask path rather than blocks, whose
       windows have padding on both sides, which lengths cannot express."""
-    spans_b4, runs_b = ops.key_runs(mask.key_mask_bs)
-    kv_len_b = spans_b4[:, 1]
+    kept_bs = mask.key_mask_bs.astype(bool)
+    kv_len_b = kept_bs.sum(axis=-1, dtype=jnp.int32)
+    expressed_b = (kept_bs == (jnp.arange(kept_bs.shape[1])[None, :] < kv_len_b[:, None])).all(-1)
     arguments = dict(query_seq_lengths=jnp.maximum(kv_len_b - mask.offset, 0),
                      key_value_seq_lengths=kv_len_b)
     window_ts = mask.window_ts()
     if window_ts is not None:
         arguments["mask"] = window_ts[None, None]
-    return (runs_b == 0) | ((runs_b == 1) & (spans_b4[:, 0] == 0)), arguments
+    return expressed_b, arguments
 
 
 def cudnn(q_bthe, k_bshe, v_bshe, mask: MaskSpec, rope=None, interpret=False, *,

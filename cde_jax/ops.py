@@ -94,34 +94,20 @@ def vmem_limit_bytes(resident: int) -> int:
     return int(min(max(2 * resident, VMEM_DEFAULT_BYTES), VMEM_MAX_BYTES))
 
 
-def key_runs(key_mask_bs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Each row's kept keys as runs of consecutive indices: (spans_b4, runs_b), the first
-    two runs as int32 [start0, end0, start1, end1] (an absent run: 0, 0) and the number of
-    runs. Right or left padding is one run; the second stage's prefix and a left-padded text
-    are two; a hole inside a text adds one."""
-    kept_bs = key_mask_bs.astype(bool)
-    s = kept_bs.shape[1]
-    begins_bs = kept_bs & ~jnp.pad(kept_bs[:, :-1], ((0, 0), (1, 0)))
-    run_bs = jnp.cumsum(begins_bs, axis=1, dtype=jnp.int32) * kept_bs  # 1, 2, ...; 0: dropped
-    index_s = jnp.arange(s, dtype=jnp.int32)
-    spans = []
-    for run in (1, 2):
-        mine_bs = run_bs == run
-        start_b = jnp.where(mine_bs, index_s, s).min(axis=1)
-        spans += [jnp.where(mine_bs.any(axis=1), start_b, 0),
-                  jnp.where(mine_bs, index_s + 1, 0).max(axis=1)]
-    return jnp.stack(spans, axis=1).astype(jnp.int32), run_bs.max(axis=1)
-
-
 def right_padded(input_ids_bs: jax.Array, mask_bs: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Rows whose kept tokens are one run moved to start at 0 (left padding becomes right
     padding); other rows (holes) as they are. RoPE and the local window see only distances,
     so a text's result does not depend on the side it was padded on, and after the second
-    stage's prefix the text follows it directly, as when right-padded."""
-    spans_b4, runs_b = key_runs(mask_bs)
-    shift_b = jnp.where(runs_b == 1, spans_b4[:, 0], 0)
-    roll = jax.vmap(lambda row, n: jnp.roll(row, -n))
-    return roll(input_ids_bs, shift_b), roll(mask_bs, shift_b)
+    stage's prefix the text follows it directly, as when right-padded. A gather: no loop."""
+    kept_bs = mask_bs.astype(bool)
+    s = kept_bs.shape[1]
+    first_b = jnp.argmax(kept_bs, axis=1)
+    last_b = s - jnp.argmax(kept_bs[:, ::-1], axis=1)  # one past the last kept token
+    one_run_b = (last_b - first_b) == kept_bs.sum(axis=1)
+    shift_b = jnp.where(one_run_b & kept_bs.any(axis=1), first_b, 0)
+    index_bs = (jnp.arange(s)[None, :] + shift_b[:, None]) % s
+    return (jnp.take_along_axis(input_ids_bs, index_bs, axis=1),
+            jnp.take_along_axis(mask_bs, index_bs, axis=1))
 
 
 def mean_pool(hidden_bsd: jax.Array, mask_bs: jax.Array) -> jax.Array:

@@ -144,10 +144,3 @@ def test_cudnn_receives_what_it_can_compute(t, s, prefix, radius):
     real_bt = rolled_bs[:, s - t:].copy()
     real_bt[2] = False
     assert max_rel_err(got[real_bt], want[real_bt]) <= 1e-5
-
-
-def test_key_runs():
-    spans, runs = ops.key_runs(jnp.asarray(masks_bs(30, 10)))
-    assert runs.tolist() == [1, 2, 3, 1, 1]
-    assert spans[:, :2].tolist() == [[0, 31 - 10], [0, 10], [0, 14], [0, 11], [0, 10]]
-    assert spans[1, 2:].tolist() == [19, 30]
