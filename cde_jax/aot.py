@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 
 from . import flops, fused_layer, hlo, loading, params, resources, runner, sharding
+from .attention import KERNELS as ATTENTION_KERNELS
+from .attention import plan as attention_plan
 from .config import PRESETS, CdeConfig, ModernBertConfig
 from .validation import UserError
 
@@ -51,8 +53,6 @@ H100_SPEC = "h100_sxm.txtpb"
 # XLA:GPU's Triton GEMM emitter finds no tile sizes for the base model's largest matmuls
 # ("Couldn't find output tile sizes ... f32[49664,2304]"); cuBLAS takes them all.
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-# Kernels that run as custom calls XLA's cost analysis counts no FLOPs in (Mosaic).
-OPAQUE_KERNELS = ("splash", "rope_fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +253,7 @@ class StageReport:
         counts = {kind: _model_flops(stage, backbone, cde, batch, length, kind) / devices
                   for kind in ("windowed", flops.LINEAR_ONLY)}
         if "flops" in cost:  # attention inside Mosaic calls is invisible to it
-            opaque = backbone.attention in OPAQUE_KERNELS
+            opaque = ATTENTION_KERNELS[backbone.attention].per_device  # Mosaic: opaque
             total = cost["flops"] + (counts["windowed"] - counts[flops.LINEAR_ONLY]) * opaque
             flops_source = "XLA cost analysis" + " + model attention FLOPs" * opaque
         else:
@@ -340,7 +340,8 @@ def compile_stage(target: str, stage: str, batch: int, length: int, *, model=Non
     stored, cde, has_null = _configs(model)
     backbone = loading.runtime_backbone(stored, mesh, dtype=dtype, param_dtype=param_dtype,
                                         attention_name=attention, activations=activations)
-    abstract = params.abstract_model(backbone, cde, has_null_embedding=has_null)
+    plan = attention_plan(backbone.attention, mesh=mesh, dtype=backbone.dtype)
+    abstract = params.abstract_model(backbone, cde, has_null_embedding=has_null, plan=plan)
     fn = runner.stage_functions(params.split(abstract)[0], mesh)[STAGES.index(stage)]
     lowered = fn.lower(*_inputs(stage, abstract, backbone, cde, batch, length, mesh))
     gpu = mesh.devices.flat[0].platform == "gpu"

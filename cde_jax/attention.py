@@ -1,66 +1,69 @@
 """Attention kernels by name: the one place that decides how attention is computed.
 
-Every kernel computes the same function, ModernBERT's masked attention (docs/model.md):
-
-    kernel(q_bthe, k_bshe, v_bshe, mask: ops.MaskSpec) -> o_bthe
-
-Key j is visible to query i when `mask.key_mask_bs[:, j]` and, in a local layer
-(`mask.window_radius` not None), `|q_pos_t[i] - k_pos_s[j]| <= window_radius`. Queries may
-be a suffix of the keys (t < s: the second stage's last layer). Scale 1/sqrt(e); logits, softmax
-and accumulation in float32; the output has q's dtype. Keys are right-padded and sit at
-0..s-1, queries at the last t of them (how the encoder calls attention).
+Every kernel computes the same function, ModernBERT's masked attention (docs/model.md): key j
+is visible to query i when `mask.key_mask_bs[:, j]` and, in a local layer
+(`mask.window_radius` not None), `|q_pos_t[i] - k_pos_s[j]| <= window_radius`. Positions are
+indices in the row (0..s-1, queries the last t of them), whatever the mask: padding on either
+side or holes inside keep every token at its index, as `transformers`' ModernBERT does (its
+position ids are arange(s)). Scale 1/sqrt(e); logits, softmax and accumulation in float32; the
+output has q's dtype. The stages move left-padded rows to right padding first
+(`ops.right_padded`: RoPE and the window see only distances). Every kernel but cudnn then
+takes any 0/1 mask; cudnn, which takes padding as lengths, writes NaN for a row with a hole,
+never a silently different value. tests/test_masks.py holds every kernel to "xla" for every
+kind of mask.
 
 A query that sees no key (only padding queries can: a real token sees itself) gets a finite
-output, never NaN. Which finite value differs between kernels and is never read: "xla"
-averages the row's values (a uniform softmax, as the reference does), "head_major" the
-values of its 3-block window, "cudnn" writes 0, "splash" averages the key tiles it visited.
+output, never NaN, which differs between kernels and is never read (pooling drops it).
+
+One registry, `KERNELS`, of `Kernel` descriptions, each declaring its operand layout (heads
+apart and rotated, or side by side and not yet rotated: `rotates`), whether the layer around
+it runs as `fused_layer`'s kernels (`fuses_layer`), and whether it is a Mosaic call run per
+device (`per_device`). `Plan` is the decision for one model on one mesh, made once at load
+(`plan`): the kernel, the platform the program is compiled for and the mesh its per-device
+kernels split over; the encoder keeps it and passes it down. Nothing here reads the trace.
 
 Kernels:
   xla         `jax.nn.dot_product_attention` with the full mask; block-local for long local
-              layers. The reference, and the fallback everywhere.
-  head_major  the same computation laid out (b, h, s, e) for XLA:CPU: plain batched GEMMs,
-              q scaled before the logits, normalization after the value matmul; block-local
-              for long local layers. The CPU choice of "auto" (measured by
-              scripts/benchmark.py).
-  cudnn       cuDNN flash attention (NVIDIA GPU, bfloat16/float16): padding as sequence
-              lengths, the local window as a static (1, 1, t, s) mask.
-  splash      Pallas splash attention: the Mosaic kernel when the program is compiled for
-              TPUs, interpret mode otherwise (tests on CPU). Run per device (`per_device`):
-              Mosaic kernels cannot be partitioned by XLA.
-  rope_fused  our Pallas kernel with RoPE inside (`rope_attention.py`): q, k, v read once
-              as the projections write them, (b, s, d) with heads side by side and not yet
-              rotated, so no pass rotates, pads or transposes them. The TPU choice of "auto"
-              (the bytes it saves: docs/performance.md). Mosaic on TPUs, interpret mode
-              elsewhere; per device like splash. A kernel of this kind is built per layer
-              (`layer_kernel`), since RoPE's base differs between global and local layers.
-
-Kernels learn the devices a program is compiled for from JAX's abstract mesh, which the
-stages are traced under (`sharding.traced_on`): `target_platform` (not the host's backend:
-a TPU program compiled on a CPU host gets the TPU kernel) and the mesh axes `per_device`
-splits over.
-
-`load(path, attention=...)` takes a name from `names()`; "auto" picks per device and dtype
-(`resolve`). An unknown name, or a kernel the device or dtype cannot run, is a ValueError.
-The encoder asks `layer_kernel` for a layer's kernel and whether it applies RoPE itself.
+              layers. The reference.
+  head_major  the same computation laid out (b, h, s, e) for XLA:CPU: the CPU choice of "auto"
+              (scripts/benchmark.py).
+  cudnn       cuDNN flash attention (NVIDIA GPU, bfloat16/float16): padding as lengths.
+  splash      Pallas splash attention: Mosaic on TPUs, interpret mode elsewhere; per device.
+  rope_fused  our Pallas kernel with RoPE inside (`rope_attention.py`) on q, k, v as the
+              projections write them, with the layer's norms, projections and MLP as
+              `fused_layer`'s kernels: the TPU choice of "auto". Per device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from . import ops, rope_attention
+from . import ops, rope_attention, sharding
 from .ops import MASKED_LOGIT, MaskSpec
-from .sharding import DATA, MODEL, split_on, traced_free_axes
+from .sharding import DATA, MODEL, split_on
 from .validation import UserError
 
-Kernel = Callable[[jax.Array, jax.Array, jax.Array, MaskSpec], jax.Array]
 
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """A layer's RoPE, for kernels that rotate q and k themselves: base and head width."""
+    theta: float
+    head_dim: int
+
+
+# A kernel's function: (q, k, v, mask, rope, interpret) -> o. q, k, v are (b, s, h, e) rotated,
+# or (b, s, h * e) not yet rotated for a kernel that `rotates`; `interpret`: Pallas kernels
+# run interpreted (the program is not compiled for TPUs).
+Attend = Callable[..., jax.Array]
 
 
 # --- the reference ------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def _window_mask(key_mask_ws, block: int) -> MaskSpec:
 
 
 def local_block_attention(q_bshe, k_bshe, v_bshe, key_mask_bs, window_radius: int,
-                          attend: Kernel = dense_attention) -> jax.Array:
+                          attend: Attend = dense_attention) -> jax.Array:
     """Local self-attention computing only what the window can reach: queries go in blocks
     of `window_radius`, each attending to its own and the two neighbouring key blocks
     (3 * radius keys, not s) through `attend`. Same result as the dense masked path up to
@@ -123,7 +126,7 @@ def uses_blocks(mask: MaskSpec) -> bool:
     return mask.window_radius is not None and mask.offset == 0 and s > 3 * mask.window_radius
 
 
-def blocked_local(attend: Kernel) -> Kernel:
+def blocked_local(attend):
     """`attend`, with long local self-attention done block by block (`local_block_attention`)."""
     def kernel(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
         if uses_blocks(mask):
@@ -131,6 +134,10 @@ def blocked_local(attend: Kernel) -> Kernel:
                                          mask.window_radius, attend)
         return attend(q_bthe, k_bshe, v_bshe, mask)
     return kernel
+
+
+# "xla": the reference, block by block in long local layers.
+xla = blocked_local(dense_attention)
 
 
 # --- head_major: XLA:CPU ------------------------------------------------------------------
@@ -191,48 +198,44 @@ def head_major(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
 HALF_DTYPES = ("bfloat16", "float16")
 
 
-def cudnn_arguments(mask: MaskSpec) -> dict:
-    """Keyword arguments that make `jax.nn.dot_product_attention` compute our semantics on
-    its cuDNN path (and, identically, on its XLA path: how this is tested on CPU).
+def cudnn_arguments(mask: MaskSpec) -> tuple[jax.Array, dict]:
+    """(expressed_b, arguments): what makes `jax.nn.dot_product_attention`'s cuDNN path (and,
+    identically, its XLA path: how this is tested on CPU) compute our semantics.
 
-    - Padding as lengths: `key_value_seq_lengths` = real keys (right padding);
-      `query_seq_lengths` = real queries. Queries are the last t keys, so the real ones are
-      a prefix of the query axis of length max(kv_len - (s - t), 0): the key length for
-      t == s, fewer for the last layer's text queries. cuDNN writes 0 past a length.
-    - The local window as a static (1, 1, t, s) boolean mask (cuDNN adds it as a bias).
-      cuDNN's `local_window_size` is left-only without `is_causal`, and a query-broadcast
-      (b, 1, 1, s) mask fails its bias shape check, so the window has this form; padding
-      stays in the lengths, so the mask is the same for every row and never (b, ...).
-      Local layers take this dense-with-mask path rather than blocks: block windows have
-      padding on both sides (the first window's left fill), which lengths cannot express,
-      so blocks would need a per-window (b * n, 1, q, k) mask plus 3x copies of k and v,
-      to save only the out-of-window FLOPs (`flops.second_stage_flops`, dense vs windowed).
-    """
-    kv_len_b = mask.key_mask_bs.astype(bool).sum(axis=-1, dtype=jnp.int32)
+    cuDNN takes padding as lengths: each row's keys as one run from key 0. The stages give it
+    that for padding on either side (`ops.right_padded`); `expressed_b` is False for a row
+    it cannot express (a hole inside a text).
+
+    - `key_value_seq_lengths` = the run's length; `query_seq_lengths` = its queries: the last
+      t keys, so max(kv_len - (s - t), 0). cuDNN writes 0 past a length.
+    - The local window as a static (1, 1, t, s) boolean mask (cuDNN adds it as a bias):
+      `local_window_size` is left-only without `is_causal`, and a query-broadcast (b, 1, 1, s)
+      mask fails its bias shape check; padding stays in the lengths, so the mask is the same
+      for every row. Local layers take this dense-with-mask path rather than blocks, whose
+      windows have padding on both sides, which lengths cannot express."""
+    kept_bs = mask.key_mask_bs.astype(bool)
+    kv_len_b = kept_bs.sum(axis=-1, dtype=jnp.int32)
+    expressed_b = (kept_bs == (jnp.arange(kept_bs.shape[1])[None, :] < kv_len_b[:, None])).all(-1)
     arguments = dict(query_seq_lengths=jnp.maximum(kv_len_b - mask.offset, 0),
                      key_value_seq_lengths=kv_len_b)
     window_ts = mask.window_ts()
     if window_ts is not None:
         arguments["mask"] = window_ts[None, None]
-    return arguments
+    return expressed_b, arguments
 
 
-def cudnn(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
-    """cuDNN flash attention. bfloat16/float16 only: cuDNN has no float32 kernel, and a
-    silent downcast would hide a precision change, so float32 raises."""
-    if q_bthe.dtype not in (jnp.bfloat16, jnp.float16):
+def cudnn(q_bthe, k_bshe, v_bshe, mask: MaskSpec, rope=None, interpret=False, *,
+          implementation: str = "cudnn"):
+    """cuDNN flash attention. A row whose mask lengths cannot express (a hole inside a text)
+    comes out NaN, never a silently different value. bfloat16/float16 only: cuDNN has no
+    float32 kernel, and a silent downcast would hide a precision change, so float32 raises.
+    `implementation="xla"` runs the same arguments through JAX's XLA path (tests)."""
+    if implementation == "cudnn" and q_bthe.dtype not in (jnp.bfloat16, jnp.float16):
         raise UserError(f"cudnn attention computes in bfloat16 or float16, not {q_bthe.dtype}")
-    return jax.nn.dot_product_attention(
-        q_bthe, k_bshe, v_bshe, implementation="cudnn", **cudnn_arguments(mask))
-
-
-def cudnn_version() -> int | None:
-    """cuDNN's version as JAX sees it (e.g. 90300), None when JAX has no CUDA build."""
-    try:
-        from jax._src.cudnn import fused_attention_stablehlo as cudnn_lib
-        return int(cudnn_lib.check_cudnn_version())
-    except (ImportError, AttributeError, RuntimeError):
-        return None
+    expressed_b, arguments = cudnn_arguments(mask)
+    o_bthe = jax.nn.dot_product_attention(q_bthe, k_bshe, v_bshe, implementation=implementation,
+                                          **arguments)
+    return jnp.where(expressed_b[:, None, None, None], o_bthe, jnp.nan).astype(o_bthe.dtype)
 
 
 def is_nvidia(device) -> bool:
@@ -243,14 +246,26 @@ def is_nvidia(device) -> bool:
         or device.device_kind.lower().startswith("nvidia"))
 
 
+@functools.cache
+def cudnn_problem() -> str | None:
+    """Why JAX's cuDNN attention cannot be built here (no cuDNN, or one too old), None when
+    it can: a small bfloat16 call traced through the public API, which checks both."""
+    x = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
+    try:
+        jax.eval_shape(functools.partial(jax.nn.dot_product_attention,
+                                         implementation="cudnn"), x, x, x)
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
 def cudnn_supported(device) -> bool:
-    """An NVIDIA GPU that JAX's cuDNN flash attention runs on: cuDNN >= 8.9.4 and compute
-    capability >= 8.0 (Ampere), the minimum of `jax.nn.dot_product_attention`'s cuDNN path."""
+    """An NVIDIA GPU with compute capability >= 8.0 (Ampere, the minimum of JAX's cuDNN
+    attention) where that attention can be built (`cudnn_problem`)."""
     if not is_nvidia(device):
         return False
-    version = cudnn_version()
     capability = tuple(int(x) for x in str(device.compute_capability).split("."))
-    return version is not None and version >= 8904 and capability >= (8, 0)
+    return capability >= (8, 0) and cudnn_problem() is None
 
 
 # --- splash: TPUs (Pallas) ----------------------------------------------------------------
@@ -292,46 +307,10 @@ def _splash_kernel(h: int, t_pad: int, s_pad: int, offset: int, window_radius: i
                                           interpret=interpret)
 
 
-def target_platform() -> str:
-    """The platform of the devices the program being traced is compiled for: the abstract
-    mesh's (the stages are traced under their mesh), else JAX's default backend (a bare
-    `jit` with no mesh compiles for the default devices)."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    return jax.default_backend() if device is None else device.platform
-
-
-def interpret_mode() -> bool:
-    """Whether Pallas kernels run interpreted: when the program is not compiled for TPUs
-    (`target_platform`), so the same kernels run, and are tested, on CPU."""
-    return target_platform() != "tpu"
-
-
-def per_device(kernel: Kernel, head_dim: int | None = None) -> Kernel:
-    """`kernel` run on each device's own rows and heads: `jax.shard_map` over the trace's
-    mesh axes that are not manual already (a user's `shard_map` around the stage), rows
-    split on "data" and heads on "model" where they divide. For kernels that XLA cannot
-    partition (Mosaic custom calls): attention is independent per row and head, so nothing
-    crosses devices. Without a mesh (or on one device) it is `kernel` itself. q, k, v are
-    (b, s, h, e), or (b, s, d) with heads of `head_dim` side by side."""
-    def run(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
-        free = traced_free_axes()
-        if not free:
-            return kernel(q_bthe, k_bshe, v_bshe, mask)
-        b, h = q_bthe.shape[0], q_bthe.shape[2] // (head_dim or 1)
-        rows, heads = split_on(free, DATA, b), split_on(free, MODEL, h)
-        x_spec = P(rows, None, heads) if head_dim else P(rows, None, heads, None)
-        mask_spec = MaskSpec(P(rows, None), P(), P(), mask.window_radius)
-        return jax.shard_map(kernel, mesh=jax.sharding.get_abstract_mesh(),
-                             in_specs=(x_spec, x_spec, x_spec, mask_spec),
-                             out_specs=x_spec, axis_names=set(free), check_vma=False)(
-            q_bthe, k_bshe, v_bshe, mask)
-    return run
-
-
-def splash(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
-    """Splash attention vmapped over the batch: the Mosaic kernel when the program is
-    compiled for TPUs (`target_platform`), interpret mode otherwise (so the same code is
-    tested on CPU). Per device in the registry (`per_device`).
+def splash(q_bthe, k_bshe, v_bshe, mask: MaskSpec, rope=None, interpret: bool = False):
+    """Splash attention vmapped over the batch: the Mosaic kernel, or the same kernel
+    interpreted (`interpret`: programs not compiled for TPUs, and tests on CPU). Any key
+    mask: padding and holes are segment ids.
 
     The kernel does not scale logits, so q is scaled first. Both sequence axes are padded
     to multiples of 128 (padded query rows are dropped). Padding: every query in segment 1,
@@ -343,7 +322,7 @@ def splash(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
     s = k_bshe.shape[1]
     t_pad, s_pad = _round_up(t, SPLASH_TILE), _round_up(s, SPLASH_TILE)
     kernel = _splash_kernel(h, t_pad, s_pad, mask.offset, mask.window_radius,
-                            interpret_mode())
+                            interpret)
 
     def kernel_layout(x_bshe, padded):  # (b, s, h, e) -> (b, h, padded, e)
         return _head_major(jnp.pad(x_bshe, ((0, 0), (0, padded - x_bshe.shape[1]), (0, 0),
@@ -358,35 +337,76 @@ def splash(q_bthe, k_bshe, v_bshe, mask: MaskSpec):
     return _head_major(o_bhte[:, :, :t]).astype(q_bthe.dtype)
 
 
+
 # --- rope_fused: TPUs (Pallas, ours) ------------------------------------------------------
-def rope_fused(theta: float, head_dim: int) -> Kernel:
-    """`rope_attention.rope_attention` for one layer's RoPE base, on (b, s, d) operands whose
-    q and k are not rotated yet: Mosaic when the program is compiled for TPUs, interpret
-    mode otherwise; per device."""
-    def kernel(q_btd, k_bsd, v_bsd, mask: MaskSpec):
-        return rope_attention.rope_attention(q_btd, k_bsd, v_bsd, mask, theta, head_dim,
-                                             interpret=interpret_mode())
-    return per_device(kernel, head_dim)
+def _heads_apart(x_bsd, head_dim: int):
+    return x_bsd.reshape(*x_bsd.shape[:2], -1, head_dim)
+
+
+def rotated_splash(q_btd, k_bsd, v_bsd, mask: MaskSpec, rope: Rope, interpret: bool):
+    """rope_fused's function by other means: q and k rotated by XLA at the mask's positions,
+    heads split, splash. For rows longer than its VMEM holds."""
+    cos_te, sin_te = ops.rope_cos_sin(mask.q_pos_t, rope.head_dim, rope.theta)
+    cos_se, sin_se = ops.rope_cos_sin(mask.k_pos_s, rope.head_dim, rope.theta)
+    q_bthe = ops.apply_rope(_heads_apart(q_btd, rope.head_dim), cos_te, sin_te)
+    k_bshe = ops.apply_rope(_heads_apart(k_bsd, rope.head_dim), cos_se, sin_se)
+    o_bthe = splash(q_bthe, k_bshe, _heads_apart(v_bsd, rope.head_dim), mask, rope, interpret)
+    return o_bthe.reshape(q_btd.shape)
+
+
+def rope_fused(q_btd, k_bsd, v_bsd, mask: MaskSpec, rope: Rope, interpret: bool):
+    """`rope_attention.rope_attention` (any key mask) on (b, s, d) operands whose q and k are
+    not rotated yet. Rows of keys over its VMEM (`rope_attention.holds`: float32 rows of the
+    second stage) run `rotated_splash`, the same function, decided from the shapes."""
+    if not rope_attention.holds(k_bsd.shape[1], k_bsd.shape[2], k_bsd.dtype):
+        return rotated_splash(q_btd, k_bsd, v_bsd, mask, rope, interpret)
+    return rope_attention.rope_attention(q_btd, k_bsd, v_bsd, mask, rope.theta, rope.head_dim,
+                                         interpret=interpret)
 
 
 # --- the registry -------------------------------------------------------------------------
-KERNELS: dict[str, Kernel] = {
-    "xla": blocked_local(dense_attention),
-    "head_major": head_major,
-    "cudnn": cudnn,
-    "splash": per_device(splash),
-}
-# Kernels that rotate q and k themselves, built per layer: name -> (theta, head_dim) -> Kernel
-# on (b, s, d) operands.
-ROPE_KERNELS: dict[str, Callable[[float, int], Kernel]] = {"rope_fused": rope_fused}
+def plain(fn) -> Attend:
+    """A kernel of (q, k, v, mask) (rotated q and k, any 0/1 key mask) as the registry calls
+    kernels: the form `register` takes from outside the package."""
+    return lambda q, k, v, mask, rope, interpret: fn(q, k, v, mask)
 
-# What "auto" prefers per `jax.Device.platform`; `resolve` falls back to "xla" where the
-# preferred kernel cannot run (cuDNN missing or too old, float32 compute).
-AUTO = {"cpu": "head_major", "gpu": "cudnn", "tpu": "rope_fused"}
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One attention kernel and what it declares to the encoder."""
+    name: str
+    attend: Attend
+    rotates: bool = False      # reads (b, s, h * e) q, k, v not yet rotated (RoPE inside)
+    fuses_layer: bool = False  # the layer around it runs as `fused_layer`'s kernels
+    per_device: bool = False   # a Mosaic call XLA cannot partition: run per device
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    Kernel("xla", plain(xla)),
+    Kernel("head_major", plain(head_major)),
+    Kernel("cudnn", cudnn),
+    Kernel("splash", splash, per_device=True),
+    Kernel("rope_fused", rope_fused, rotates=True, fuses_layer=True, per_device=True),
+)}
+
+# What "auto" prefers per `jax.Device.platform` and compute dtype; `resolve` falls back to
+# "xla" where the preferred kernel cannot run (cuDNN missing or too old). On TPUs float32
+# rows of the second stage exceed what rope_fused holds in VMEM: splash there.
+AUTO = {("cpu", "half"): "head_major", ("cpu", "float32"): "head_major",
+        ("gpu", "half"): "cudnn", ("gpu", "float32"): "xla",
+        ("tpu", "half"): "rope_fused", ("tpu", "float32"): "splash"}
+# What may run on each platform: the candidates a tuner times against "xla".
+CANDIDATES = {"cpu": ("xla", "head_major"), "gpu": ("xla", "cudnn"),
+              "tpu": ("xla", "splash", "rope_fused")}
 
 
 def names() -> tuple[str, ...]:
-    return ("auto", *KERNELS, *ROPE_KERNELS)
+    return ("auto", *KERNELS)
+
+
+def candidates(platform: str) -> tuple[str, ...]:
+    """The kernels worth trying on `platform` ("cpu", "gpu", "tpu"), "xla" first."""
+    return CANDIDATES.get(platform, ("xla",))
 
 
 BUILT_IN = frozenset(names())
@@ -420,9 +440,9 @@ def unsupported(name: str, device, dtype: str) -> str | None:
             return (f"attention 'cudnn' needs an NVIDIA GPU; this device is "
                     f"{device.platform} ({device.device_kind}): use 'auto' or 'xla'")
         if not cudnn_supported(device):
-            return (f"attention 'cudnn' needs cuDNN >= 8.9.4 and compute capability >= 8.0 "
-                    f"(found cuDNN {cudnn_version()}, compute capability "
-                    f"{device.compute_capability})")
+            return (f"attention 'cudnn' needs JAX's cuDNN attention and compute capability "
+                    f">= 8.0 (compute capability {device.compute_capability}; cuDNN: "
+                    f"{cudnn_problem() or 'found'})")
         if dtype not in HALF_DTYPES:
             return (f"attention 'cudnn' computes in bfloat16 or float16 only, not {dtype}: "
                     "load with dtype='bfloat16'")
@@ -435,7 +455,8 @@ def resolve(name: str, device=None, dtype: str = "float32") -> str:
     run there is a UserError saying why."""
     device = device if device is not None else jax.devices()[0]
     if check(name) == "auto":
-        preferred = AUTO.get(device.platform, "xla")
+        width = "half" if dtype in HALF_DTYPES else "float32"
+        preferred = AUTO.get((device.platform, width), "xla")
         return "xla" if unsupported(preferred, device, dtype) else preferred
     problem = unsupported(name, device, dtype)
     if problem:
@@ -443,12 +464,59 @@ def resolve(name: str, device=None, dtype: str = "float32") -> str:
     return name
 
 
-def layer_kernel(name: str, dtype: str, theta: float, head_dim: int) -> tuple[Kernel, bool]:
-    """(kernel, rotates): the kernel of `name` for a layer with RoPE base `theta`, and
-    whether it applies RoPE itself (then it takes (b, s, d) operands, else rotated
-    (b, s, h, e)). "auto" is resolved for JAX's first device and compute `dtype`
-    (`resolve`), as `load` resolves it for the mesh's devices."""
-    name = resolve(name, dtype=dtype) if name == "auto" else check(name)
-    if name in ROPE_KERNELS:
-        return ROPE_KERNELS[name](theta, head_dim), True
-    return KERNELS[name], False
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one model computes attention, decided once (`plan`) and passed down: the kernel,
+    the platform the program is compiled for, the mesh the per-device kernels split over
+    (None: whole) and how Pallas kernels are interpreted (`interpret_as`: None, interpreted
+    off TPUs; or a `pltpu.InterpretParams`, JAX's TPU interpret mode, for tests). Hashable,
+    so models with equal plans have equal graphdefs and share compiled programs
+    (`runner.stage_functions`)."""
+    kernel: str = "xla"
+    platform: str = "cpu"
+    mesh: Mesh | None = None
+    interpret_as: Any = None
+
+    @property
+    def spec(self) -> Kernel:
+        return KERNELS[self.kernel]
+
+    @property
+    def interpret(self):
+        """What Pallas calls take as `interpret`."""
+        return self.platform != "tpu" if self.interpret_as is None else self.interpret_as
+
+    @property
+    def fuses_layer(self) -> bool:
+        """Whether layers run `fused_layer`'s kernels: the kernel says so, and the mesh does
+        not split the model axis (split heads and MLP units would need an all-reduce inside
+        the second kernel, before its residual; XLA's path partitions the matmuls itself)."""
+        return self.spec.fuses_layer and sharding.device_axes(self.mesh).get(MODEL, 1) == 1
+
+    def attend(self, q, k, v, mask: MaskSpec, rope: Rope) -> jax.Array:
+        """The kernel on (b, t, h, e) rotated operands, or (b, t, h * e) unrotated for a
+        kernel that `rotates`; per device where it must be (rows split on "data", heads
+        on "model" where they divide)."""
+        kernel = self.spec
+        fn = functools.partial(kernel.attend, rope=rope, interpret=self.interpret)
+        if not kernel.per_device:
+            return fn(q, k, v, mask)
+        heads_of = (lambda x: x.shape[2] // rope.head_dim) if kernel.rotates else (
+            lambda x: x.shape[2])
+
+        def specs(axes, q, k, v, mask):
+            rows, heads = split_on(axes, DATA, q.shape[0]), split_on(axes, MODEL, heads_of(q))
+            x = P(rows, None, heads) if kernel.rotates else P(rows, None, heads, None)
+            return x, x, x, MaskSpec(P(rows, None), P(), P(), mask.window_radius)
+
+        out = lambda axes, *operands: specs(axes, *operands)[0]  # noqa: E731
+        return sharding.per_device(fn, self.mesh, specs, out)(q, k, v, mask)
+
+
+def plan(name: str, *, mesh: Mesh | None = None, dtype: str = "float32") -> Plan:
+    """The `Plan` for attention `name` on `mesh`'s devices (None: JAX's first device, no
+    mesh) with compute `dtype`: "auto" resolved there (`resolve`), a kernel that cannot run
+    there a UserError."""
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    kernel = resolve(name, device, dtype)
+    return Plan(kernel, device.platform, mesh if sharding.device_axes(mesh) else None)

@@ -11,7 +11,6 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from .attention import check as check_attention
 from .validation import UserError
 
 GLOBAL, LOCAL = "global", "local"
@@ -55,7 +54,9 @@ class ModernBertConfig:
     # Runtime choices, not part of the checkpoint.
     param_dtype: str = "float32"
     dtype: str = "float32"
-    attention: str = "xla"  # a kernel name from `attention.names()` ("auto": per platform)
+    # A kernel name from `attention.names()` ("auto": per platform), checked where the model's
+    # `attention.Plan` is made: a config does not import the kernels.
+    attention: str = "xla"
     activations: str = "compute"  # one of ACTIVATIONS
 
     def __post_init__(self):
@@ -63,7 +64,6 @@ class ModernBertConfig:
             raise UserError(
                 f"hidden_size {self.hidden_size} is not a multiple of "
                 f"num_attention_heads {self.num_attention_heads}")
-        check_attention(self.attention)
         for field, names in (("dtype", DTYPES), ("param_dtype", DTYPES),
                              ("activations", ACTIVATIONS)):
             if getattr(self, field) not in names:

@@ -3,9 +3,11 @@
 Each layer is pre-norm attention + pre-norm GeGLU MLP; every `global_attn_every_n_layers`-th
 layer attends globally with RoPE theta 160k, the others within `|i-j| <= local_attention//2`
 with theta 10k. The layer is split into `project_qkv` / `attend` / `residual_mlp` so the second
-stage can reuse the pieces with a shared prefix (see `model.py`) without a second copy. With
-rope_fused (TPUs), `project_qkv` and `residual_mlp` run `fused_layer`'s kernels where
-`EncoderLayer.fused()` says so, the same arithmetic as the modules' path here.
+stage can reuse the pieces with a shared prefix (see `model.py`) without a second copy.
+Attention is computed as the model's `attention.Plan` says, decided once at load and kept by
+every layer: the kernel, its operand layout (`Kernel.rotates`) and whether `project_qkv` and
+`residual_mlp` run `fused_layer`'s kernels (`EncoderLayer.fused`, the same arithmetic as the
+modules' path here).
 
 Precision: with a half compute dtype (`cfg.dtype` "bfloat16"/"float16") every matmul takes
 half-precision inputs and accumulates in float32, and so does attention. Between ops the
@@ -121,26 +123,22 @@ class Mlp(nnx.Module):
 
 
 class EncoderLayer(nnx.Module):
-    def __init__(self, cfg: ModernBertConfig, index: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModernBertConfig, index: int, plan: attention.Plan, *,
+                 rngs: nnx.Rngs):
         self.layer_type = cfg.layer_types[index]
         self.window_radius = None if self.layer_type == GLOBAL else cfg.window_radius
-        self.rope_theta = cfg.rope_theta(self.layer_type)
-        self.head_dim, self.dtype = cfg.head_dim, cfg.jnp_dtype
-        self.activation_dtype = cfg.jnp_activation_dtype
-        self.kernel, self.kernel_rotates = attention.layer_kernel(
-            cfg.attention, cfg.dtype, self.rope_theta, cfg.head_dim)
-        # With rope_fused, the projections, norms and MLP around it are kernels too
-        # (fused_layer.py), for the layers they support.
-        self.fusable = self.kernel_rotates and fused_layer.supports(cfg)
+        self.rope = attention.Rope(cfg.rope_theta(self.layer_type), cfg.head_dim)
+        self.dtype, self.activation_dtype = cfg.jnp_dtype, cfg.jnp_activation_dtype
+        self.plan = plan
+        self.kernel_rotates = plan.spec.rotates
+        # The projections, norms and MLP around the kernel as kernels too (fused_layer.py),
+        # where the plan fuses the layer and the layer's weights allow.
+        self.fused = plan.fuses_layer and fused_layer.supports(cfg)
         self.numerics = fused_layer.Numerics(cfg.norm_eps, self.dtype, self.activation_dtype)
         self.attn_norm = None if index == 0 else layer_norm(cfg, rngs)  # layer 0: identity
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = layer_norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
-
-    def fused(self) -> bool:
-        """Whether this trace runs the layer's fused kernels (`fused_layer.applies`)."""
-        return self.fusable and fused_layer.applies()
 
     def _weight(self, linear: nnx.LinearGeneral, rows: int) -> jax.Array:
         """A linear's kernel in the compute dtype as a (rows, columns) matrix."""
@@ -149,34 +147,36 @@ class EncoderLayer(nnx.Module):
     def project_qkv(self, h_bsd: jax.Array, pos_s: jax.Array):
         """Normalized input -> q, k, v (b, s, h, e) in the compute dtype, RoPE (float32) at
         positions `pos_s`; for a kernel that rotates them itself, (b, s, h * e) unrotated."""
-        if self.fused():
+        if self.fused:
             scale_d = None if self.attn_norm is None else self.attn_norm.scale[...]
-            return fused_layer.norm_qkv(
-                h_bsd, scale_d, self._weight(self.attn.wqkv, h_bsd.shape[-1]), self.numerics)
+            return fused_layer.norm_qkv(h_bsd, scale_d,
+                                        self._weight(self.attn.wqkv, h_bsd.shape[-1]),
+                                        self.numerics, self.plan)
         x_bsd = h_bsd if self.attn_norm is None else self.attn_norm(h_bsd)
         q, k, v = self.attn.project_qkv(x_bsd, self.activation_dtype,
                                         heads_apart=not self.kernel_rotates)
         if self.kernel_rotates:
             return tuple(x.astype(self.dtype) for x in (q, k, v))
-        cos_se, sin_se = ops.rope_cos_sin(pos_s, self.head_dim, self.rope_theta)
+        cos_se, sin_se = ops.rope_cos_sin(pos_s, self.rope.head_dim, self.rope.theta)
         return tuple(x.astype(self.dtype) for x in (
             ops.apply_rope(q, cos_se, sin_se), ops.apply_rope(k, cos_se, sin_se), v))
 
     def attend(self, q_bthe, k_bshe, v_bshe, key_mask_bs, q_pos_t, k_pos_s) -> jax.Array:
-        """Attention by the configured kernel (`attention.py`), not projected yet: (b, t, h, e),
+        """Attention by the plan's kernel (`attention.py`), not projected yet: (b, t, h, e),
         or (b, t, h * e) from a kernel that rotates q and k itself."""
         mask = ops.MaskSpec(key_mask_bs, q_pos_t, k_pos_s, self.window_radius)
-        return self.kernel(q_bthe, k_bshe, v_bshe, mask)
+        return self.plan.attend(q_bthe, k_bshe, v_bshe, mask, self.rope)
 
     def residual_mlp(self, h_btd: jax.Array, o_bthe: jax.Array) -> jax.Array:
         """The layer's output from its input and the attention output: the output
         projection, the residual sum, the MLP block and its residual sum."""
-        if self.fused():
+        if self.fused:
             d = h_btd.shape[-1]
             return fused_layer.out_mlp(
                 o_bthe, h_btd, self._weight(self.attn.wo, o_bthe.shape[-1]),
                 self.mlp_norm.scale[...], self._weight(self.mlp.wi, d),
-                self._weight(self.mlp.wo, self.mlp.wo.kernel.shape[0]), self.numerics)
+                self._weight(self.mlp.wo, self.mlp.wo.kernel.shape[0]), self.numerics,
+                self.plan)
         project = self.attn.project_out if self.kernel_rotates else self.attn.wo
         h_btd = (h_btd + project(o_bthe).astype(self.activation_dtype)).astype(
             self.activation_dtype)
@@ -185,12 +185,15 @@ class EncoderLayer(nnx.Module):
 
 
 class ModernBert(nnx.Module):
-    """`ModernBertModel` (eval mode): `__call__` returns `last_hidden_state`."""
+    """`ModernBertModel` (eval mode): `__call__` returns `last_hidden_state`. `plan`: how
+    attention is computed (`attention.plan`; None: `cfg.attention` on JAX's first device)."""
 
-    def __init__(self, cfg: ModernBertConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModernBertConfig, plan: attention.Plan | None = None, *,
+                 rngs: nnx.Rngs):
         self.config = cfg
+        plan = plan or attention.plan(cfg.attention, dtype=cfg.dtype)
         self.embeddings = Embeddings(cfg, rngs=rngs)
-        self.layers = nnx.List([EncoderLayer(cfg, i, rngs=rngs)
+        self.layers = nnx.List([EncoderLayer(cfg, i, plan, rngs=rngs)
                                 for i in range(cfg.num_hidden_layers)])
         self.final_norm = layer_norm(cfg, rngs)
 

@@ -11,7 +11,7 @@ but not on v6e, whose ridge is 560 (docs/performance.md). These two kernels keep
 in VMEM: the first reads the residual once and writes q, k and v as rope_fused reads them;
 the second reads the attention output and the residual and writes the next residual.
 
-Inside (Mosaic on TPUs, interpret mode elsewhere: `attention.interpret_mode`): the tokens of
+Inside (Mosaic on TPUs, interpret mode elsewhere: the `attention.Plan` says which): the tokens of
 every row, flattened, in blocks of `TOKEN_BLOCK`; the weights whole in VMEM, fetched at the
 first step and single-buffered. The arithmetic is the XLA path's (`encoder.py`), op for op:
 the norms in float32 (two-pass variance), matmul inputs in the compute dtype with float32
@@ -20,13 +20,10 @@ is written once (`_qkv`, `_out_mlp`) and read both by the kernels, on VMEM block
 the backward pass, on whole arrays: the gradients are autodiff of the same function in plain
 JAX.
 
-When: the encoder uses them with rope_fused for layers that `supports` (no biases, weights
-that fit VMEM: ModernBERT base and cde-small-v2) in programs whose mesh does not split the
-model axis (`applies`). With
-`model_parallel` > 1 the MLP's units and the heads are split over devices and the second
-kernel's output would need an all-reduce before its residual: XLA's path (which partitions
-the matmuls itself) runs there. Per device over the other mesh axes, as Mosaic calls cannot
-be partitioned by XLA.
+When: the encoder uses them for layers that `supports` (no biases, weights that fit VMEM:
+ModernBERT base and cde-small-v2) where its `attention.Plan` fuses the layer (rope_fused, on a
+mesh that does not split the model axis). Per device over the plan's mesh, as Mosaic calls
+cannot be partitioned by XLA.
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from . import attention, sharding
+from . import ops, sharding
 
 TOKEN_BLOCK = 256  # tokens per grid step: (256, 2 x 1152) float32 MLP temporaries, ~2.4 MB
 # The kernels' names, which the compiled program's Mosaic calls carry (`aot` counts them).
@@ -59,12 +56,6 @@ def supports(cfg) -> bool:
     d, f = cfg.hidden_size, cfg.intermediate_size
     fits = (d * d + 3 * d * f) * cfg.jnp_dtype.itemsize <= MAX_WEIGHT_BYTES
     return fits and not (cfg.attention_bias or cfg.mlp_bias or cfg.norm_bias)
-
-
-def applies() -> bool:
-    """Whether the program being traced can use the kernels: its mesh does not split the
-    model axis over devices (see the module docstring)."""
-    return sharding.traced_free_axes().get(sharding.MODEL, 1) == 1
 
 
 def _layer_norm(h_rd, scale_1d, eps: float):
@@ -124,6 +115,12 @@ def _kernel_call(name: str, math_fn, n_tokens: int, out_widths, out_dtype, flops
     def call(*operands):
         r = operands[0].shape[0]
         block = min(TOKEN_BLOCK, r)
+        tokens, weights = operands[:n_tokens], operands[n_tokens:]
+        resident = (sum(w.size * w.dtype.itemsize for w in weights)  # single-buffered
+                    + 2 * block * (sum(x.shape[1] * x.dtype.itemsize for x in tokens)
+                                   + sum(out_widths) * jnp.dtype(out_dtype).itemsize)
+                    # float32 temporaries: a block's rows of every weight's outputs
+                    + 4 * block * sum(w.shape[-1] for w in weights))
         rows = lambda width: pl.BlockSpec((block, width), lambda i: (i, 0))  # noqa: E731
         whole = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim,  # noqa: E731
                                        pipeline_mode=pl.Buffered(1))
@@ -139,7 +136,9 @@ def _kernel_call(name: str, math_fn, n_tokens: int, out_widths, out_dtype, flops
             + [whole(w) for w in operands[n_tokens:]],
             out_specs=[rows(w) for w in out_widths],
             out_shape=[jax.ShapeDtypeStruct((r, w), out_dtype) for w in out_widths],
-            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel",),
+                vmem_limit_bytes=ops.vmem_limit_bytes(resident)),
             cost_estimate=pl.CostEstimate(flops=flops * r, transcendentals=0, bytes_accessed=0),
             interpret=interpret,
         )(*operands)
@@ -155,20 +154,16 @@ def _differentiable(forward, math_fn):
     return fn
 
 
-def _per_device(fn, n_tokens: int):
-    """`fn` on each device's rows: `shard_map` over the trace's free mesh axes, token
-    operands (b, s, x) split on "data" where it divides b, weights whole. Without free axes,
-    `fn` itself."""
-    def run(*operands):
-        free = sharding.traced_free_axes()
-        if not free:
-            return fn(*operands)
-        rows = sharding.split_on(free, sharding.DATA, operands[0].shape[0])
-        specs = [P(rows, None, None)] * n_tokens + [P()] * (len(operands) - n_tokens)
-        return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(specs),
-                             out_specs=P(rows, None, None), axis_names=set(free),
-                             check_vma=False)(*operands)
-    return run
+def _per_device(fn, n_tokens: int, mesh):
+    """`fn` on each device's rows of `mesh` (`sharding.per_device`): token operands
+    (b, s, x) split on "data" where it divides b, weights whole."""
+    def rows(axes, *operands):
+        return P(sharding.split_on(axes, sharding.DATA, operands[0].shape[0]), None, None)
+
+    def specs(axes, *operands):
+        return (rows(axes, *operands),) * n_tokens + (P(),) * (len(operands) - n_tokens)
+
+    return lambda *operands: sharding.per_device(fn, mesh, specs, rows)(*operands)
 
 
 def _tokens_apart(fn, n_tokens: int):
@@ -181,30 +176,32 @@ def _tokens_apart(fn, n_tokens: int):
     return run
 
 
-def _build(name, math_fn, n_tokens, out_widths, out_dtype, flops):
+def _build(name, math_fn, n_tokens, out_widths, out_dtype, flops, plan):
     kernel = _kernel_call(name, math_fn, n_tokens, out_widths, out_dtype, flops,
-                          attention.interpret_mode())
-    return _per_device(_tokens_apart(_differentiable(kernel, math_fn), n_tokens), n_tokens)
+                          plan.interpret)
+    return _per_device(_tokens_apart(_differentiable(kernel, math_fn), n_tokens), n_tokens,
+                       plan.mesh)
 
 
-def norm_qkv(h_bsd, norm_scale_d, wqkv_dk, numerics: Numerics):
+def norm_qkv(h_bsd, norm_scale_d, wqkv_dk, numerics: Numerics, plan):
     """q, k, v (b, s, k) in the compute dtype, heads side by side as rope_fused reads them,
     from the residual (b, s, d): the attention norm (`norm_scale_d` None: none, layer 0)
-    and the projections by `wqkv_dk` ((d, 3k), in the compute dtype)."""
+    and the projections by `wqkv_dk` ((d, 3k), in the compute dtype). `plan`: the model's
+    `attention.Plan` (interpret mode, the mesh)."""
     d, k3 = wqkv_dk.shape
     norm = norm_scale_d is not None
     scale_1d = (norm_scale_d if norm else jnp.ones((d,))).astype(jnp.float32).reshape(1, d)
     math_fn = functools.partial(_qkv, numerics=numerics, norm=norm)
-    fn = _build(NORM_QKV, math_fn, 1, [k3 // 3] * 3, numerics.compute, 2 * d * k3)
+    fn = _build(NORM_QKV, math_fn, 1, [k3 // 3] * 3, numerics.compute, 2 * d * k3, plan)
     return fn(h_bsd, scale_1d, wqkv_dk)
 
 
-def out_mlp(o_btk, h_btd, wo_kd, norm_scale_d, wi_df, wo_fd, numerics: Numerics):
+def out_mlp(o_btk, h_btd, wo_kd, norm_scale_d, wi_df, wo_fd, numerics: Numerics, plan):
     """The next residual (b, t, d) in the activation dtype, from the attention output
     (b, t, k) and the residual: see `_out_mlp`. Weights in the compute dtype."""
     k, d = wo_kd.shape
     f = wo_fd.shape[0]
     scale_1d = norm_scale_d.astype(jnp.float32).reshape(1, d)
     math_fn = functools.partial(_out_mlp, numerics=numerics)
-    fn = _build(OUT_MLP, math_fn, 2, [d], numerics.activation, 2 * (k * d + 3 * d * f))
+    fn = _build(OUT_MLP, math_fn, 2, [d], numerics.activation, 2 * (k * d + 3 * d * f), plan)
     return fn(o_btk, h_btd, wo_kd, scale_1d, wi_df, wo_fd)

@@ -50,9 +50,11 @@ def runtime_backbone(stored: ModernBertConfig, mesh, *, dtype: str | None = None
 
 def place_checkpoint(ckpt: convert.Checkpoint, backbone: ModernBertConfig, mesh
                      ) -> tuple[nnx.GraphDef, dict]:
-    """(graphdef, nested parameters on the mesh, in `backbone.param_dtype`)."""
+    """(graphdef, nested parameters on the mesh, in `backbone.param_dtype`). Attention's
+    decisions (kernel, platform, per-device mesh) are made here, once: `attention.plan`."""
+    plan = attention.plan(backbone.attention, mesh=mesh, dtype=backbone.dtype)
     graphdef, abstract = params.split(params.abstract_model(
-        backbone, ckpt.cde, has_null_embedding=ckpt.has_null_embedding))
+        backbone, ckpt.cde, has_null_embedding=ckpt.has_null_embedding, plan=plan))
     dtype = backbone.jnp_param_dtype
 
     def put(path, value, like):

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import ops
+from .attention import Plan
+from .attention import plan as attention_plan
 from .config import CdeConfig, ModernBertConfig
 from .encoder import ModernBert
 from .validation import UserError
@@ -44,12 +46,14 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 class FirstStage(nnx.Module):
     """Dataset embeddings: `mlp(mean_pool(ModernBERT(ids)))`, (n, d) float32."""
 
-    def __init__(self, backbone: ModernBertConfig, *, rngs: nnx.Rngs):
-        self.embedder = ModernBert(backbone, rngs=rngs)
+    def __init__(self, backbone: ModernBertConfig, plan: Plan | None = None, *,
+                 rngs: nnx.Rngs):
+        self.embedder = ModernBert(backbone, plan, rngs=rngs)
         self.mlp = MlpHead(backbone.hidden_size, backbone.hidden_size, gelu_exact, backbone,
                            rngs=rngs)
 
     def __call__(self, input_ids_bs: jax.Array, attention_mask_bs: jax.Array) -> jax.Array:
+        input_ids_bs, attention_mask_bs = ops.right_padded(input_ids_bs, attention_mask_bs)
         hidden_bsd = self.embedder(input_ids_bs, attention_mask_bs)
         return self.mlp(ops.mean_pool(hidden_bsd, attention_mask_bs))
 
@@ -67,11 +71,11 @@ class Prefix(NamedTuple):
 
 
 class SecondStage(nnx.Module):
-    def __init__(self, backbone: ModernBertConfig, cde: CdeConfig, *, has_null_embedding: bool,
-                 rngs: nnx.Rngs):
+    def __init__(self, backbone: ModernBertConfig, cde: CdeConfig, plan: Plan | None = None, *,
+                 has_null_embedding: bool, rngs: nnx.Rngs):
         d = backbone.hidden_size
         self.cde = cde
-        self.backbone = ModernBert(backbone, rngs=rngs)
+        self.backbone = ModernBert(backbone, plan, rngs=rngs)
         self.prompt_projection = MlpHead(d, d * cde.num_soft_prompt_tokens, jax.nn.relu,
                                          backbone, rngs=rngs)
         self.output_projection = MlpHead(d, d, jax.nn.relu, backbone, rngs=rngs)
@@ -134,6 +138,7 @@ class SecondStage(nnx.Module):
                  prefix: Prefix) -> jax.Array:
         """(b, d) float32, unnormalized: `out_proj(pooled) + pooled`."""
         backbone, cde = self.backbone, self.cde
+        input_ids_bs, attention_mask_bs = ops.right_padded(input_ids_bs, attention_mask_bs)
         b = input_ids_bs.shape[0]
         p, d = prefix.embeds.shape[-2:]
         # Quirk (docs/model.md): the text passes the embedding LayerNorm twice, the prefix once.
@@ -159,13 +164,16 @@ class ContextualEmbedder(nnx.Module):
 
     `first_stage` and `second_stage` are the stages as functions of jax arrays, for use
     inside other JAX code (`jit`, `grad` w.r.t. the parameters or the dataset embeddings,
-    `vmap`, `shard_map`); `CdeModel.module` gives a loaded checkpoint's module."""
+    `vmap`, `shard_map`); `CdeModel.module` gives a loaded checkpoint's module. `plan`: how
+    attention is computed (`attention.plan`, made once at load; None: the backbone's
+    `attention` on JAX's first device)."""
 
     def __init__(self, backbone: ModernBertConfig, cde: CdeConfig, *,
-                 has_null_embedding: bool = False, rngs: nnx.Rngs):
-        self.first_stage_model = FirstStage(backbone, rngs=rngs)
-        self.second_stage_model = SecondStage(backbone, cde, has_null_embedding=has_null_embedding,
-                                              rngs=rngs)
+                 has_null_embedding: bool = False, plan: Plan | None = None, rngs: nnx.Rngs):
+        plan = plan or attention_plan(backbone.attention, dtype=backbone.dtype)
+        self.first_stage_model = FirstStage(backbone, plan, rngs=rngs)
+        self.second_stage_model = SecondStage(backbone, cde, plan,
+                                              has_null_embedding=has_null_embedding, rngs=rngs)
 
     def first_stage(self, input_ids_bs: jax.Array, attention_mask_bs: jax.Array) -> jax.Array:
         """Dataset embeddings (b, d) float32 of tokenized minicorpus documents."""

@@ -81,6 +81,35 @@ def attention_mask(spec: MaskSpec) -> jax.Array:
     return mask_b1ts
 
 
+# Scoped VMEM a Pallas TPU kernel may use: Mosaic's default is 16 MiB on v4/v5e (32 on v6e);
+# v4 has 32 MiB of VMEM in all, later chips more. Kernels ask for twice what they count
+# (`vmem_limit_bytes`), within those.
+VMEM_DEFAULT_BYTES, VMEM_MAX_BYTES = 16 * 2 ** 20, 32 * 2 ** 20
+
+
+def vmem_limit_bytes(resident: int) -> int:
+    """The scoped VMEM limit for a kernel that holds `resident` bytes (its blocks, buffers
+    and temporaries, as counted by the kernel): twice that, for what Mosaic adds, at least
+    the default and at most what every TPU has."""
+    return int(min(max(2 * resident, VMEM_DEFAULT_BYTES), VMEM_MAX_BYTES))
+
+
+def right_padded(input_ids_bs: jax.Array, mask_bs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows whose kept tokens are one run moved to start at 0 (left padding becomes right
+    padding); other rows (holes) as they are. RoPE and the local window see only distances,
+    so a text's result does not depend on the side it was padded on, and after the second
+    stage's prefix the text follows it directly, as when right-padded. A gather: no loop."""
+    kept_bs = mask_bs.astype(bool)
+    s = kept_bs.shape[1]
+    first_b = jnp.argmax(kept_bs, axis=1)
+    last_b = s - jnp.argmax(kept_bs[:, ::-1], axis=1)  # one past the last kept token
+    one_run_b = (last_b - first_b) == kept_bs.sum(axis=1)
+    shift_b = jnp.where(one_run_b & kept_bs.any(axis=1), first_b, 0)
+    index_bs = (jnp.arange(s)[None, :] + shift_b[:, None]) % s
+    return (jnp.take_along_axis(input_ids_bs, index_bs, axis=1),
+            jnp.take_along_axis(mask_bs, index_bs, axis=1))
+
+
 def mean_pool(hidden_bsd: jax.Array, mask_bs: jax.Array) -> jax.Array:
     """Masked mean in float32 with upstream's `+ 1e-20` denominator. `where`, not a product,
     so a non-finite value at a masked position cannot leak into the mean."""

@@ -14,11 +14,12 @@ from .config import CdeConfig, ModernBertConfig
 from .model import ContextualEmbedder
 
 
-def abstract_model(backbone: ModernBertConfig, cde: CdeConfig, *,
-                   has_null_embedding: bool) -> ContextualEmbedder:
-    """The model with shape-only parameters: no memory, no random init."""
+def abstract_model(backbone: ModernBertConfig, cde: CdeConfig, *, has_null_embedding: bool,
+                   plan=None) -> ContextualEmbedder:
+    """The model with shape-only parameters: no memory, no random init. `plan`: its
+    `attention.Plan` (None: the backbone's attention on JAX's first device)."""
     return nnx.eval_shape(lambda: ContextualEmbedder(
-        backbone, cde, has_null_embedding=has_null_embedding, rngs=nnx.Rngs(0)))
+        backbone, cde, has_null_embedding=has_null_embedding, plan=plan, rngs=nnx.Rngs(0)))
 
 
 def path(keys: tuple) -> str:

@@ -14,8 +14,9 @@ the (b, h, s, e) layout splash reads, and broadcast the padding mask into (s, 12
 tiles per row; ~45 of the ~82 KB each token moved per layer. This kernel reads q, k and v
 once, as the matmuls wrote them (lane-dense: 12 heads of 64 fill 768 lanes, where a head-minor
 layout pads 64 to 128), rotates them in VMEM and writes the output once: 4 x 2d bytes per
-token. Padding is each row's key length (keys are right-padded, as the encoder pads them),
-prefetched to SMEM.
+token. The key mask is read as it is, (1, s) per row beside q, k and v (s * 4 bytes, against
+3 * s * d * 2): any mask, padding on either side or holes, at the keys' index positions, as
+"xla" computes it. `attention.rope_fused` sends rows longer than VMEM holds to splash.
 
 Inside (Pallas, Mosaic on TPUs, interpret mode elsewhere): one grid step per batch row holds
 the row's q, k and v in VMEM; query blocks of 128 loop statically, each against every key
@@ -43,8 +44,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from . import ops
 from .ops import MASKED_LOGIT, MaskSpec
-from .validation import UserError
 
+NAME = "rope_attention"  # the Pallas call's name, which compiled programs carry
 QUERY_BLOCK = 128
 LANE_GROUP = 128  # the TPU's lane count: heads are processed 128 lanes at a time
 SUBLANE_ALIGN = 16  # bfloat16 rows pack 16 to a tile: local key windows start on them
@@ -107,20 +108,19 @@ def _key_span(r0: int, r1: int, offset: int, s: int, radius: int | None) -> tupl
     return lo, min(s, r1 + offset + radius + 1)
 
 
-def _kernel(lengths_ref, q_ref, k_ref, v_ref, cos_ref, sin_ref, o_ref, *, head_dim: int,
+def _kernel(mask_ref, q_ref, k_ref, v_ref, cos_ref, sin_ref, o_ref, *, head_dim: int,
             radius: int | None, scale: float):
     """One batch row: every query block, every head group (see the module docstring)."""
     t, d = q_ref.shape[1], q_ref.shape[2]
     s = k_ref.shape[1]
     offset, group = s - t, lane_group(d)
-    length = lengths_ref[pl.program_id(0)]
     dtype = v_ref.dtype
     for r0 in range(0, t, QUERY_BLOCK):
         r1 = min(t, r0 + QUERY_BLOCK)
         lo, hi = _key_span(r0, r1, offset, s, radius)
         q_pos_rk = jax.lax.broadcasted_iota(jnp.int32, (r1 - r0, hi - lo), 0) + (r0 + offset)
         k_pos_rk = jax.lax.broadcasted_iota(jnp.int32, (r1 - r0, hi - lo), 1) + lo
-        visible_rk = k_pos_rk < length
+        visible_rk = jnp.broadcast_to(mask_ref[0, :, lo:hi] != 0, (r1 - r0, hi - lo))
         if radius is not None:
             visible_rk &= jnp.abs(q_pos_rk - k_pos_rk) <= radius
         q_rows, k_rows = slice(r0 + offset, r1 + offset), slice(lo, hi)
@@ -152,37 +152,42 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, cos_ref, sin_ref, o_ref, *, head_d
         jax.lax.fori_loop(0, d // group, heads, 0)
 
 
-def _forward(q_btd, k_bsd, v_bsd, lengths_b, *, theta, head_dim, radius, interpret):
+def _forward(q_btd, k_bsd, v_bsd, key_mask_bs, *, theta, head_dim, radius, interpret):
     b, t, d = q_btd.shape
     s = k_bsd.shape[1]
     group = lane_group(d)
     cos_sg, sin_sg = rope_tables(s, head_dim, theta, group)
     kernel = functools.partial(_kernel, head_dim=head_dim, radius=radius,
                                scale=float(1.0 / np.sqrt(head_dim)))
-    row = lambda n: pl.BlockSpec((1, n, d), lambda i, lengths: (i, 0, 0))  # noqa: E731
-    table = pl.BlockSpec((s, group), lambda i, lengths: (0, 0),  # fetched once
+    row = lambda n: pl.BlockSpec((1, n, d), lambda i: (i, 0, 0))  # noqa: E731
+    table = pl.BlockSpec((s, group), lambda i: (0, 0),  # fetched once
                          pipeline_mode=pl.Buffered(1))
+    itemsize = q_btd.dtype.itemsize
+    resident = (2 * (2 * t + 2 * s) * d * itemsize  # q, k, v, o double-buffered
+                + 2 * s * group * 4 + 2 * s * 4     # the tables, the mask
+                + 8 * QUERY_BLOCK * s * 4 + 4 * s * group * 4)  # a block's temporaries
     return pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(b,), in_specs=[row(t), row(s), row(s), table, table],
-            out_specs=row(t)),
+        kernel, name=NAME, grid=(b,),
+        in_specs=[pl.BlockSpec((1, 1, s), lambda i: (i, 0, 0)), row(t), row(s), row(s), table,
+                  table],
+        out_specs=row(t),
         out_shape=jax.ShapeDtypeStruct((b, t, d), q_btd.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",),
+                                             vmem_limit_bytes=ops.vmem_limit_bytes(resident)),
         interpret=interpret,
-    )(lengths_b, q_btd, k_bsd, v_bsd, jnp.asarray(cos_sg), jnp.asarray(sin_sg))
+    )(key_mask_bs.astype(jnp.int32)[:, None, :], q_btd, k_bsd, v_bsd, jnp.asarray(cos_sg),
+      jnp.asarray(sin_sg))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _attend(q_btd, k_bsd, v_bsd, mask, theta, head_dim, interpret):
-    lengths_b = mask.key_mask_bs.astype(jnp.int32).sum(axis=-1)
-    return _forward(q_btd, k_bsd, v_bsd, lengths_b, theta=theta, head_dim=head_dim,
+    return _forward(q_btd, k_bsd, v_bsd, mask.key_mask_bs, theta=theta, head_dim=head_dim,
                     radius=mask.window_radius, interpret=interpret)
 
 
 def _attend_fwd(q_btd, k_bsd, v_bsd, mask, theta, head_dim, interpret):
-    return _attend(q_btd, k_bsd, v_bsd, mask, theta, head_dim, interpret), (q_btd, k_bsd,
-                                                                             v_bsd, mask)
+    out = _attend(q_btd, k_bsd, v_bsd, mask, theta, head_dim, interpret)
+    return out, (q_btd, k_bsd, v_bsd, mask)
 
 
 def _attend_bwd(theta, head_dim, interpret, saved, g_btd):
@@ -198,15 +203,14 @@ def _attend_bwd(theta, head_dim, interpret, saved, g_btd):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+def holds(s: int, d: int, dtype) -> bool:
+    """Whether a row of `s` keys of `d` lanes in `dtype` fits the kernel's VMEM."""
+    return s * d * jnp.dtype(dtype).itemsize <= MAX_ROW_BYTES
+
+
 def rope_attention(q_btd, k_bsd, v_bsd, mask: MaskSpec, theta: float, head_dim: int, *,
                    interpret: bool):
     """The kernel (see the module docstring). Positions are the encoder's: keys 0..s-1,
-    queries the last t of them (`mask.q_pos_t`, `mask.k_pos_s` are not read); keys
-    right-padded (`mask.key_mask_bs` counts each row's length). A row of keys over
-    `MAX_ROW_BYTES` is an error naming the kernel that takes it ("splash")."""
-    s, d = k_bsd.shape[1], k_bsd.shape[2]
-    if s * d * k_bsd.dtype.itemsize > MAX_ROW_BYTES:
-        raise UserError(f"attention 'rope_fused' holds a row's keys in VMEM: {s} keys of "
-                        f"{d} {k_bsd.dtype} lanes exceed its {MAX_ROW_BYTES:,} bytes; use "
-                        "attention='splash' for rows this long")
+    queries the last t of them (`mask.q_pos_t`, `mask.k_pos_s` are not read); any key mask.
+    Rows must fit (`holds`)."""
     return _attend(q_btd, k_bsd, v_bsd, mask, float(theta), head_dim, interpret)

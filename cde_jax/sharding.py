@@ -56,10 +56,9 @@ def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
 
 
 def traced_on(mesh: Mesh, fn):
-    """`fn`, traced with `mesh` as JAX's abstract mesh (`jax.sharding.get_abstract_mesh`):
-    the attention kernels read from it the devices the program is compiled for and the axes
-    a kernel that XLA cannot partition is run per device over (`attention.per_device`).
-    Every jitted stage and training step is traced so."""
+    """`fn`, traced with `mesh` as JAX's abstract mesh: every jitted stage and training step
+    is traced so, so that sharding constraints and `shard_map`s inside name its axes. No
+    decision is read back from it: the kernels get theirs from `attention.Plan`."""
     @functools.wraps(fn)
     def traced(*args, **kwargs):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -67,22 +66,39 @@ def traced_on(mesh: Mesh, fn):
     return traced
 
 
-def traced_free_axes() -> dict[str, int]:
-    """{axis: size} of the trace's abstract mesh axes that are not manual already (a user's
-    `shard_map` around the stage): what a Mosaic call, which XLA cannot partition, is run per
-    device over (`attention.per_device`, `fused_layer`), size-1 axes included (none may stay
-    automatic around it). Empty when none of them splits devices (no mesh, one device, or
-    all manual): the call then runs as it is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    free = {} if mesh.empty else {a: mesh.shape[a] for a in mesh.axis_names
-                                  if a not in mesh.manual_axes}
-    return free if any(size > 1 for size in free.values()) else {}
+def device_axes(mesh: Mesh | None) -> dict[str, int]:
+    """{axis: size} of `mesh` when it splits devices (empty for no mesh or one device): the
+    axes a Mosaic call, which XLA cannot partition, is run per device over, size-1 axes
+    included (none may stay automatic around it)."""
+    if mesh is None or mesh.size == 1:
+        return {}
+    return dict(mesh.shape)
 
 
-def split_on(free: dict[str, int], axis: str, size: int) -> str | None:
-    """`axis` where it is one of `free` (`traced_free_axes`) and divides `size`: what a
-    dimension of that size is split on per device; else None (whole on every device)."""
-    return axis if axis in free and size % free[axis] == 0 else None
+def split_on(axes: dict[str, int], axis: str, size: int) -> str | None:
+    """`axis` where it is one of `axes` (`device_axes`) and divides `size`: what a dimension
+    of that size is split on per device; else None (whole on every device)."""
+    return axis if axis in axes and size % axes[axis] == 0 else None
+
+
+def per_device(fn, mesh: Mesh | None, specs, out_specs):
+    """`fn` run on each device's own blocks: `jax.shard_map` over `mesh`'s axes
+    (`device_axes`), operands split by `specs(axes)` and results by `out_specs(axes)`.
+    Without axes, `fn` itself. Axes that a user's own `shard_map` around the stage has made
+    manual are split already: they are left out, the one thing read from the trace (a
+    nested map over them would fail)."""
+    axes = device_axes(mesh)
+    context = jax.sharding.get_abstract_mesh()
+    manual = set() if context.empty else set(context.manual_axes)
+    axes = {a: n for a, n in axes.items() if a not in manual}
+    if not any(n > 1 for n in axes.values()):
+        return fn
+
+    def run(*operands):
+        in_specs, out = specs(axes, *operands), out_specs(axes, *operands)
+        return jax.shard_map(fn, mesh=context if manual else mesh, in_specs=in_specs,
+                             out_specs=out, axis_names=set(axes), check_vma=False)(*operands)
+    return run
 
 
 def logical_axes(path: str) -> tuple[str | None, ...]:

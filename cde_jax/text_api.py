@@ -75,24 +75,23 @@ def load(path: str | Path, *, revision: str | None = None, dtype: str | None = N
     ckpt = loading.read_checkpoint(path, backbone_config=backbone_config, mesh=mesh)
     backbone = loading.runtime_backbone(ckpt.backbone, mesh, dtype=dtype, param_dtype=param_dtype,
                                         attention_name=attention, activations=activations)
-    return model_of(ckpt, backbone, *loading.place_checkpoint(ckpt, backbone, mesh), mesh,
-                    plan)
-
-
-def model_of(ckpt: convert.Checkpoint, backbone: ModernBertConfig, graphdef: nnx.GraphDef,
-             params: dict, mesh, plan: buckets.BucketPlan | None = None) -> CdeModel:
-    """A `CdeModel` of parameters already on `mesh` (no copy): what `load` returns, and what
-    training evaluates its current parameters with."""
-    runner = StageRunner(graphdef, params, mesh, backbone.dtype)
-    tokenizer = ckpt.tokenizer_dir and TextTokenizer(load_tokenizer(ckpt.tokenizer_dir),
-                                                     pad_id=backbone.pad_token_id)
-    device = mesh.devices.flat[0]
-    if tuning.probes(device.platform, tune):
+    runner = StageRunner(*loading.place_checkpoint(ckpt, backbone, mesh), mesh, backbone.dtype)
+    platform = mesh.devices.flat[0].platform
+    if tuning.probes(platform, tune):
         backbone, runner = tuning.settle(
             runner, backbone, ckpt.cde, plan or _plan(mesh, backbone.attention),
-            requested=attention, platform=device.platform, check=check_kernel)
-    plan = plan or _plan(mesh, backbone.attention)
-    return CdeModel(runner, ckpt, backbone, tokenizer, plan)
+            requested=attention, platform=platform, check=check_kernel)
+    return model_of(ckpt, backbone, runner, plan)
+
+
+def model_of(ckpt: convert.Checkpoint, backbone: ModernBertConfig, runner: StageRunner,
+             plan: buckets.BucketPlan | None = None) -> CdeModel:
+    """A `CdeModel` of a runner whose parameters are already on its mesh (no copy): what
+    `load` returns, and what training evaluates its current parameters with."""
+    tokenizer = ckpt.tokenizer_dir and TextTokenizer(load_tokenizer(ckpt.tokenizer_dir),
+                                                     pad_id=backbone.pad_token_id)
+    return CdeModel(runner, ckpt, backbone, tokenizer,
+                    plan or _plan(runner.mesh, backbone.attention))
 
 
 def _plan(mesh, kernel: str) -> buckets.BucketPlan:

@@ -44,9 +44,6 @@ from .validation import UserError
 
 log = logging.getLogger(__name__)
 
-# What "auto" chooses among, per `jax.Device.platform`; `xla` first, the reference.
-CANDIDATES = {"tpu": ("xla", "splash", "rope_fused"), "gpu": ("xla", "cudnn"),
-              "cpu": ("xla", "head_major")}
 INTERPRETED = ("splash", "rope_fused")  # the Pallas kernels, in interpret mode off TPUs
 REFERENCE = "xla"
 PROBE_LENGTH = 256  # the bucket `load` probes: texts of up to 256 tokens
@@ -62,11 +59,11 @@ CACHE_FORMAT = 1
 _registered: dict[str, tuple[str, ...]] = {}  # kernel name -> platforms it is a candidate on
 
 
-def register(name: str, kernel: attention.Kernel, *, platforms: tuple[str, ...]) -> None:
-    """Adds `kernel` to the attention registry under `name` and makes it a candidate of
-    "auto" on `platforms` ("tpu", "gpu", "cpu"): a new kernel is then checked and timed
-    against the others wherever it may run."""
-    attention.register(name, kernel)
+def register(name: str, attend, *, platforms: tuple[str, ...]) -> None:
+    """Adds `attend(q_bthe, k_bshe, v_bshe, mask) -> o_bthe` to the attention registry under
+    `name` and makes it a candidate of "auto" on `platforms` ("tpu", "gpu", "cpu"): a new
+    kernel is then checked and timed against the others wherever it may run."""
+    attention.register(name, attention.Kernel(name, attention.plain(attend)))
     _registered[name] = tuple(platforms)
 
 
@@ -81,7 +78,7 @@ def unregister(name: str) -> None:
 def candidates(platform: str, *, interpret: bool = False) -> tuple[str, ...]:
     """The kernels "auto" chooses among on `platform`; `interpret` adds the Pallas kernels
     (interpret mode off TPUs: slow, for checking them on CPU)."""
-    names = list(CANDIDATES.get(platform, (REFERENCE,)))
+    names = list(attention.candidates(platform))
     names += [n for n in INTERPRETED if interpret and n not in names]
     return tuple(names + [n for n, on in _registered.items() if platform in on])
 

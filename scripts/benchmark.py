@@ -319,8 +319,9 @@ def bench_attention(cfg, sizes: Sizes) -> dict:
     local layer, rows right-padded from full to half. `attention_speedup_{name}_{tag}`:
     xla's time over the kernel's."""
     device = jax.devices()[0]
-    names = [n for n in attention.KERNELS if attention.unsupported(n, device, "float32") is None
-             and not (n == "splash" and device.platform != "tpu")]
+    names = [n for n in attention.candidates(device.platform)
+             if attention.unsupported(n, device, "float32") is None
+             and not attention.KERNELS[n].rotates]  # (b, s, h, e) operands: not rope_fused
     h, e = cfg.num_attention_heads, cfg.head_dim
     out = {"attention_kernels_timed": names, "attention_auto": attention.resolve("auto", device)}
     for tag, b, t, s in sizes.attention_shapes:
@@ -332,7 +333,9 @@ def bench_attention(cfg, sizes: Sizes) -> dict:
         for radius, layer in ((None, "global"), (cfg.window_radius, "local")):
             args = (q_bthe, k_bshe, v_bshe,
                     ops.MaskSpec(key_mask_bs, jnp.arange(s - t, s), jnp.arange(s), radius))
-            fns = {n: jax.jit(attention.KERNELS[n]) for n in names}
+            fns = {n: jax.jit(functools.partial(attention.Plan(n, device.platform).attend,
+                                                rope=attention.Rope(10_000.0, e)))
+                   for n in names}
             contenders = {n: (lambda f=f, a=args: f(*a).block_until_ready())
                           for n, f in fns.items()}
             seconds, _ = alternate(contenders, warmup=sizes.warmup, repeats=sizes.repeats)

@@ -10,6 +10,7 @@ and the H100, `LARGEST`); every stage on one v5e chip, on 4 data-parallel v5e ch
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -56,6 +57,57 @@ def cases():
             yield f"{target} {stage} {data}x{model}", target, stage, *shape(stage), data, model
 
 
+KERNEL_TARGETS = ("v5e:2x2", "v6e:2x2")
+
+
+def layer_kernels(out: str) -> None:
+    """The Mosaic kernels alone at base shapes, bfloat16, one chip of each `KERNEL_TARGETS`:
+    fused_layer's two around rope_attention, 2 rows of 776 keys (prefix 520 + 256 tokens),
+    for a global and a local layer. Writes {target layer: {kernels, while_loops, scoped_vmem
+    (the scoped VMEM sizes the compiled program's configs name)}}."""
+    import jax
+    import jax.numpy as jnp
+
+    from cde_jax import fused_layer, hlo, rope_attention
+    from cde_jax.attention import Plan
+    from cde_jax.config import modernbert_base
+    from cde_jax.ops import MaskSpec
+
+    cfg = modernbert_base(dtype="bfloat16")
+    d, f, e, s = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, 776
+    numerics = fused_layer.Numerics(cfg.norm_eps, cfg.jnp_dtype, cfg.jnp_activation_dtype)
+    plan = Plan("rope_fused", "tpu")
+    shapes = [((2, s, d), jnp.bfloat16), ((2, s), jnp.bool_), ((d,), jnp.float32),
+              ((d, 3 * d), jnp.bfloat16), ((d, d), jnp.bfloat16), ((d,), jnp.float32),
+              ((d, 2 * f), jnp.bfloat16), ((f, d), jnp.bfloat16)]
+    rows = {}
+    for target in KERNEL_TARGETS:
+        device = jax.sharding.SingleDeviceSharding(aot.devices(target)[0])
+        for layer, radius, theta in (("global", None, cfg.global_rope_theta),
+                                     ("local", cfg.window_radius, cfg.local_rope_theta)):
+            def layer_fn(h, mask, attn_scale, wqkv, wo, mlp_scale, wi, wf, radius=radius,
+                         theta=theta):
+                q, k, v = fused_layer.norm_qkv(h, attn_scale, wqkv, numerics, plan)
+                pos = jnp.arange(s)
+                o = rope_attention.rope_attention(q, k, v, MaskSpec(mask, pos, pos, radius),
+                                                  theta, e, interpret=False)
+                return fused_layer.out_mlp(o, h, wo, mlp_scale, wi, wf, numerics, plan)
+
+            begin = time.perf_counter()
+            compiled = jax.jit(layer_fn, in_shardings=device, out_shardings=device).lower(
+                *(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes)).compile()
+            text = compiled.as_text()
+            module = hlo.Module(text)
+            scoped = re.findall(r'scoped_memory_configs":\[\{"memory_space":"1","offset":"0",'
+                                r'"size":"(\d+)"', text)
+            rows[f"{target} {layer}"] = {"kernels": dict(module.pallas_kernels()),
+                                         "while_loops": module.while_loops(),
+                                         "scoped_vmem": sorted(set(map(int, scoped))),
+                                         "seconds": time.perf_counter() - begin}
+    with open(out, "w") as f:
+        json.dump(rows, f)
+
+
 def main(out: str) -> None:
     rows = []
     for name, target, stage, batch, length, data, model in cases():
@@ -70,4 +122,7 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[2:] == ["--kernels"]:
+        layer_kernels(sys.argv[1])
+    else:
+        main(sys.argv[1])

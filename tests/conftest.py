@@ -92,6 +92,7 @@ SLOW_RUNS = {
     "test_serve.py": {"server"},
     "test_sharding.py": {"single", "eight_devices", "two_processes"},
     "test_training.py": {"cli_runs", "devices"},
+    "test_tune.py": {"tune_run", "two_process_runs"},
 }
 MULTIPROCESS_RUNS = {
     "test_clustering.py": {"two_processes"},
@@ -99,6 +100,7 @@ MULTIPROCESS_RUNS = {
                        "two_process_training"},
     "test_faults.py": {"peers"},
     "test_sharding.py": {"two_processes"},
+    "test_tune.py": {"two_process_runs"},
 }
 AOT_FILES = {"test_aot.py"}
 

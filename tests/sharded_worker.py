@@ -65,13 +65,35 @@ def main():
 def fused(ckpt, mesh, model, ctx, texts) -> dict:
     """The second stage with rope_fused (interpret mode), whose kernels run per device
     (`shard_map`) on a data mesh and beside XLA's split matmuls with model parallelism, and
-    with this run's kernel: 8 short texts against a short context (interpret mode is slow)."""
+    with this run's kernel: 8 short texts against a short context (interpret mode is slow).
+    `kernels_*`: how many Pallas calls of each name the traced stage holds."""
+    import jax
+
     import cde_jax
 
     fused_model = cde_jax.load(ckpt, mesh=mesh, attention="rope_fused")
     ids, mask = model.tokenizer([t[:150] for t in texts if t][:8])
+    traced = jax.make_jaxpr(fused_model.module.second_stage)(ids, mask, ctx[:24])
     return {"fused": fused_model.second_stage(ids, mask, ctx[:24]),
-            "unfused": model.second_stage(ids, mask, ctx[:24])}
+            "unfused": model.second_stage(ids, mask, ctx[:24]),
+            **{f"kernels_{name}": n for name, n in pallas_calls(traced.jaxpr).items()}}
+
+
+def pallas_calls(jaxpr) -> dict:
+    """{name: count} of the `pallas_call`s in `jaxpr` and every jaxpr inside it (shard_map,
+    custom VJPs, conditionals)."""
+    counts = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            name = eqn.params.get("name") or "unnamed"
+            counts[name] = counts.get(name, 0) + 1
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    for name, n in pallas_calls(inner).items():
+                        counts[name] = counts.get(name, 0) + n
+    return counts
 
 
 def users_shard_map(model, mesh, ctx, texts) -> dict:

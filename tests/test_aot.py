@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from aot_worker import LARGEST, REFERENCE
 
-from cde_jax import aot, buckets, flops, fused_layer
+from cde_jax import aot, buckets, flops, fused_layer, rope_attention
 from cde_jax.config import CdeConfig, modernbert_tiny
 from cde_jax.validation import UserError
 
@@ -37,6 +37,26 @@ def aot_reports(tmp_path_factory) -> dict[str, dict]:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return {row["case"]: row for row in json.loads(out.read_text())}
+
+
+def test_the_kernels_compile_alone_at_base_shapes(tmp_path):
+    """fused_layer's two kernels and rope_attention at base width (d 768, MLP 1152, bfloat16,
+    rows of 776 keys: prefix 520 + 256) compile for one v5e and one v6e chip, a global and a
+    local layer, each a Mosaic call of its own name, within its computed VMEM budget."""
+    out = tmp_path / "kernels.json"
+    done = subprocess.run([sys.executable, str(WORKER), str(out), "--kernels"],
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert set(rows) == {f"{t} {layer}" for t in ("v5e:2x2", "v6e:2x2")
+                         for layer in ("global", "local")}
+    for row in rows.values():
+        assert row["kernels"] == {fused_layer.NORM_QKV: 1, rope_attention.NAME: 1,
+                                  fused_layer.OUT_MLP: 1}
+        assert row["while_loops"] == 0  # Mosaic, not the interpreter's loops
+        # rope_attention's and fused_out_mlp's budgets exceed Mosaic's 16 MiB default
+        assert max(row["scoped_vmem"]) > 16 * 2 ** 20, row["scoped_vmem"]
 
 
 def tpu(row) -> bool:

@@ -12,7 +12,6 @@ SOURCES = sorted(p for root in (PACKAGE, CONVERT) for p in root.rglob("*.py")
                  if "data" not in p.relative_to(root).parts[:1])
 # The one module allowed past JAX's public API (tests/test_jax_compat.py checks what it uses).
 JAX_COMPAT = PACKAGE / "_jax_compat.py"
-KNOWN_PRIVATE = {PACKAGE / "attention.py"}  # removed on the kernels branch
 CROSS_PROCESS = ("process_index", "process_count", "process_allgather",
                  "make_array_from_process_local_data", "sync_global_devices")
 
@@ -61,7 +60,7 @@ def test_only_the_compat_module_uses_jax_internals(path):
              if private_jax(node)]
     if path == JAX_COMPAT:
         assert found, "_jax_compat no longer needs jax's internals: remove it"
-    elif path not in KNOWN_PRIVATE:
+    else:
         assert not found, found
 
 

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import early
+from conftest import free_port
 
 import cde_jax
 from cde_jax import attention, tuning
@@ -34,7 +33,7 @@ PLAN = BucketPlan(lengths=(16, 32))
 
 def wrong(q_bthe, k_bshe, v_bshe, mask):
     """Attention with its logits scaled by 1.5: a kernel with a bug."""
-    return attention.KERNELS["xla"](q_bthe * 1.5, k_bshe, v_bshe, mask)
+    return attention.xla(q_bthe * 1.5, k_bshe, v_bshe, mask)
 
 
 def broken(q_bthe, k_bshe, v_bshe, mask):
@@ -48,7 +47,7 @@ def slow(q_bthe, k_bshe, v_bshe, mask):
     """xla's attention computed SLOW_ROUNDS times over (each round's q depends on the last
     round's output times zero, so XLA cannot hoist or share the rounds): right, slow."""
     def round_(_, o_bthe):
-        return attention.KERNELS["xla"](q_bthe + o_bthe * 0, k_bshe, v_bshe, mask)
+        return attention.xla(q_bthe + o_bthe * 0, k_bshe, v_bshe, mask)
     return jax.lax.fori_loop(0, SLOW_ROUNDS, round_, jnp.zeros_like(q_bthe))
 
 
@@ -162,10 +161,11 @@ def test_cpu_auto_keeps_its_static_choice_without_probing(tiny_checkpoint, cache
     assert not cache.exists()
 
 
-@early
-def tune_run(tiny_checkpoint, tmp):
+@pytest.fixture(scope="module")
+def tune_run(tiny_checkpoint, tmp_path_factory):
     """`cde-jax tune` on CPU, buckets 16 and 32, its cache in `tmp`: (the run, its JSON, the
     cache file)."""
+    tmp = tmp_path_factory.mktemp("tune_run")
     out, cache = tmp / "tune.json", tmp / "tune" / tuning.CACHE_NAME
     done = subprocess.run(
         [sys.executable, "-m", "cde_jax.cli", "tune", "--model", str(tiny_checkpoint[1]),
@@ -210,15 +210,15 @@ def test_registry_and_cache_file_errors(cache, caplog):
     assert "probing again" in caplog.text
 
 
-@early
-def two_process_runs(tiny_checkpoint, tmp):
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_checkpoint, tmp_path_factory):
     """Two processes load with tune=True twice: with empty caches, then with process 0's
     cache filled and process 1's empty (each process its own cache dir, as on two hosts).
     Each round: [(returncode, stdout, stderr)] per process."""
+    tmp = tmp_path_factory.mktemp("two_process_runs")
+
     def round_(dirs):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         procs = [subprocess.Popen([sys.executable, str(WORKER), str(tiny_checkpoint[1]), str(i),
                                    str(port), str(tmp / d)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for i, d in enumerate(dirs)]

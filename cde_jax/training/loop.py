@@ -44,6 +44,7 @@ from ..config import ACTIVATIONS, DTYPES, ModernBertConfig, setting
 from ..corpus.source import file_sha256
 from ..loading import read_checkpoint
 from ..outputs import atomic_file
+from ..runner import StageRunner
 from ..text_api import load, model_of
 from ..tokenization import TextTokenizer, load_tokenizer, quiet_truncation
 from ..validation import UserError, int_in_range
@@ -238,7 +239,8 @@ class _Session:
 
     def model(self, params):
         """A `CdeModel` of these parameters where they are (for evaluation)."""
-        return model_of(self.ckpt, self.backbone, self.graphdef, params, self.mesh)
+        return model_of(self.ckpt, self.backbone,
+                        StageRunner(self.graphdef, params, self.mesh, self.backbone.dtype))
 
     def export(self, params, out: Path) -> None:
         """The model of these parameters, released layout, into `out` (every process calls
