@@ -227,8 +227,10 @@ def cudnn_arguments(mask: MaskSpec) -> tuple[jax.Array, dict]:
 def cudnn(q_bthe, k_bshe, v_bshe, mask: MaskSpec, rope=None, interpret=False, *,
           implementation: str = "cudnn"):
     """cuDNN flash attention. A row whose mask lengths cannot express (a hole inside a text)
-    comes out NaN, never a silently different value. bfloat16/float16 only: cuDNN has no
-    float32 kernel, and a silent downcast would hide a precision change, so float32 raises.
+    comes out NaN, never a silently different value; the model never sends one here
+    (`Kernel.holes`: `CdeModel.array_runner` runs such a batch on "xla"). bfloat16/float16
+    only: cuDNN has no float32 kernel, and a silent downcast would hide a precision change,
+    so float32 raises.
     `implementation="xla"` runs the same arguments through JAX's XLA path (tests)."""
     if implementation == "cudnn" and q_bthe.dtype not in (jnp.bfloat16, jnp.float16):
         raise UserError(f"cudnn attention computes in bfloat16 or float16, not {q_bthe.dtype}")
@@ -379,12 +381,13 @@ class Kernel:
     rotates: bool = False      # reads (b, s, h * e) q, k, v not yet rotated (RoPE inside)
     fuses_layer: bool = False  # the layer around it runs as `fused_layer`'s kernels
     per_device: bool = False   # a Mosaic call XLA cannot partition: run per device
+    holes: bool = True         # takes a key mask with a hole inside a text (cudnn: lengths)
 
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("xla", plain(xla)),
     Kernel("head_major", plain(head_major)),
-    Kernel("cudnn", cudnn),
+    Kernel("cudnn", cudnn, holes=False),
     Kernel("splash", splash, per_device=True),
     Kernel("rope_fused", rope_fused, rotates=True, fuses_layer=True, per_device=True),
 )}

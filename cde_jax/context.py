@@ -41,6 +41,8 @@ class CdeModel(Protocol):
 
     def token_arrays(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def array_runner(self, mask_bs: np.ndarray) -> StageRunner: ...
+
     def run_texts(self, token_ids: Sequence[Sequence[int]], stage, **kw) -> np.ndarray: ...
 
     def embed_dataset(self, texts: Sequence[str], *, seed: int = 0, **kw) -> np.ndarray: ...
@@ -123,6 +125,6 @@ class Context:
 
     def second_stage(self, input_ids, attention_mask) -> np.ndarray:
         """The array API: (b, d) float32, unnormalized, of tokenized texts (validated)."""
-        runner = self.model.runner
-        return runner.run(runner.second(self.prefix), *self.model.token_arrays(
-            input_ids, attention_mask))
+        ids_bs, mask_bs = self.model.token_arrays(input_ids, attention_mask)
+        runner = self.model.array_runner(mask_bs)
+        return runner.run(runner.second(self.prefix), ids_bs, mask_bs)

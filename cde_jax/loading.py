@@ -11,7 +11,9 @@ import numpy as np
 from flax import nnx
 
 from . import attention, convert, params, sharding
-from .config import ModernBertConfig
+from .config import CdeConfig, ModernBertConfig
+from .runner import StageRunner
+from .validation import UserError
 
 
 def read_checkpoint(path: str | Path, *, backbone_config: str | Path | None = None,
@@ -52,9 +54,8 @@ def place_checkpoint(ckpt: convert.Checkpoint, backbone: ModernBertConfig, mesh
                      ) -> tuple[nnx.GraphDef, dict]:
     """(graphdef, nested parameters on the mesh, in `backbone.param_dtype`). Attention's
     decisions (kernel, platform, per-device mesh) are made here, once: `attention.plan`."""
-    plan = attention.plan(backbone.attention, mesh=mesh, dtype=backbone.dtype)
-    graphdef, abstract = params.split(params.abstract_model(
-        backbone, ckpt.cde, has_null_embedding=ckpt.has_null_embedding, plan=plan))
+    graphdef, abstract = params.split(abstract_model(backbone, ckpt.cde, mesh,
+                                                     has_null_embedding=ckpt.has_null_embedding))
     dtype = backbone.jnp_param_dtype
 
     def put(path, value, like):
@@ -62,3 +63,30 @@ def place_checkpoint(ckpt: convert.Checkpoint, backbone: ModernBertConfig, mesh
         return sharding.place(value, sharding.param_sharding(path, like.shape, mesh))
 
     return graphdef, params.fill(abstract, ckpt.flat, put)
+
+
+def abstract_model(backbone: ModernBertConfig, cde: CdeConfig, mesh, *,
+                   has_null_embedding: bool):
+    """The shape-only model whose attention plan (`attention.plan`) is made for `mesh`."""
+    plan = attention.plan(backbone.attention, mesh=mesh, dtype=backbone.dtype)
+    return params.abstract_model(backbone, cde, has_null_embedding=has_null_embedding,
+                                 plan=plan)
+
+
+def with_kernel(runner: StageRunner, backbone: ModernBertConfig, cde: CdeConfig,
+                kernel: str) -> StageRunner:
+    """A runner of attention `kernel` on `runner`'s parameters and mesh (no copy of the
+    weights beyond the compute-dtype cast each runner holds): what the tuner probes, and
+    where a model sends masks its own kernel cannot take. A kernel the device or dtype
+    cannot run raises why (`attention.unsupported`)."""
+    if kernel == backbone.attention:
+        return runner
+    device = runner.mesh.devices.flat[0]
+    problem = attention.unsupported(kernel, device, backbone.dtype)
+    if problem:
+        raise UserError(problem)
+    has_null = runner.model.second_stage_model.sequence_dropout_null_embedding is not None
+    config = backbone.replace(attention=kernel)
+    graphdef, _ = params.split(abstract_model(config, cde, runner.mesh,
+                                              has_null_embedding=has_null))
+    return StageRunner(graphdef, runner.params, runner.mesh, config.dtype)

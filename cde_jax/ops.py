@@ -110,6 +110,15 @@ def right_padded(input_ids_bs: jax.Array, mask_bs: jax.Array) -> tuple[jax.Array
             jnp.take_along_axis(mask_bs, index_bs, axis=1))
 
 
+def has_hole(mask_bs: np.ndarray) -> bool:
+    """Whether a host mask has a row whose kept tokens are not one run (a hole inside a text;
+    padding on either side is not one): what `right_padded` cannot make into lengths."""
+    kept_bs = np.asarray(mask_bs).astype(bool)
+    s = kept_bs.shape[1]
+    first_b, last_b = kept_bs.argmax(axis=1), s - kept_bs[:, ::-1].argmax(axis=1)
+    return bool((kept_bs.any(axis=1) & (last_b - first_b != kept_bs.sum(axis=1))).any())
+
+
 def mean_pool(hidden_bsd: jax.Array, mask_bs: jax.Array) -> jax.Array:
     """Masked mean in float32 with upstream's `+ 1e-20` denominator. `where`, not a product,
     so a non-finite value at a masked position cannot leak into the mean."""

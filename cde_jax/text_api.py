@@ -27,6 +27,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from . import (
+    attention,
     buckets,
     convert,
     distributed,
@@ -113,6 +114,7 @@ class CdeModel(hub.HubMixin):
         self.fingerprint, self.config_json = ckpt.fingerprint, ckpt.config_json
         self.tokenizer, self.tokenizer_dir = tokenizer, ckpt.tokenizer_dir
         self.hidden_size = backbone.hidden_size
+        self._holes_runner: StageRunner | None = None  # `array_runner`'s, made when needed
         self.max_seq_length = MAX_LENGTH
         # Inside other JAX code: the NNX graph and the parameters (a pytree of jax.Arrays on
         # the mesh) that `nnx.merge` makes the module of.
@@ -152,6 +154,17 @@ class CdeModel(hub.HubMixin):
     def token_arrays(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         return validation.token_arrays(input_ids, attention_mask, self.backbone_config.vocab_size)
 
+    def array_runner(self, mask_bs: np.ndarray) -> StageRunner:
+        """The runner for a mask given to the array API. A kernel that takes padding only
+        (`attention.Kernel.holes` False: cudnn's lengths) leaves a batch with a hole inside
+        a text to "xla" on the same parameters, which gives every kernel's result there."""
+        if attention.KERNELS[self.backbone_config.attention].holes or not ops.has_hole(mask_bs):
+            return self.runner
+        if self._holes_runner is None:
+            self._holes_runner = loading.with_kernel(self.runner, self.backbone_config,
+                                                     self.config, "xla")
+        return self._holes_runner
+
     def run_texts(self, token_ids: Sequence[Sequence[int]], stage: Stage, *,
                   batch_size: int | None, show_progress_bar: bool | None, desc: str,
                   extra_len: int = 0, progress: Callable[[int], object] | None = None
@@ -168,8 +181,9 @@ class CdeModel(hub.HubMixin):
     # --- the first stage: dataset embeddings ---------------------------------------------
     def first_stage(self, input_ids, attention_mask) -> np.ndarray:
         """Array API: dataset embeddings (m, d) float32 of tokenized minicorpus documents."""
-        return self.runner.run(self.runner.first(), *self.token_arrays(input_ids,
-                                                                        attention_mask))
+        ids_bs, mask_bs = self.token_arrays(input_ids, attention_mask)
+        runner = self.array_runner(mask_bs)
+        return runner.run(runner.first(), ids_bs, mask_bs)
 
     def embed_dataset(self, texts: Sequence[str], *, seed: int = 0, **kw) -> np.ndarray:
         """Dataset embeddings (corpus_size, d) of a minicorpus sampled from `texts` (the

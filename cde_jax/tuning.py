@@ -36,7 +36,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import attention, distributed, fused_layer, outputs, params
+from . import attention, distributed, fused_layer, loading, outputs
 from .config import CdeConfig, ModernBertConfig
 from .resources import cache_dir
 from .runner import StageRunner
@@ -318,23 +318,8 @@ def probe(build: Callable[[str], StageRunner], target: Target, labels: dict[str,
 # --- where it is used -------------------------------------------------------------------
 def builder(runner: StageRunner, backbone: ModernBertConfig, cde: CdeConfig
             ) -> Callable[[str], StageRunner]:
-    """Runners of other kernels on `runner`'s parameters (no copy of the weights beyond the
-    compute-dtype cast each runner holds); a kernel the device or dtype cannot run raises
-    why (`attention.unsupported`)."""
-    device = runner.mesh.devices.flat[0]
-    has_null = runner.model.second_stage_model.sequence_dropout_null_embedding is not None
-
-    def build(name: str) -> StageRunner:
-        problem = attention.unsupported(name, device, backbone.dtype)
-        if problem:
-            raise UserError(problem)
-        if name == backbone.attention:
-            return runner
-        config = backbone.replace(attention=name)
-        graphdef, _ = params.split(params.abstract_model(config, cde,
-                                                         has_null_embedding=has_null))
-        return StageRunner(graphdef, runner.params, runner.mesh, config.dtype)
-    return build
+    """Runners of other kernels on `runner`'s parameters (`loading.with_kernel`)."""
+    return lambda name: loading.with_kernel(runner, backbone, cde, name)
 
 
 def probe_rows(plan, mesh, cde: CdeConfig, length: int) -> int:

@@ -15,7 +15,9 @@ same whichever side it is padded on, in both stages.
 cuDNN cannot run here: what it receives is tested instead, through the XLA path of the same
 `jax.nn.dot_product_attention` call (`attention.cudnn(..., implementation="xla")`): left-padded
 rows rolled to right padding before their lengths are taken; a hole, which lengths cannot
-express, is NaN (not handled yet: tests/test_masks.py says so)."""
+express, is NaN inside the kernel, and the model never hands it one: a batch with a hole runs
+"xla" on the same parameters (`CdeModel.array_runner`), shown with a lengths-only test kernel
+that computes cuDNN's arguments on the XLA path."""
 
 from __future__ import annotations
 
@@ -144,3 +146,35 @@ def test_cudnn_receives_what_it_can_compute(t, s, prefix, radius):
     real_bt = rolled_bs[:, s - t:].copy()
     real_bt[2] = False
     assert max_rel_err(got[real_bt], want[real_bt]) <= 1e-5
+
+
+def lengths_only(q, k, v, mask, rope, interpret):
+    """cuDNN's arguments on JAX's XLA path: right, except NaN for a row with a hole."""
+    return attention.cudnn(q, k, v, mask, implementation="xla")
+
+
+@pytest.fixture
+def lengths_kernel():
+    attention.register("test_lengths", attention.Kernel("test_lengths", lengths_only,
+                                                        holes=False))
+    yield "test_lengths"
+    attention.unregister("test_lengths")
+
+
+def test_a_hole_goes_to_xla_where_the_kernel_takes_lengths(outputs, synthetic, lengths_kernel):
+    """A kernel that takes padding only (cudnn) never sees a hole: the batch runs "xla" on the
+    same parameters, so every row equals xla's; a batch without a hole stays on the kernel."""
+    results, xla = outputs
+    model = cde_jax.load(synthetic()[1], attention=lengths_kernel)
+    docs = xla.tokenizer.encode(["a short text of a few tokens for the masks"] * 2)
+    ids, mask = masked_batch(docs, xla.backbone_config.pad_token_id)
+    dataset_md = np.asarray(results["xla"][0][:1].repeat(24, axis=0))
+    first = model.first_stage(ids, mask)
+    second = model.second_stage(ids, mask, dataset_md)
+    assert model.array_runner(mask) is not model.runner  # the hole sends it to xla
+    assert max_rel_err(first, xla.first_stage(ids, mask)) <= 1e-6
+    assert max_rel_err(second, xla.second_stage(ids, mask, dataset_md)) <= 1e-6
+    no_hole = np.delete(np.arange(len(MASKS)), MASKS.index("holes"))
+    assert model.array_runner(mask[no_hole]) is model.runner  # padding only: the kernel
+    raw = model.runner.run(model.runner.first(), ids, mask)  # the kernel itself, no routing
+    assert np.isnan(raw[MASKS.index("holes")]).all()
