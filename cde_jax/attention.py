@@ -228,7 +228,7 @@ def cudnn(q_bthe, k_bshe, v_bshe, mask: MaskSpec, rope=None, interpret=False, *,
           implementation: str = "cudnn"):
     """cuDNN flash attention. A row whose mask lengths cannot express (a hole inside a text)
     comes out NaN, never a silently different value; the model never sends one here
-    (`Kernel.holes`: `CdeModel.array_runner` runs such a batch on "xla"). bfloat16/float16
+    (`Kernel.holes`: `CdeModel.array_batch` runs such a batch on "xla"). bfloat16/float16
     only: cuDNN has no float32 kernel, and a silent downcast would hide a precision change,
     so float32 raises.
     `implementation="xla"` runs the same arguments through JAX's XLA path (tests)."""

@@ -39,9 +39,8 @@ class CdeModel(Protocol):
 
     def tokenize(self, texts: Sequence[str], prompt: str = "") -> list[list[int]]: ...
 
-    def token_arrays(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def array_runner(self, mask_bs: np.ndarray) -> StageRunner: ...
+    def array_batch(self, input_ids, attention_mask
+                    ) -> tuple[np.ndarray, np.ndarray, StageRunner]: ...
 
     def run_texts(self, token_ids: Sequence[Sequence[int]], stage, **kw) -> np.ndarray: ...
 
@@ -125,6 +124,5 @@ class Context:
 
     def second_stage(self, input_ids, attention_mask) -> np.ndarray:
         """The array API: (b, d) float32, unnormalized, of tokenized texts (validated)."""
-        ids_bs, mask_bs = self.model.token_arrays(input_ids, attention_mask)
-        runner = self.model.array_runner(mask_bs)
+        ids_bs, mask_bs, runner = self.model.array_batch(input_ids, attention_mask)
         return runner.run(runner.second(self.prefix), ids_bs, mask_bs)

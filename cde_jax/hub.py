@@ -27,7 +27,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from . import convert, distributed, params, storage
+from . import bucket_cache, convert, distributed, params, storage
 from .convert import source
 from .convert.released import CheckpointError
 from .outputs import OutputExistsError
@@ -97,9 +97,9 @@ def converted_dir(repo_id: str, revision: str | None = None, *,
 def local_path(path: str | Path, revision: str | None = None, *,
                backbone_config: str | Path | None = None) -> Path:
     """A local checkpoint dir as is (no revision allowed); a hub id as its converted dir; a
-    gs:// or s3:// dir as its local copy (`storage.local_copy`)."""
+    gs:// or s3:// dir as its local copy (`bucket_cache.local_copy`)."""
     if storage.is_url(path) and revision is None:
-        return storage.local_copy(str(path))
+        return bucket_cache.local_copy(str(path))
     if source.is_hub_id(path):
         return converted_dir(str(path), revision, backbone_config=backbone_config)
     if revision is not None:

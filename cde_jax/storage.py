@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import re
 import threading
-from pathlib import Path
 
 from .validation import UserError
 
@@ -112,7 +110,7 @@ def info(url: str) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: no such file") from None
     except (PermissionError, OSError) as e:
-        raise StorageError(f"{url}: {_cause(e)}") from None
+        raise StorageError(f"{url}: {cause(e)}") from None
     version = found.get("generation") or found.get("ETag") or found.get("etag") or ""
     return {"size": int(found.get("size") or 0), "type": found.get("type"),
             "version": str(version)}
@@ -128,7 +126,7 @@ def check_bucket(url: str) -> None:
     except FileNotFoundError:
         raise StorageError(f"{url}: bucket {bucket!r} does not exist") from None
     except (PermissionError, OSError) as e:
-        raise StorageError(f"{url}: {_cause(e)}") from None
+        raise StorageError(f"{url}: {cause(e)}") from None
 
 
 # tensorstore raises ValueError for any failed status and says which only in the message
@@ -143,12 +141,12 @@ def store_failure(error: BaseException) -> str | None:
     while error is not None:
         if isinstance(error, OSError) or (isinstance(error, ValueError)
                                           and _STORE_FAILED.match(str(error))):
-            return _cause(error)
+            return cause(error)
         error = error.__cause__ or error.__context__
     return None
 
 
-def _cause(error: BaseException) -> str:
+def cause(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if isinstance(error, PermissionError):
         return f"access refused ({text}; check the credentials)"
@@ -212,37 +210,3 @@ def kvstore_spec(path: str) -> dict:
 
 def _http(host: str) -> str:
     return host if "://" in host else f"http://{host}"
-
-
-def local_copy(url: str) -> Path:
-    """A local copy of the directory at `url` (a converted model), in the bucket cache
-    ($CDE_JAX_BUCKET_CACHE, else ~/.cache/cde-jax/buckets), fetched again only when an
-    object's version changed; written to a temp dir and renamed, so a copy is whole."""
-    from . import outputs
-    from .resources import cache_dir
-
-    scheme, bucket, key = split(url)
-    fs = filesystem(url)
-    try:
-        found = fs.find(url, detail=True)
-    except (PermissionError, OSError) as e:
-        raise StorageError(f"{url}: {_cause(e)}") from None
-    if not found:
-        raise FileNotFoundError(f"{url}: no such directory")
-    versions = {name: str(i.get("generation") or i.get("ETag") or i.get("etag") or i["size"])
-                for name, i in sorted(found.items())}
-    stamp = json.dumps(versions, sort_keys=True)
-    local = cache_dir("buckets", "CDE_JAX_BUCKET_CACHE") / scheme / bucket / key.strip("/")
-    if (local / STAMP).is_file() and (local / STAMP).read_text() == stamp:
-        return local
-    with outputs.atomic_dir(local, overwrite=True) as tmp:
-        prefix = f"{bucket}/{key.strip('/')}/"
-        for name in versions:
-            target = tmp / name.removeprefix(prefix)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(name, str(target))
-        (tmp / STAMP).write_text(stamp)
-    return local
-
-
-STAMP = ".cde-jax-bucket-versions.json"  # in a local copy: the versions it was made from

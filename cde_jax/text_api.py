@@ -103,7 +103,35 @@ def _plan(mesh, kernel: str) -> buckets.BucketPlan:
                                 kernel=kernel)
 
 
-class CdeModel(hub.HubMixin):
+class ArrayApi:
+    """The stable array API of `CdeModel`: numpy token ids and masks in (any 0/1 mask),
+    float32 numpy out, unnormalized."""
+
+    def first_stage(self, input_ids, attention_mask) -> np.ndarray:
+        """Array API: dataset embeddings (m, d) float32 of tokenized minicorpus documents."""
+        ids_bs, mask_bs, runner = self.array_batch(input_ids, attention_mask)
+        return runner.run(runner.first(), ids_bs, mask_bs)
+
+    def second_stage(self, input_ids, attention_mask, dataset_embeddings: ContextSource
+                     ) -> np.ndarray:
+        """Array API: embeddings (b, d) float32, unnormalized, of tokenized texts."""
+        return self.context(dataset_embeddings).second_stage(input_ids, attention_mask)
+
+    def array_batch(self, input_ids, attention_mask
+                    ) -> tuple[np.ndarray, np.ndarray, StageRunner]:
+        """The array API's (ids, mask), validated, and the runner for them: a batch with a
+        hole inside a text goes to "xla" on the same parameters where the kernel takes
+        padding only (`attention.Kernel.holes` False: cudnn's lengths)."""
+        ids_bs, mask_bs = validation.token_arrays(input_ids, attention_mask,
+                                                  self.backbone_config.vocab_size)
+        if attention.KERNELS[self.backbone_config.attention].holes or not ops.has_hole(mask_bs):
+            return ids_bs, mask_bs, self.runner
+        self._holes_runner = self._holes_runner or loading.with_kernel(
+            self.runner, self.backbone_config, self.config, "xla")
+        return ids_bs, mask_bs, self._holes_runner
+
+
+class CdeModel(ArrayApi, hub.HubMixin):
     """A loaded cde checkpoint: both stages on the mesh, the tokenizer and the bucket plan."""
 
     def __init__(self, runner: StageRunner, ckpt: convert.Checkpoint,
@@ -114,7 +142,7 @@ class CdeModel(hub.HubMixin):
         self.fingerprint, self.config_json = ckpt.fingerprint, ckpt.config_json
         self.tokenizer, self.tokenizer_dir = tokenizer, ckpt.tokenizer_dir
         self.hidden_size = backbone.hidden_size
-        self._holes_runner: StageRunner | None = None  # `array_runner`'s, made when needed
+        self._holes_runner: StageRunner | None = None  # `array_batch`'s, made when needed
         self.max_seq_length = MAX_LENGTH
         # Inside other JAX code: the NNX graph and the parameters (a pytree of jax.Arrays on
         # the mesh) that `nnx.merge` makes the module of.
@@ -151,20 +179,6 @@ class CdeModel(hub.HubMixin):
         return self.tokenizer.encode_with_cuts([prompt + t for t in validation.texts(texts)],
                                                self.max_seq_length)
 
-    def token_arrays(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
-        return validation.token_arrays(input_ids, attention_mask, self.backbone_config.vocab_size)
-
-    def array_runner(self, mask_bs: np.ndarray) -> StageRunner:
-        """The runner for a mask given to the array API. A kernel that takes padding only
-        (`attention.Kernel.holes` False: cudnn's lengths) leaves a batch with a hole inside
-        a text to "xla" on the same parameters, which gives every kernel's result there."""
-        if attention.KERNELS[self.backbone_config.attention].holes or not ops.has_hole(mask_bs):
-            return self.runner
-        if self._holes_runner is None:
-            self._holes_runner = loading.with_kernel(self.runner, self.backbone_config,
-                                                     self.config, "xla")
-        return self._holes_runner
-
     def run_texts(self, token_ids: Sequence[Sequence[int]], stage: Stage, *,
                   batch_size: int | None, show_progress_bar: bool | None, desc: str,
                   extra_len: int = 0, progress: Callable[[int], object] | None = None
@@ -179,12 +193,6 @@ class CdeModel(hub.HubMixin):
                 extra_len=extra_len, progress=progress or bar.update)
 
     # --- the first stage: dataset embeddings ---------------------------------------------
-    def first_stage(self, input_ids, attention_mask) -> np.ndarray:
-        """Array API: dataset embeddings (m, d) float32 of tokenized minicorpus documents."""
-        ids_bs, mask_bs = self.token_arrays(input_ids, attention_mask)
-        runner = self.array_runner(mask_bs)
-        return runner.run(runner.first(), ids_bs, mask_bs)
-
     def embed_dataset(self, texts: Sequence[str], *, seed: int = 0, **kw) -> np.ndarray:
         """Dataset embeddings (corpus_size, d) of a minicorpus sampled from `texts` (the
         corpus, or `fallback_minicorpus()`). Every process passes the same texts and gets
@@ -222,11 +230,6 @@ class CdeModel(hub.HubMixin):
         `seed` and embedded), a `DatasetEmbeddings`, an (m, d) array, a dataset-embeddings
         file, a `Context` of this model, or None (null-dataset mode)."""
         return Context.of(self, source, seed=seed, batch_size=batch_size)
-
-    def second_stage(self, input_ids, attention_mask, dataset_embeddings: ContextSource
-                     ) -> np.ndarray:
-        """Array API: embeddings (b, d) float32, unnormalized, of tokenized texts."""
-        return self.context(dataset_embeddings).second_stage(input_ids, attention_mask)
 
     def encode(self, texts: str | Sequence[str], *, dataset_embeddings: ContextSource,
                **kw) -> np.ndarray:

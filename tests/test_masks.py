@@ -16,7 +16,7 @@ cuDNN cannot run here: what it receives is tested instead, through the XLA path 
 `jax.nn.dot_product_attention` call (`attention.cudnn(..., implementation="xla")`): left-padded
 rows rolled to right padding before their lengths are taken; a hole, which lengths cannot
 express, is NaN inside the kernel, and the model never hands it one: a batch with a hole runs
-"xla" on the same parameters (`CdeModel.array_runner`), shown with a lengths-only test kernel
+"xla" on the same parameters (`CdeModel.array_batch`), shown with a lengths-only test kernel
 that computes cuDNN's arguments on the XLA path."""
 
 from __future__ import annotations
@@ -171,10 +171,10 @@ def test_a_hole_goes_to_xla_where_the_kernel_takes_lengths(outputs, synthetic, l
     dataset_md = np.asarray(results["xla"][0][:1].repeat(24, axis=0))
     first = model.first_stage(ids, mask)
     second = model.second_stage(ids, mask, dataset_md)
-    assert model.array_runner(mask) is not model.runner  # the hole sends it to xla
+    assert model.array_batch(ids, mask)[2] is not model.runner  # the hole sends it to xla
     assert max_rel_err(first, xla.first_stage(ids, mask)) <= 1e-6
     assert max_rel_err(second, xla.second_stage(ids, mask, dataset_md)) <= 1e-6
     no_hole = np.delete(np.arange(len(MASKS)), MASKS.index("holes"))
-    assert model.array_runner(mask[no_hole]) is model.runner  # padding only: the kernel
+    assert model.array_batch(ids[no_hole], mask[no_hole])[2] is model.runner  # the kernel
     raw = model.runner.run(model.runner.first(), ids, mask)  # the kernel itself, no routing
     assert np.isnan(raw[MASKS.index("holes")]).all()

@@ -293,6 +293,7 @@ def test_a_dataset_embeddings_file_both_ways(stores, ctx_npz):
 def test_load_from_a_bucket_equals_the_local_load(stores, tiny_checkpoint, ctx_npz, tmp_path,
                                                   monkeypatch):
     import cde_jax
+    from cde_jax import bucket_cache
 
     storage = in_process(stores)
     monkeypatch.setenv("CDE_JAX_BUCKET_CACHE", str(tmp_path / "cache"))
@@ -304,9 +305,9 @@ def test_load_from_a_bucket_equals_the_local_load(stores, tiny_checkpoint, ctx_n
     assert remote.tobytes() == local.tobytes()
     copied = tmp_path / "cache" / "s3" / "cde-in" / "models" / "tiny-converted"
     assert copied.is_dir()
-    stamp = (copied / storage.STAMP).stat().st_mtime_ns
+    stamp = (copied / bucket_cache.STAMP).stat().st_mtime_ns
     cde_jax.load(url)  # unchanged objects: the copy is reused, not fetched again
-    assert (copied / storage.STAMP).stat().st_mtime_ns == stamp
+    assert (copied / bucket_cache.STAMP).stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize(("command", "flag"), [("train", "--out"), ("cluster", "--data")])

@@ -63,7 +63,11 @@ ROWS, ROW_VECTORS, WHOLE = P(sharding.DATA), P(sharding.DATA, None), P()
 @dataclasses.dataclass(frozen=True)
 class KMeansConfig:
     iterations: int = setting(100, help="Lloyd iterations per run, at most (a run stops "
-                                        "when no point moves)")
+                                        "earlier at --tol)")
+    tol: float = setting(1e-4, help="a run stops once an iteration moves at most this "
+                                    "fraction of the points to another cluster (0: only "
+                                    "when none moves); the last moves change the "
+                                    "objective by far less than a start does")
     nredo: int = setting(3, help="runs from different initial centroids; the one with the "
                                  "highest objective is kept")
     init: str = setting("kmeans||", choices=INITS,
@@ -81,6 +85,8 @@ class KMeansConfig:
     def __post_init__(self):
         for name in ("iterations", "nredo", "init_rounds", "tile_rows"):
             int_in_range(getattr(self, name), name)
+        if not 0 <= self.tol < 1:
+            raise UserError(f"tol must be in [0, 1), got {self.tol!r}")
         if not self.oversampling > 0:
             raise UserError(f"oversampling must be positive, got {self.oversampling!r}")
         if self.init not in INITS:
@@ -378,7 +384,7 @@ def spherical_kmeans(points: Points, k: int, cfg: KMeansConfig, *, seed: int, me
             history.append(entry)
             if progress is not None:
                 progress(entry)
-            if entry["moved"] == 0:
+            if entry["moved"] <= cfg.tol * points.count:
                 break
         cluster_n, _, _, total, _ = assign(points.points_nd, points.ids_n, centroids_ud,
                                               previous_n)

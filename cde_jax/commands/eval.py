@@ -27,7 +27,7 @@ from pathlib import Path
 
 import cde_jax
 
-from .. import distributed, outputs, storage
+from .. import bucket_cache, distributed, outputs, storage
 from ..corpus.source import file_sha256
 from ..evaluation.beir import load_beir
 from ..evaluation.retrieval import MINICORPUS_SEED, evaluate_retrieval
@@ -97,8 +97,8 @@ def run(args) -> int:
 
 
 def local_dir(path: str) -> Path:
-    """A dataset dir, or a gs:// / s3:// one's local copy (`storage.local_copy`)."""
-    return storage.local_copy(path) if storage.is_url(path) else Path(path)
+    """A dataset dir, or a gs:// / s3:// one's local copy (`bucket_cache.local_copy`)."""
+    return bucket_cache.local_copy(path) if storage.is_url(path) else Path(path)
 
 
 def absolute(path: str) -> str:
