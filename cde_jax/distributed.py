@@ -220,8 +220,9 @@ def agree(record: dict, what: str) -> None:
 
 
 def _short(value) -> str:
+    """At most 48 characters, the end kept: a path's file name says more than its folders."""
     text = json.dumps(value, default=str)
-    return text if len(text) <= 48 else text[:45] + "..."
+    return text if len(text) <= 48 else "..." + text[-45:]
 
 
 def sum_all(values: np.ndarray) -> np.ndarray:

@@ -127,7 +127,7 @@ class Target:
         if platform == "tpu":
             versions["libtpu"] = _version("libtpu")
         if platform == "gpu":
-            versions["cudnn"] = str(attention.cudnn_version())
+            versions["cudnn"] = _version("nvidia-cudnn-cu12") or _version("nvidia-cudnn-cu13")
         return cls(platform, device.device_kind, str(device.client.platform_version), dtype,
                    tuple(kernels), rows, length, tuple(sorted(versions.items())))
 

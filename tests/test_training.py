@@ -202,8 +202,13 @@ class CliRuns(NamedTuple):
     args: list[str]  # the full run's command line
 
 
+TIMINGS = ("step_seconds", "examples_per_second", "tokens_per_second")  # wall clock
+
+
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The logged rows without their wall-clock timings (which no two runs share)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_python(*argv):

@@ -84,7 +84,7 @@ def test_wrong_kernel_is_rejected_named_and_never_used(tiny_checkpoint, kernels,
     # Chosen among the ones that pass; the probe's runner is the one the model keeps.
     assert model.backbone_config.attention in ("xla", "head_major")
     layer = model.runner.model.second_stage_model.backbone.layers[0]
-    assert layer.kernel is attention.KERNELS[model.backbone_config.attention]
+    assert layer.plan.spec is attention.KERNELS[model.backbone_config.attention]
     [line] = [r.getMessage() for r in caplog.records if r.name == "cde_jax.tuning"]
     assert line.startswith("attention on cpu (float32): ") and "(bucket 7x32; chosen" in line
     assert "test_wrong rejected (differs from xla by " in line
