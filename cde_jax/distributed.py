@@ -222,7 +222,10 @@ def agree(record: dict, what: str) -> None:
 def _short(value) -> str:
     """At most 48 characters, the end kept: a path's file name says more than its folders."""
     text = json.dumps(value, default=str)
-    return text if len(text) <= 48 else "..." + text[-45:]
+    if len(text) <= 48:
+        return text
+    quote = '"' if text.startswith('"') else ""  # a string stays visibly one
+    return f"{quote}...{text[-44:]}"
 
 
 def sum_all(values: np.ndarray) -> np.ndarray:
